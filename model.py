@@ -1,0 +1,428 @@
+"""The flow-matching model wrapper: an SD3-family pipeline reduced to what the algorithms need.
+
+Implements the model side of paper sections 2 and 7: prompt encoding, the classifier-free-guided
+velocity v(x_t, t, c), decoding latents to images, and LoRA adapters on ONE shared backbone (a
+trainable student, frozen teachers switched per call, and the base model as reference).
+
+Time convention (stated once, here; every other file follows it)
+-----------------------------------------------------------------
+    t = 1 is pure noise, t = 0 is data;   x_t = (1 - t) x_0 + t eps,   eps ~ N(0, I)
+    the network predicts the velocity     v(x_t, t, c) ~ eps - x_0     (so dx/dt = v)
+    the sampler integrates dx/dt = v from t = 1 down to t = 0.
+The SD3 transformer takes `timestep = 1000 t`. Latents x live in VAE space:
+    x = (vae.encode(image).mean - shift_factor) * scaling_factor      (images in [-1, 1])
+
+Departures from the reference code (Flow-GRPO / DiffusionOPD release)
+---------------------------------------------------------------------
+1. Adapters are managed on the diffusers transformer directly (`add_adapter`/`set_adapter`), not
+   through a `PeftModel` wrapper, so the student, every teacher and the adapter-free base share
+   one copy of the base weights and one forward function.
+2. Saved LoRA folders hold BOTH the PEFT layout (adapter_config.json + adapter_model.safetensors,
+   keys `base_model.model.<module>.lora_A.weight`, the format Flow-GRPO and the DiffusionOPD
+   authors release, loadable with `PeftModel.from_pretrained`) and the diffusers layout
+   (pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(folder)`).
+3. The uncond/cond CFG pair always runs as one batched forward; scale 1 runs the cond half only.
+
+Run: this file is a library; `python sample.py --help` samples from a model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# The 8 attention projections of the released recipe (paper section 7).
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+TOY_MODEL = Path(__file__).resolve().parent / "models" / "toy-sd3"  # the embedded default base
+STUDENT = "student"  # adapter names must not be substrings of "lora_" (peft pitfall)
+PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = (
+    "adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
+
+
+@dataclass
+class TextEmbeds:
+    """Encoded prompts: the joint-attention sequence and the pooled vector of SD3."""
+    seq: torch.Tensor     # (B, L, joint_attention_dim)
+    pooled: torch.Tensor  # (B, pooled_projection_dim)
+
+    def __getitem__(self, idx) -> "TextEmbeds":
+        return TextEmbeds(self.seq[idx], self.pooled[idx])
+
+    def __len__(self) -> int:
+        return self.seq.shape[0]
+
+    @staticmethod
+    def cat(items: list["TextEmbeds"]) -> "TextEmbeds":
+        return TextEmbeds(torch.cat([e.seq for e in items]), torch.cat([e.pooled for e in items]))
+
+
+def default_model_path() -> str:
+    """The embedded tiny text-to-image model shipped in the repo (see pretrain_toy.py)."""
+    return str(TOY_MODEL)
+
+
+def _check_model_path(path: str) -> None:
+    """Fail fast on a model path that is neither a readable SD3 folder nor a hub id."""
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
+    if looks_local:
+        if not p.is_dir():
+            raise FileNotFoundError(f"model path {path!r} does not exist (expected a diffusers pipeline folder "
+                                    "or a hub id such as stabilityai/stable-diffusion-3.5-medium)")
+        index = p / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{path!r} has no model_index.json: not a diffusers pipeline folder")
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        if not cls.startswith("StableDiffusion3"):
+            raise ValueError(f"{path!r} holds a {cls or 'unknown'} pipeline; only SD3-family pipelines "
+                             "(StableDiffusion3Pipeline) are supported")
+
+
+class FlowModel:
+    """An SD3 pipeline seen as a velocity field with switchable LoRA adapters.
+
+    `velocity(x, t, embeds, guidance)` is the only network call the algorithms make; which weights
+    answer it is chosen by `with model.adapter(name):` (None = base model, adapters disabled).
+    """
+
+    def __init__(self, pipe, device="cpu", dtype=torch.float32, max_sequence_length=None, name="model"):
+        from diffusers import SD3Transformer2DModel
+        if not isinstance(pipe.transformer, SD3Transformer2DModel):
+            raise ValueError(f"{name}: transformer is {type(pipe.transformer).__name__}, expected SD3Transformer2DModel")
+        self.pipe, self.name, self.device, self.dtype = pipe, name, torch.device(device), dtype
+        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.max_sequence_length = max_sequence_length or min(256, pipe.tokenizer_3.model_max_length
+                                                              if pipe.tokenizer_3 is not None else 256)
+        pipe.set_progress_bar_config(disable=True)
+        for m in pipe.components.values():
+            if isinstance(m, torch.nn.Module):
+                m.requires_grad_(False).eval()  # models built from configs start in train mode
+        # text encoders and VAE stay in float32 unless told otherwise; the transformer takes `dtype`.
+        pipe.to(self.device)
+        if dtype != torch.float32:
+            self.transformer.to(dtype)
+        self._neg: TextEmbeds | None = None
+        self._full_finetune = False
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str, device="cpu", dtype=torch.float32, max_sequence_length=None) -> "FlowModel":
+        """Load an SD3-family pipeline from a local folder or a hub id (offline-safe)."""
+        _check_model_path(path)
+        from diffusers import StableDiffusion3Pipeline
+        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+        model = cls(pipe, device, dtype, max_sequence_length, name=path)
+        model.path = path
+        return model
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell; a resolution must be divisible by this times the patch size."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for an image size, with a clear error for bad sizes."""
+        step = self.vae_scale * self.transformer.config.patch_size
+        if height % step or width % step:
+            raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = {step}")
+        return (self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def default_resolution(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
+        """Encode prompts with the three SD3 text encoders (no CFG pair; see `negative`)."""
+        seq, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return TextEmbeds(seq.to(self.dtype), pooled.to(self.dtype))
+
+    def negative(self, batch: int) -> TextEmbeds:
+        """The empty negative prompt "", encoded once and cached, expanded to `batch` rows."""
+        if self._neg is None:
+            self._neg = self.encode_prompts([""])
+        return TextEmbeds(self._neg.seq.expand(batch, -1, -1), self._neg.pooled.expand(batch, -1))
+
+    # ------------------------------------------------------------------ the velocity field
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, guidance: float) -> torch.Tensor:
+        """Guided velocity  v = v_u + w (v_c - v_u)  (paper section 2), uncond and cond in one forward.
+
+        x: (B, C, h, w) latents; t: scalar or (B,) times in [0, 1]; embeds: B prompts. w = 1 runs
+        the conditional half only. Differentiable: call under torch.no_grad() for rollouts.
+        """
+        B = x.shape[0]
+        assert len(embeds) == B, f"{len(embeds)} prompt embeddings for {B} latents"
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(B)
+        if guidance == 1.0:
+            return self._forward(x, t, embeds)
+        both = TextEmbeds.cat([self.negative(B), embeds])
+        v_uncond, v_cond = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def _forward(self, x, t, embeds: TextEmbeds) -> torch.Tensor:
+        out = self.transformer(hidden_states=x.to(self.dtype), timestep=1000.0 * t,
+                               encoder_hidden_states=embeds.seq, pooled_projections=embeds.pooled,
+                               return_dict=False)[0]
+        return out.to(x.dtype)
+
+    # ------------------------------------------------------------------ pixels <-> latents
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        cfg = self.vae.config
+        z = x.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> latents (B, C, h, w), using the posterior mean."""
+        cfg = self.vae.config
+        z = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.mean
+        return ((z - cfg.shift_factor) * cfg.scaling_factor).float()
+
+    # ------------------------------------------------------------------ adapters
+    def add_student_lora(self, rank=32, alpha=64, targets=LORA_TARGETS, init="gaussian", seed=0):
+        """Attach a fresh trainable LoRA (paper section 7: r 32, alpha 64, gaussian init)."""
+        from peft import LoraConfig
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.transformer.add_adapter(cfg, adapter_name=STUDENT)
+        self._cast_lora(STUDENT)
+        self.transformer.set_adapter(STUDENT)
+        return self.trainable_parameters()
+
+    def enable_full_finetune(self):
+        """Train every transformer weight instead of a LoRA (the reference is then a frozen copy)."""
+        import copy
+        self._reference = copy.deepcopy(self.transformer).requires_grad_(False)
+        self.transformer.requires_grad_(True)
+        self._full_finetune = True
+        return self.trainable_parameters()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Only the student's weights: the student LoRA, or every transformer weight when full FT."""
+        if self._full_finetune:
+            return list(self.transformer.parameters())
+        params = [p for n, p in self.transformer.named_parameters() if f".{STUDENT}." in n]
+        assert params, "no student adapter: call add_student_lora() or enable_full_finetune() first"
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def load_lora(self, folder: str, name: str, trainable=False) -> dict:
+        """Load a PEFT LoRA folder (this project's, Flow-GRPO's or DiffusionOPD's) as adapter `name`.
+
+        Checks the target modules exist and every LoRA shape matches this base before loading.
+        Returns the adapter's config dict.
+        """
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+        folder_p = Path(folder)
+        for f in (PEFT_CONFIG, PEFT_WEIGHTS):
+            if not (folder_p / f).is_file():
+                raise FileNotFoundError(f"LoRA folder {folder!r} has no {f} (expected a PEFT adapter folder)")
+        cfg = LoraConfig.from_pretrained(folder)
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
+        modules = dict(self.transformer.named_modules())
+        for key, tensor in state.items():
+            module_name = key.split(".lora_")[0]
+            if module_name not in modules or not hasattr(modules[module_name], "in_features"):
+                raise ValueError(f"LoRA {folder!r} targets module {module_name!r}, which this base model "
+                                 f"({self.name}) does not have: the adapter was trained on another architecture")
+            m = modules[module_name]
+            want = m.in_features if ".lora_A." in key else m.out_features
+            got = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
+            if want != got:
+                raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
+                                 "the adapter was trained on another base model")
+        cfg.inference_mode = not trainable
+        self.transformer.add_adapter(cfg, adapter_name=name)
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k]
+        assert not missing and not result.unexpected_keys, f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
+        self._cast_lora(name)
+        for n, p in self.transformer.named_parameters():
+            if f".{name}." in n:
+                p.requires_grad_(trainable)
+        self.transformer.set_adapter(STUDENT if self.has_adapter(STUDENT) else name)
+        return cfg.to_dict()
+
+    def has_adapter(self, name: str) -> bool:
+        return name in getattr(self.transformer, "peft_config", {})
+
+    def _cast_lora(self, name):
+        # LoRA weights train in float32 even when the backbone runs in half precision.
+        for n, p in self.transformer.named_parameters():
+            if f".{name}." in n:
+                p.data = p.data.float()
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None):
+        """Route `velocity` through adapter `name`, or through the plain base model for None.
+
+        Switching does not change which parameters are trainable: the student's weights keep
+        requires_grad, and a teacher's forward simply never touches them.
+        """
+        tr = self.transformer
+        if name is None and self._full_finetune:
+            saved, self.transformer = self.transformer, self._reference
+            try:
+                yield
+            finally:
+                self.transformer = saved
+            return
+        if name is not None and not self.has_adapter(name):
+            raise KeyError(f"no adapter {name!r}; loaded: {sorted(getattr(tr, 'peft_config', {}))}")
+        grads = {n: p.requires_grad for n, p in tr.named_parameters() if p.requires_grad}
+        if name is None:
+            if tr._hf_peft_config_loaded:
+                tr.disable_adapters()
+        else:
+            tr.enable_adapters()
+            tr.set_adapter(name)
+        try:
+            yield
+        finally:
+            if tr._hf_peft_config_loaded:
+                tr.enable_adapters()
+                tr.set_adapter(STUDENT if self.has_adapter(STUDENT) else name or next(iter(tr.peft_config)))
+            for n, p in tr.named_parameters():  # set_adapter toggles requires_grad; restore it
+                p.requires_grad_(grads.get(n, False))
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name (LoRA keys in PEFT layout, or the full transformer)."""
+        if self._full_finetune:
+            return {k: v.detach() for k, v in self.transformer.state_dict().items()}
+        from peft import get_peft_model_state_dict
+        return {f"base_model.model.{k}": v.detach()
+                for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT).items()}
+
+    def save_student(self, folder: str, extra_config: dict | None = None) -> None:
+        """Write the student as a PEFT folder that PeftModel and diffusers both load.
+
+        `extra_config` (base model, task, dataset, guidance...) is saved as run_config.json for
+        opd.py to read. Call from rank 0; callers make it atomic by writing to a temp folder.
+        """
+        from safetensors.torch import save_file
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in self.student_state_dict().items()}
+        if self._full_finetune:
+            self.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        else:
+            cfg = self.transformer.peft_config[STUDENT]
+            cfg.base_model_name_or_path = getattr(self, "path", self.name)
+            cfg.save_pretrained(out)
+            save_file(state, out / PEFT_WEIGHTS)
+            # diffusers layout: keys "transformer.<module>.lora_A.weight", alpha kept as metadata
+            from diffusers import StableDiffusion3Pipeline
+            StableDiffusion3Pipeline.save_lora_weights(
+                out, transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
+                transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=DIFFUSERS_WEIGHTS)
+        (out / "run_config.json").write_text(json.dumps(
+            {"base_fingerprint": self.fingerprint(), **(extra_config or {})}, indent=2))
+
+    def fingerprint(self) -> str:
+        """A short hash of the base transformer's config and first/last weights (identifies the base)."""
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.transformer.config.items() if not k.startswith("_")},
+                                            sort_keys=True, default=str).encode())
+        base = {n.replace(".base_layer", ""): p for n, p in self.transformer.named_parameters() if "lora_" not in n}
+        for n in (sorted(base)[0], sorted(base)[-1]):
+            h.update(base[n].detach().float().cpu().numpy().tobytes()[:4096])
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- tiny offline pipelines
+def make_clip_tokenizer(max_len: int = 77):
+    """A character-level CLIP tokenizer built in memory (byte alphabet, no merges)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
+    toks = ["<|startoftext|>", "<|endoftext|>"] + alpha + [a + "</w>" for a in alpha]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(toks)}, merges=[], model_max_length=max_len)
+
+
+def make_t5_tokenizer(words=(), max_len: int = 32):
+    """A unigram T5 tokenizer built in memory: whole `words` win over the single characters."""
+    from transformers import T5Tokenizer
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-"]
+    pieces += [("\u2581" + w, -1.0) for w in sorted(set(words))]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
+
+
+@dataclass
+class TinySD3Config:
+    """Sizes of a tiny SD3-architecture pipeline (the real model's classes, tiny widths)."""
+    image_size: int = 32            # pixels
+    vae_channels: tuple = (32, 64)  # len 2 -> VAE factor 2
+    latent_channels: int = 8
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    text_dim: int = 32              # T5 d_model == joint_attention_dim
+    clip_dim: int = 16              # each CLIP hidden size; 2 * clip_dim <= text_dim
+    clip_max_len: int = 77
+    t5_max_len: int = 32
+    words: tuple = ("a", "the", "photo", "of", "red", "blue", "cat", "dog")
+
+
+def build_tiny_pipeline(cfg: TinySD3Config = TinySD3Config(), seed: int = 0):
+    """An SD3 pipeline with random weights and in-memory tokenizers: no download, runs on CPU.
+
+    Dimension rules (see shared/reference/README.md): caption_projection_dim = heads * head_dim;
+    2 * clip_dim <= text_dim = joint_attention_dim; the two CLIP projections add up to
+    pooled_projection_dim; CLIP eos_token_id equals the tokenizer's end token; VAE shift_factor set.
+    """
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    assert 2 * cfg.clip_dim <= cfg.text_dim, "CLIP hidden sizes added together must fit joint_attention_dim"
+    torch.manual_seed(seed)
+    factor = 2 ** (len(cfg.vae_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=cfg.image_size // factor, patch_size=2, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels, num_layers=cfg.layers, attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads, joint_attention_dim=cfg.text_dim,
+        caption_projection_dim=cfg.heads * cfg.head_dim, pooled_projection_dim=4 * cfg.clip_dim,
+        pos_embed_max_size=cfg.image_size // factor)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=8,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0)
+    clips = []
+    for _ in range(2):
+        tok = make_clip_tokenizer(cfg.clip_max_len)
+        clips.append((tok, CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=cfg.clip_dim, intermediate_size=2 * cfg.clip_dim,
+            num_hidden_layers=2, num_attention_heads=2, projection_dim=2 * cfg.clip_dim,
+            max_position_embeddings=cfg.clip_max_len, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))))
+    t5_tok = make_t5_tokenizer(cfg.words, cfg.t5_max_len)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=cfg.text_dim, d_kv=cfg.text_dim // 4,
+                                 d_ff=2 * cfg.text_dim, num_layers=2, num_heads=4, pad_token_id=0,
+                                 eos_token_id=1, decoder_start_token_id=0))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clips[0][1], tokenizer=clips[0][0], text_encoder_2=clips[1][1], tokenizer_2=clips[1][0],
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    return pipe

@@ -1,0 +1,202 @@
+"""Samplers with log-probs: the Flow-GRPO SDE step, the Euler ODE step, and whole rollouts.
+
+Implements paper sections 2-4 (Eqs. 5-11): the SD3 shifted time grid, the Gaussian transition
+kernel p(x_{j+1} | x_j) = N(mu_j, sbar_j^2 I), its log-density, and the closed-form KL between
+two kernels of equal variance. Time convention: see model.py (t = 1 noise, t = 0 data, v = eps - x0).
+
+Notation (paper -> code)
+    t_j, t_{j+1}        t, t_next           grid values, 1 = t_0 > t_1 > ... > t_N = 0
+    Delta_j             dt = t_next - t     (< 0)
+    a                   noise_level         a = 0 is the deterministic ODE sampler
+    s_j                 s                   diffusion coefficient a sqrt(t / (1 - t))
+    mu(x_j)             mean
+    sbar_j              std                 transition std; sbar_j^2 = s_j^2 (-Delta_j)
+    log p(x_{j+1}|x_j)  logp_sum            summed over all latent dims (a true log-density)
+
+Departures from the reference code (Flow-GRPO)
+1. `logp_sum` sums over latent dims; Flow-GRPO averages over dims (`logp_mean_per_dim` here),
+   which is not a log-density and changes what a PPO ratio means. Both are returned, named.
+2. The transition variance is the exact sbar_j^2 = s_j^2 (-Delta_j) of Eq. 10; Flow-GRPO's KL
+   divides by s_j^2 alone, a per-step reweighting by (-Delta_j) (only matters for a > 0).
+3. Noise is drawn per sample from its own seeded CPU generator, so sample i of a batch is
+   regenerable alone, on any device and in any batch.
+
+Run:
+    python sample.py --prompt 'a photo of two red circles' --prompt 'a sign that says "A7"' --out grid.png
+    python sample.py --model stabilityai/stable-diffusion-3.5-medium --lora ckpts/x --height 512 --width 512
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+# ---------------------------------------------------------------------- time grid
+def time_grid(scheduler, num_steps: int) -> torch.Tensor:
+    """The sampler's grid 1 = t_0 > ... > t_N = 0 (N+1 values): the scheduler's (shifted) sigmas.
+
+    For SD3 (FlowMatchEulerDiscreteScheduler, shift 3.0) this is
+        u_k = linspace(1, u_min, N),  t_k = shift u_k / (1 + (shift - 1) u_k),  t_N = 0,
+    where u_min is the *shifted* smallest training sigma (diffusers shifts twice; kept for fidelity).
+    """
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_steps)
+    grid = sched.sigmas.detach().float().cpu()
+    assert grid.shape == (num_steps + 1,) and grid[0] == 1.0 and grid[-1] == 0.0, f"unexpected grid {grid}"
+    return grid
+
+
+# ---------------------------------------------------------------------- one transition
+def sde_step(x, v, t, t_next, noise_level: float, t_guard: float, noise=None):
+    """One step of the Flow-GRPO SDE (Eqs. 5-9); noise_level a = 0 gives the Euler ODE step.
+
+    x, v: (B, ...) state and velocity at time t; t, t_next: floats or (B,) tensors.
+    t_guard: the grid's t_1, used in place of t in (1 - t) when t = 1 (the t = 1 guard).
+    noise: (B, ...) standard normal draws; required when noise_level > 0.
+    Returns (x_next, mean, std): std is (B,) and 0 for the ODE.
+    """
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.dim() - 1))
+    t_next = torch.as_tensor(t_next, dtype=x.dtype, device=x.device).reshape_as(t)
+    dt = t_next - t  # Delta_j < 0
+    # s_j = a sqrt(t_j / (1 - t_j)), with 1 - t_1 in the denominator at t_j = 1
+    s = noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, torch.full_like(t, t_guard), t)))
+    # mu = x (1 + s^2 / (2 t) dt) + v (1 + s^2 (1 - t) / (2 t)) dt          (Eq. 7)
+    mean = x * (1 + s**2 / (2 * t) * dt) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
+    # sbar = s sqrt(-dt)                                                    (Eq. 8)
+    std = s * torch.sqrt(-dt)
+    if noise_level == 0:
+        return mean, mean, std.flatten().expand(x.shape[0])
+    assert noise is not None and noise.shape == x.shape, "the SDE step needs standard-normal noise of x's shape"
+    # x_{j+1} = mu + sbar eps                                               (Eq. 9)
+    return mean + std * noise, mean, std.flatten().expand(x.shape[0])
+
+
+def gaussian_logprob(x_next, mean, std):
+    """log N(x_next; mean, std^2 I) per sample, summed over all dims, and its per-dim mean.
+
+    Returns (logp_sum, logp_mean_per_dim), each (B,). std: (B,), must be > 0 (no density for the ODE).
+    """
+    assert (std > 0).all(), "the ODE step (noise level 0) has no transition density"
+    std = std.reshape(-1, *[1] * (x_next.dim() - 1))
+    # log p = -(x - mu)^2 / (2 sbar^2) - log sbar - log(2 pi) / 2, per dim
+    per_dim = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    logp_sum = per_dim.flatten(1).sum(1)
+    return logp_sum, logp_sum / per_dim[0].numel()
+
+
+def gaussian_kl(mean_p, mean_q, sbar2):
+    """KL(N(mean_p, sbar2 I) || N(mean_q, sbar2 I)) = ||mean_p - mean_q||^2 / (2 sbar2)  (Eqs. 10-11).
+
+    mean_p, mean_q: (B, ...); sbar2: (B,) or scalar, > 0. Returns (B,), summed over dims.
+    """
+    sq = ((mean_p - mean_q) ** 2).flatten(1).sum(1)
+    return sq / (2 * torch.as_tensor(sbar2, dtype=sq.dtype, device=sq.device))
+
+
+# ---------------------------------------------------------------------- rollouts
+@dataclass
+class Trajectory:
+    """A batch of denoising trajectories, everything index-aligned per sample."""
+    latents: torch.Tensor    # (B, N+1, C, h, w): x_0 (noise) ... x_N (clean)
+    t: torch.Tensor          # (N+1,): the grid t_0 = 1 ... t_N = 0
+    logp_sum: torch.Tensor   # (B, N): log p(x_{j+1} | x_j) summed over dims; NaN-free, 0 for the ODE
+    std: torch.Tensor        # (N,): sbar_j of each step
+    seeds: list[int]
+    images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+
+
+def make_noise(seeds, shape, num_steps: int, noise_level: float):
+    """Per-sample standard normals from each sample's own generator: x_0 and one draw per SDE step.
+
+    Returns (x0 (B, *shape), step_noise (B, N, *shape) or None for the ODE).
+    """
+    x0, steps = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        x0.append(torch.randn(shape, generator=g))
+        if noise_level > 0:
+            steps.append(torch.randn((num_steps, *shape), generator=g))
+    return torch.stack(x0), (torch.stack(steps) if steps else None)
+
+
+@torch.no_grad()
+def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: float = 0.0,
+            height: int | None = None, width: int | None = None, adapter=None, decode=True) -> Trajectory:
+    """Sample N steps from seeded noise under no-grad with `adapter`'s weights (None = base model).
+
+    embeds: TextEmbeds for B prompts; seeds: B ints (sample i depends on seeds[i] alone).
+    """
+    height = height or model.default_resolution()
+    width = width or model.default_resolution()
+    shape = model.latent_shape(height, width)
+    assert len(seeds) == len(embeds), f"{len(seeds)} seeds for {len(embeds)} prompts"
+    t = time_grid(model.pipe.scheduler, num_steps)
+    x, noise = make_noise(seeds, shape, num_steps, noise_level)
+    x = x.to(model.device)
+    latents, logps, stds = [x], [], []
+    with model.adapter(adapter):
+        for j in range(num_steps):
+            v = model.velocity(x, t[j], embeds, guidance)
+            eps = noise[:, j].to(model.device) if noise is not None else None
+            x_next, mean, std = sde_step(x, v, t[j].item(), t[j + 1].item(), noise_level, t[1].item(), eps)
+            logps.append(gaussian_logprob(x_next, mean, std)[0] if noise_level > 0 else torch.zeros(len(seeds)))
+            stds.append(std[0])
+            x = x_next
+            latents.append(x)
+    images = model.decode(x) if decode else None
+    return Trajectory(torch.stack(latents, 1), t, torch.stack(logps, 1).cpu(), torch.stack(stds).cpu(),
+                      list(seeds), images)
+
+
+# ---------------------------------------------------------------------- images
+def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> None:
+    """Write (B, 3, H, W) images in [0, 1] as one PNG grid (nearest-neighbour upscaled by `scale`)."""
+    import numpy as np
+    from PIL import Image
+    B, _, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = torch.ones(3, rows * (H + 2), nrow * (W + 2))
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, nrow)
+        grid[:, r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = img
+    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None):
+    import argparse
+    from model import FlowModel, default_model_path
+    ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
+    ap.add_argument("--model", default=default_model_path(), help="pipeline folder or hub id")
+    ap.add_argument("--lora", default=None, help="PEFT LoRA folder to apply")
+    ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    ap.add_argument("--n-per-prompt", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--noise-level", type=float, default=0.0, help="a in Eq. 5; 0 = ODE")
+    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
+    ap.add_argument("--out", default="grid.png")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    model = FlowModel.load(args.model, device=args.device)
+    adapter = None
+    if args.lora:
+        adapter = "lora"
+        model.load_lora(args.lora, adapter)
+    prompts = [p for p in args.prompt for _ in range(args.n_per_prompt)]
+    model.latent_shape(args.height or model.default_resolution(), args.width or model.default_resolution())
+    traj = rollout(model, model.encode_prompts(prompts), [args.seed + i for i in range(len(prompts))],
+                   args.steps, args.cfg, args.noise_level, args.height, args.width, adapter=adapter)
+    save_grid(traj.images, args.out, nrow=args.n_per_prompt if args.n_per_prompt > 1 else None, scale=args.scale)
+    print(f"wrote {args.out} ({len(prompts)} images)")
+
+
+if __name__ == "__main__":
+    main()

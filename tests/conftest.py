@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny random-weight SD3 pipeline, built offline once per session."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory):
+    """A saved tiny SD3 pipeline folder (random weights), loadable like an SD3.5 folder."""
+    from model import build_tiny_pipeline
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_tiny_pipeline(seed=0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_model(tiny_pipe_dir):
+    from model import FlowModel
+    return FlowModel.load(tiny_pipe_dir)
