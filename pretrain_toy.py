@@ -1,0 +1,202 @@
+"""Pretrain the embedded tiny text-to-image base model on the toy world (toy.py), from scratch, on CPU.
+
+Builds an SD3-architecture pipeline (model.build_tiny_pipeline: SD3Transformer2DModel, AutoencoderKL,
+two CLIP text encoders and a T5 encoder, all tiny) and trains it in two phases:
+  A. the VAE (32x32 RGB -> 16x16x8 latents) on toy renders: L1 + a small KL term;
+  B. the transformer and the text encoders jointly with the rectified-flow loss of paper section 2,
+         x_t = (1 - t) x_0 + t eps,   L = E || v_theta(x_t, t, c) - (eps - x_0) ||^2,
+     t ~ logit-normal(0, 1) as in SD3, with 10% caption dropout to "" so that CFG works.
+The result is a diffusers StableDiffusion3Pipeline folder (safetensors) that model.FlowModel.load
+reads exactly like stabilityai/stable-diffusion-3.5-medium. Held-out test prompts of every toy task
+are never used for pretraining.
+
+Departures from SD3 training
+1. Text encoders are trained from scratch with the transformer (SD3 freezes pretrained ones).
+2. The transformer's EMA (decay `ema`) is what gets saved.
+
+Run (CPU, ~30 min on 2 cores; it checkpoints and `--resume` continues exactly):
+    python pretrain_toy.py --out models/toy-sd3
+    python pretrain_toy.py --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import toy
+from data import TOY_DATA, load_prompts
+from harness import atomic_replace_dir, parse_config
+from model import TinySD3Config, build_tiny_pipeline
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain the tiny toy-world base model."""
+    out: str = "models/toy-sd3"
+    seed: int = 0
+    vae_steps: int = 800           # phase A
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6           # weight of the VAE's KL term
+    steps: int = 6000              # phase B
+    batch: int = 64
+    lr: float = 6e-4
+    warmup: int = 200
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    text_dim: int = 64
+    latent_channels: int = 8
+    save_every: int = 500
+    resume: bool = False
+    threads: int = 2
+
+
+def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
+    """Whole words of the toy prompts (the T5 tokenizer keeps them as single tokens)."""
+    rng = np.random.default_rng(seed)
+    words = set()
+    for task in toy.TASKS:
+        for _ in range(n // len(toy.TASKS)):
+            prompt, _ = toy.sample_scene(task, rng)
+            words.update(w for w in prompt.replace('"', " ").split() if w.isalpha() and w.islower())
+    return sorted(words)
+
+
+def held_out_prompts() -> set[str]:
+    return {p for task in toy.TASKS for p in load_prompts(TOY_DATA / task, "test")[0]}
+
+
+def batch_at(cfg, step: int, exclude: set[str]):
+    """The training batch of `step`, a pure function of (seed, step) so resume is exact."""
+    rng = np.random.default_rng([cfg.seed, step])
+    images, prompts, _ = toy.sample_batch(cfg.batch, rng, exclude_prompts=exclude)
+    drop = rng.random(cfg.batch) < cfg.caption_dropout
+    return images, ["" if d else p for p, d in zip(prompts, drop)], rng
+
+
+def train_vae(pipe, cfg, exclude, ckpt: Path):
+    """Phase A: VAE with L1 reconstruction + KL; then the latent shift/scale from data statistics."""
+    vae = pipe.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    for step in tqdm(range(cfg.vae_steps), desc="vae"):
+        images, _, _ = batch_at(cfg, 10**6 + step, exclude)
+        post = vae.encode(images * 2 - 1).latent_dist
+        recon = vae.decode(post.sample(), return_dict=False)[0]
+        # L = |x - D(z)|_1 + beta KL(q(z|x) || N(0, I))
+        loss = (recon - (images * 2 - 1)).abs().mean() + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(batch_at(cfg, 2 * 10**6 + i, exclude)[0] * 2 - 1).latent_dist.mean
+                       for i in range(8)])
+    # SD3 convention: x = (z - shift_factor) * scaling_factor has zero mean and unit std
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+    recon_l1 = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean, return_dict=False)[0]
+                - (images * 2 - 1)).abs().mean().item()
+    print(f"vae: L1 {recon_l1:.4f} on [-1, 1], shift {vae.config.shift_factor:.4f}, scale {vae.config.scaling_factor:.4f}")
+    torch.save(vae.state_dict(), ckpt / "vae.pt")
+
+
+def main(argv=None):
+    cfg = parse_config(PretrainConfig, argv)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt = out.with_name(out.name + ".ckpt")  # training state, outside the shipped model folder
+    exclude = held_out_prompts()
+    tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
+                         clip_dim=cfg.text_dim // 2, clip_max_len=24, t5_max_len=24,
+                         latent_channels=cfg.latent_channels, image_size=toy.IMAGE_SIZE,
+                         words=tuple(vocabulary()))
+    pipe = build_tiny_pipeline(tiny, seed=cfg.seed)
+    if cfg.resume and (ckpt / "state.pt").exists():
+        pipe.vae.load_state_dict(torch.load(ckpt / "vae.pt", weights_only=True))
+        with open(ckpt / "vae.json") as f:
+            pipe.vae.register_to_config(**json.load(f))
+    else:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir(parents=True)
+        train_vae(pipe, cfg, exclude, ckpt)
+        (ckpt / "vae.json").write_text(json.dumps({k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}))
+    vae = pipe.vae.eval().requires_grad_(False)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+
+    # Phase B: transformer + text encoders with the rectified-flow loss.
+    nets = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+                                "text_encoder_2": pipe.text_encoder_2, "text_encoder_3": pipe.text_encoder_3})
+    nets.train().requires_grad_(True)
+    ema = copy.deepcopy(nets).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(nets.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    start = 0
+    if cfg.resume and (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        nets.load_state_dict(state["nets"]), ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        start = state["step"]
+    log = open(ckpt / "metrics.jsonl", "a")
+    bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        images, prompts, rng = batch_at(cfg, step, exclude)
+        with torch.no_grad():
+            x0 = (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale  # (B, C, h, w)
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=g))  # logit-normal(0, 1)
+        tt = t.view(-1, 1, 1, 1)
+        # x_t = (1 - t) x_0 + t eps;  target v = eps - x_0
+        x_t = (1 - tt) * x0 + tt * eps
+        seq, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu",
+                                               do_classifier_free_guidance=False, max_sequence_length=24)
+        v = pipe.transformer(hidden_states=x_t, timestep=1000 * t, encoder_hidden_states=seq,
+                             pooled_projections=pooled, return_dict=False)[0]
+        loss = (v - (eps - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), nets.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+        log.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                              "sec": time.perf_counter() - t0}) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            log.flush()
+            tmp = ckpt / "state.tmp"
+            tmp.mkdir(exist_ok=True)
+            torch.save({"nets": nets.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": step + 1}, tmp / "state.pt")
+            (tmp / "state.pt").replace(ckpt / "state.pt")
+    log.close()
+
+    # Save the EMA weights as a diffusers pipeline folder, atomically.
+    nets.load_state_dict(ema.state_dict())
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval().requires_grad_(False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    command = "python pretrain_toy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
+    atomic_replace_dir(tmp, out)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

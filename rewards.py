@@ -1,0 +1,703 @@
+r"""The reward registry: every reward of paper section 10 behind one signature.
+
+    fn(images, prompts, metadata) -> (scores, info)
+      images   (B, 3, H, W) float in [0, 1], any device
+      prompts  list[str], len B;  metadata  list[dict], len B (may be empty dicts)
+      scores   (B,) float32 CPU tensor;  info  dict[str, (B,) float32 CPU tensor] (extra values to log)
+
+A factory `REWARDS[name](device, dtype, **options) -> fn` builds a reward; heavy imports and model
+loads happen inside it, never at import time. `load_reward` caches what a factory returns per
+(name, device, dtype, options), so each model loads once per process. `make_reward("a=1,b=0.5")`
+returns the weighted sum r = sum_k w_k r_k with the same signature, plus `submit()`, which scores in
+a background thread so that scoring overlaps the next rollout.
+
+Rewards (section 10; s = scores):
+  pickscore        s = exp(logit_scale) * cos(text, image), PickScore_v1 (CLIP-H) [/26 with divide_by_26]
+  clipscore        s = cos(text, image), openai/clip-vit-large-patch14
+  aesthetic        s = MLP(image_emb / |image_emb|), LAION improved aesthetic predictor on CLIP-L/14
+  ocr              s = 1 - min(d, |y|) / |y|, y = first "quoted" span, d = 0 if y in OCR text else Levenshtein
+  geneval          GenEval rules on Mask2Former detections + CLIP-L/14 colours; s = Flow-GRPO partial
+                   credit, info["strict"] = GenEval's all-clauses accuracy (the number the paper reports)
+  http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
+  jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
+  hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
+  toy_geneval, toy_ocr, toy_aesthetic   tiny stand-ins implemented in toy.py
+
+Options and environment variables (an option wins over its variable, which wins over the default):
+  pickscore   model (PICKSCORE_MODEL, yuvalkirstain/PickScore_v1),
+              processor (PICKSCORE_PROCESSOR, laion/CLIP-ViT-H-14-laion2B-s32B-b79K), divide_by_26
+  clipscore   model (CLIP_MODEL, openai/clip-vit-large-patch14)
+  aesthetic   clip_model (CLIP_MODEL), mlp_path (AESTHETIC_MLP; no default: download it, see below)
+  ocr         engine ("auto" | "easyocr" | "paddleocr") or reader (a callable: HxWx3 uint8 array -> str)
+  geneval     detector (GENEVAL_DETECTOR, facebook/mask2former-swin-small-coco-instance),
+              clip_model (CLIP_MODEL), threshold 0.3, counting_threshold 0.9, max_objects 16,
+              position_margin 0.1
+  http        url (REWARD_SERVER_URL), timeout_s 60, retries 3, backoff_s 1, wire "pickle" | "json"
+  hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub)
+Model ids may be local folders; with HF_HUB_OFFLINE set, loads pass local_files_only=True.
+
+HTTP wire format (Flow-GRPO's reward-server, github.com/yifan123/reward-server, app_geneval.py): one
+POST per call to `url`, body = pickle (or JSON with wire="json") of
+  {"images": [JPEG bytes (base64 text in JSON)], "prompts": [...], "meta_datas": [...], "only_strict": False}
+answered with a pickled (JSON) dict holding "scores" (GenEval server) or "outputs" (DeQA/UnifiedReward
+servers) as a list of B numbers; every other list of B numbers is returned in info under its own key
+(Flow-GRPO's GenEval server: scores = partial credit, info["rewards"] = GenEval accuracy,
+info["strict_rewards"] = its exact-count accuracy).
+HTTP 5xx and connection errors are retried `retries` times with exponential backoff. Unpickle only the
+answers of servers you trust; wire="json" avoids pickle on both sides.
+
+Departures from the paper / reference code, with reasons:
+ 1. GenEval detector: the transformers Mask2Former (facebook/mask2former-swin-small-coco-instance, its
+    own 384 px preprocessing) instead of mmdet's checkpoint at 1333x800, so no mmdet/mmcv. Boxes come
+    from masks as in mmdet (mask2bbox); no NMS (GenEval's default max_overlap=1 disables it). Its COCO
+    names "mouse", "remote", "keyboard" are renamed to GenEval's "computer mouse", "tv remote",
+    "computer keyboard". Scores can differ slightly from the official GenEval numbers.
+ 2. GenEval colours: transformers' openai/clip-vit-large-patch14 (the weights of open_clip ViT-L-14
+    "openai") with its processor, instead of open_clip's transform.
+ 3. Mask2Former's training loss needs scipy (Hungarian matching); inference does not, and scipy is not
+    a dependency, so its import check is bypassed while the detector is built (_without_scipy_check).
+ 4. GenEval partial credit follows Flow-GRPO's evaluate_reward (reward-server/gen_eval.py) except that
+    a failed relation adds one 0 clause (Flow-GRPO appends 0 and then 1 for it, a bug). Like Flow-GRPO
+    it ignores "exclude" and is not clamped: 3 cats for "a cat" give 1 - |1 - 3| / 1 = -1.
+ 5. info["strict"] is GenEval's own rule (evaluate_images.py: at least n objects, exclude clauses),
+    not Flow-GRPO's exact-count "strict_rewards".
+ 6. OCR: a prompt without a double-quoted span raises ValueError (Flow-GRPO: IndexError), OCR errors
+    propagate instead of scoring 0, and Levenshtein is computed here (python-Levenshtein is not a dep).
+ 7. CLIPScore is the plain cosine of the paper's table (Flow-GRPO trains on 100 * cos / 30).
+ 8. JPEG rewards are DDPO's (kB, negated); Flow-GRPO divides the compressibility by 500.
+ (Not a departure: every image reward quantises images to uint8 first, as the reference scorers do.)
+
+Run (CPU; 1 GPU; with N GPUs every rank builds its own rewards on its own device, e.g. f"cuda:{rank}"):
+  python -c "import rewards, torch; r = rewards.make_reward('jpeg_incompressibility=1'); \
+             print(r(torch.rand(2, 3, 64, 64), ['a cat', 'a dog'], [{}, {}]))"
+  python -c "import rewards, torch; r = rewards.make_reward('pickscore=1,clipscore=1', 'cuda', torch.float16); \
+             print(r(torch.rand(2, 3, 512, 512, device='cuda'), ['a cat', 'a dog'], [{}, {}]))"
+  python -m pytest tests/test_rewards.py -q
+"""
+import base64
+import concurrent.futures
+import functools
+import io
+import json
+import numbers
+import os
+import pickle
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REWARDS = {}  # name -> factory(device, dtype, **options) -> fn(images, prompts, metadata)
+_LOADED = {}  # (name, device, dtype, options) -> fn
+_LOAD_LOCK = threading.Lock()
+_TOKENIZER_LOCK = threading.Lock()  # a fast tokenizer called from two threads at once can fail ("Already borrowed")
+
+CLIP_L14 = "openai/clip-vit-large-patch14"
+AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                     "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+
+
+def register(name):
+    """Decorator: REWARDS[name] = factory."""
+    def add(factory):
+        assert name not in REWARDS, f"reward {name!r} is registered twice"
+        REWARDS[name] = factory
+        return factory
+    return add
+
+
+def load_reward(name, device="cpu", dtype=torch.float32, **options):
+    """The reward fn of REWARDS[name], built once per (name, device, dtype, options) and process."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+    device = torch.device(device)
+    key = (name, str(device), dtype, tuple(sorted(options.items())))
+    try:
+        hash(key)
+    except TypeError as error:
+        raise TypeError(f"options of reward {name!r} must be hashable (use tuples, not lists): {options}") from error
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = REWARDS[name](device, dtype, **options)
+        return _LOADED[key]
+
+
+def parse_spec(spec):
+    """"name=weight,name=weight" -> {name: weight}; every name is checked before anything loads."""
+    weights = {}
+    for entry in spec.split(","):
+        name, has_weight, weight = (part.strip() for part in entry.partition("="))
+        if not has_weight:
+            raise ValueError(f"reward spec entry {entry!r} is not name=weight (spec {spec!r})")
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(sorted(REWARDS))}")
+        if name in weights:
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            raise ValueError(f"weight of reward {name!r} must be a float, got {weight!r} in {spec!r}") from None
+    return weights
+
+
+def make_reward(spec, device="cpu", dtype=torch.float32, **options):
+    """The weighted sum of the rewards in spec; options[name] is the dict of options of reward name,
+    e.g. make_reward("pickscore=1,aesthetic=1", aesthetic={"mlp_path": "sac+logos+ava1-l14-linearMSE.pth"})."""
+    weights = parse_spec(spec)
+    stray = sorted(set(options) - set(weights))
+    if stray:
+        raise ValueError(f"options given for rewards {stray} that are not in the spec {spec!r}")
+    fns = {name: load_reward(name, device, dtype, **options.get(name, {})) for name in weights}
+    return ComposedReward(weights, fns)
+
+
+class ComposedReward:
+    """r = sum_k w_k r_k; info[name] holds r_k, info[f"{name}/{key}"] the k-th reward's own info."""
+
+    def __init__(self, weights, fns):
+        self.weights, self.fns = weights, fns
+        self._component_pool = concurrent.futures.ThreadPoolExecutor(len(fns), thread_name_prefix="reward")
+        self._submit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward-submit")
+
+    def __call__(self, images, prompts, metadata):
+        futures = {name: self._component_pool.submit(fn, images, prompts, metadata) for name, fn in self.fns.items()}
+        total = torch.zeros(len(prompts), dtype=torch.float32)
+        info = {}
+        for name, future in futures.items():
+            scores, extra = future.result()
+            for key, value in {name: scores, **extra}.items():
+                assert (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device.type == "cpu"
+                        and value.shape == (len(prompts),)), \
+                    (f"reward {name!r} must return float32 CPU tensors of shape ({len(prompts)},); {key!r} is a "
+                     f"{type(value).__name__} {getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
+            # r = sum_k w_k r_k
+            total += self.weights[name] * scores
+            info[name] = scores
+            info.update({f"{name}/{key}": value for key, value in extra.items()})
+        return total, info
+
+    def submit(self, images, prompts, metadata):
+        """Score in the background -> Future of (scores, info). The images are copied first, so the
+        caller may overwrite its buffers with the next rollout at once."""
+        return self._submit_pool.submit(self, images.detach().clone(), list(prompts), [dict(m) for m in metadata])
+
+
+# -------------------- helpers shared by the rewards -----------------------------------------------
+
+
+def _uint8_images(images, prompts, metadata):
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy, as the reference scorers quantise."""
+    assert images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point(), \
+        f"images must be a float (B, 3, H, W) tensor in [0, 1], got {images.dtype} {tuple(images.shape)}"
+    assert len(images) == len(prompts) == len(metadata), \
+        f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pil_images(images, prompts, metadata):
+    return [Image.fromarray(array) for array in _uint8_images(images, prompts, metadata)]
+
+
+def _scores(values):
+    return torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+
+
+def _jpeg(pil, quality):
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _hub_kwargs():
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return {"local_files_only": True} if offline else {}
+
+
+def _setting(value, env, default=None):
+    return value if value is not None else os.environ.get(env, default)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_clip(path, device, dtype):
+    """(CLIPModel, processor) from a hub id or folder; shared by clipscore, aesthetic and geneval."""
+    from transformers import AutoProcessor, CLIPModel
+    processor = AutoProcessor.from_pretrained(path, **_hub_kwargs())
+    model = CLIPModel.from_pretrained(path, dtype=dtype, **_hub_kwargs()).to(device).eval().requires_grad_(False)
+    return model, processor
+
+
+@torch.no_grad()
+def _clip_text_embeddings(model, processor, texts):
+    with _TOKENIZER_LOCK:
+        tokens = processor.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    features = model.get_text_features(input_ids=tokens.input_ids.to(model.device),
+                                       attention_mask=tokens.attention_mask.to(model.device)).pooler_output
+    return F.normalize(features.float(), dim=-1)  # (N, D)
+
+
+@torch.no_grad()
+def _clip_image_embeddings(model, processor, pil_images):
+    pixels = processor.image_processor(images=pil_images, return_tensors="pt").pixel_values
+    features = model.get_image_features(pixel_values=pixels.to(model.device, model.dtype)).pooler_output
+    return F.normalize(features.float(), dim=-1)  # (N, D)
+
+
+# -------------------- CLIP-based rewards ----------------------------------------------------------
+
+
+@register("pickscore")
+def _pickscore(device, dtype, model=None, processor=None, divide_by_26=False):
+    from transformers import AutoProcessor, CLIPModel
+    clip_processor = AutoProcessor.from_pretrained(
+        _setting(processor, "PICKSCORE_PROCESSOR", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"), **_hub_kwargs())
+    clip = CLIPModel.from_pretrained(_setting(model, "PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1"),
+                                     dtype=dtype, **_hub_kwargs()).to(device).eval().requires_grad_(False)
+
+    def pickscore(images, prompts, metadata):
+        text = _clip_text_embeddings(clip, clip_processor, prompts)
+        image = _clip_image_embeddings(clip, clip_processor, _pil_images(images, prompts, metadata))
+        # s = exp(logit_scale) * <t/|t|, v/|v|>   (Flow-GRPO: / 26 to land near [0, 1])
+        scores = clip.logit_scale.exp().float() * (text * image).sum(-1)
+        return _scores(scores / 26 if divide_by_26 else scores), {}
+    return pickscore
+
+
+@register("clipscore")
+def _clipscore(device, dtype, model=None):
+    clip, clip_processor = _load_clip(_setting(model, "CLIP_MODEL", CLIP_L14), device, dtype)
+
+    def clipscore(images, prompts, metadata):
+        text = _clip_text_embeddings(clip, clip_processor, prompts)
+        image = _clip_image_embeddings(clip, clip_processor, _pil_images(images, prompts, metadata))
+        # s = cos(t, v)
+        return _scores((text * image).sum(-1)), {}
+    return clipscore
+
+
+class AestheticMLP(torch.nn.Module):
+    """LAION improved aesthetic predictor head: Linear 768-1024-128-64-16-1, no activations. The Dropouts
+    only keep the published state-dict keys (layers.0, .2, .4, .6, .7); they are inactive in eval."""
+
+    def __init__(self, input_size=768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1))
+
+    def forward(self, embeddings):  # (B, input_size) -> (B,)
+        return self.layers(embeddings).squeeze(-1)
+
+
+def load_aesthetic_mlp(path):
+    """AestheticMLP from sac+logos+ava1-l14-linearMSE.pth (a torch state dict) or a .safetensors copy."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"aesthetic reward: MLP weights not found at {path!r}. Download sac+logos+ava1-l14-linearMSE.pth "
+            f"from {AESTHETIC_MLP_URL} and pass mlp_path=... (make_reward(..., aesthetic={{'mlp_path': ...}})) "
+            f"or set AESTHETIC_MLP.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    mlp = AestheticMLP(input_size=state["layers.0.weight"].shape[1])
+    mlp.load_state_dict(state)
+    return mlp.eval().requires_grad_(False)
+
+
+@register("aesthetic")
+def _aesthetic(device, dtype, clip_model=None, mlp_path=None):
+    mlp = load_aesthetic_mlp(_setting(mlp_path, "AESTHETIC_MLP")).to(device)  # kept in float32
+    clip, clip_processor = _load_clip(_setting(clip_model, "CLIP_MODEL", CLIP_L14), device, dtype)
+
+    @torch.no_grad()
+    def aesthetic(images, prompts, metadata):
+        # s = MLP(v / |v|), v = CLIP-L/14 image embedding
+        image = _clip_image_embeddings(clip, clip_processor, _pil_images(images, prompts, metadata))
+        return _scores(mlp(image.to(device))), {}
+    return aesthetic
+
+
+# -------------------- OCR -------------------------------------------------------------------------
+
+
+def quoted_target(prompt):
+    """The text an OCR prompt asks to render: its first double-quoted span."""
+    match = re.search(r'"([^"]*)"', prompt)
+    if match is None:
+        raise ValueError(f'OCR reward: the prompt has no double-quoted text to render: {prompt!r}')
+    return match.group(1)
+
+
+def _levenshtein(a, b):
+    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_score(recognised, target):
+    """Flow-GRPO's OCR reward of one image, in [0, 1]; case and spaces are ignored."""
+    recognised, target = recognised.replace(" ", "").lower(), target.replace(" ", "").lower()
+    if not target:
+        raise ValueError("OCR reward: the quoted target text is empty")
+    # d = 0 if y is a substring of the recognised text, else Levenshtein(text, y), capped at |y|
+    distance = 0 if target in recognised else min(_levenshtein(recognised, target), len(target))
+    # r = 1 - d / |y|
+    return 1 - distance / len(target)
+
+
+def _ocr_reader(engine, device):
+    """A callable: (H, W, 3) uint8 RGB array -> all recognised text."""
+    assert engine in ("auto", "easyocr", "paddleocr"), f"ocr engine must be auto, easyocr or paddleocr: {engine!r}"
+    available = [name for name in ("easyocr", "paddleocr") if engine in ("auto", name) and _importable(name)]
+    if not available:
+        raise ImportError(
+            f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, or pip install paddleocr "
+            f"paddlepaddle (Flow-GRPO's engine), or pass reader=callable(image uint8 HxWx3) -> str")
+    if available[0] == "easyocr":
+        import easyocr
+        reader = easyocr.Reader(["en"], gpu=device.type == "cuda", verbose=False)
+        return lambda image: "".join(reader.readtext(image, detail=0))
+    from paddleocr import PaddleOCR  # the 2.x API that Flow-GRPO uses
+    paddle = PaddleOCR(use_angle_cls=False, lang="en", use_gpu=device.type == "cuda", show_log=False)
+    return lambda image: "".join(line[1][0] for line in (paddle.ocr(image, cls=False)[0] or []))
+
+
+def _importable(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+@register("ocr")
+def _ocr(device, dtype, engine="auto", reader=None):
+    read = reader if reader is not None else _ocr_reader(engine, device)
+
+    def ocr(images, prompts, metadata):
+        arrays = _uint8_images(images, prompts, metadata)
+        return _scores([ocr_score(read(array), quoted_target(prompt)) for array, prompt in zip(arrays, prompts)]), {}
+    return ocr
+
+
+# -------------------- GenEval (github.com/djghosh13/geneval, evaluation/evaluate_images.py) -------
+
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+COLOR_TEMPLATES = ["a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object"]
+_COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+
+
+def _kept_objects(detections, tag, threshold, counting_threshold, max_objects):
+    """GenEval's filter: per class, score > threshold (counting_threshold for counting prompts), most
+    confident first, at most max_objects. -> {class: [detection, ...]}"""
+    min_score = counting_threshold if tag == "counting" else threshold
+    objects = {}
+    for detection in sorted(detections, key=lambda d: -d["score"]):
+        if detection["score"] > min_score and len(objects.setdefault(detection["class"], [])) < max_objects:
+            objects[detection["class"]].append(detection)
+    return objects
+
+
+def _relations(box_a, box_b, margin):
+    """Where box A lies relative to box B (GenEval's relative_position); boxes (x1, y1, x2, y2), y down."""
+    centre_a = torch.tensor([box_a[0] + box_a[2], box_a[1] + box_a[3]], dtype=torch.float64) / 2
+    centre_b = torch.tensor([box_b[0] + box_b[2], box_b[1] + box_b[3]], dtype=torch.float64) / 2
+    size_a = torch.tensor([box_a[2] - box_a[0], box_a[3] - box_a[1]], dtype=torch.float64).abs()
+    size_b = torch.tensor([box_b[2] - box_b[0], box_b[3] - box_b[1]], dtype=torch.float64).abs()
+    offset = centre_a - centre_b
+    # shrink the centre offset by margin * (size_a + size_b) per axis; no relation if nothing is left
+    revised = (offset.abs() - margin * (size_a + size_b)).clamp(min=0) * offset.sign()
+    if bool((revised.abs() < 1e-3).all()):  # GenEval: a revised offset under 1e-3 px is no relation
+        return set()
+    # direction = revised offset / |offset| (the unrevised norm, as GenEval); a relation needs > 0.5
+    dx, dy = (revised / offset.norm()).tolist()
+    return {name for name, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                     ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
+
+
+def geneval_score(detections, metadata, *, threshold=0.3, counting_threshold=0.9, max_objects=16,
+                  position_margin=0.1):
+    """GenEval's rules on one image's detections -> (partial: float, strict: bool).
+
+    detections: list of dicts, one per detected object, any order and score:
+      "class": GenEval/COCO class name, e.g. "dining table", "computer mouse"
+      "box":   (x1, y1, x2, y2) in pixels, y pointing down (GenEval's 1e-3 dead zone below is in pixels)
+      "score": detector confidence in [0, 1]; filtered here (threshold, counting_threshold, max_objects)
+      "color": one of COLORS, or None; required for the most confident `count` objects of a class that
+               an include clause asks a colour of
+      "mask":  optional, unused by the rules
+    metadata: {"tag", "include": [{"class", "count", "color"?, "position"?: [relation, index]}],
+               "exclude"?: [{"class", "count"}], ...}
+    partial: Flow-GRPO's training reward, the mean of per-clause credits (see the module docstring).
+    strict:  GenEval's accuracy: every include and exclude clause holds.
+    """
+    assert "tag" in metadata and "include" in metadata, f"GenEval metadata needs 'tag' and 'include': {metadata}"
+    objects = _kept_objects(detections, metadata["tag"], threshold, counting_threshold, max_objects)
+
+    def colors_of(found, clause):
+        assert all(d.get("color") in COLORS for d in found), \
+            f"detections of {clause['class']!r} need a 'color' in {COLORS}: {found}"
+        return sum(d["color"] == clause["color"] for d in found)
+
+    def relation_holds(found, clause, groups):
+        relation, target = clause["position"]
+        return groups[target] is not None and all(
+            relation in _relations(d["box"], t["box"], position_margin) for d in found for t in groups[target])
+
+    # strict (GenEval evaluate): the `count` most confident objects exist, have the colour, and every one
+    # is in the relation to every object of the referenced clause; exclude: fewer than `count` objects
+    strict, groups = True, []
+    for clause in metadata["include"]:
+        found = objects.get(clause["class"], [])[:clause["count"]]
+        matched = len(found) >= clause["count"]
+        if matched and "color" in clause:
+            matched = colors_of(found, clause) >= clause["count"]
+        if matched and "position" in clause:
+            matched = relation_holds(found, clause, groups)
+        strict = strict and matched
+        groups.append(found if matched else None)
+    strict = strict and all(len(objects.get(c["class"], [])) < c["count"] for c in metadata.get("exclude", []))
+
+    # partial (Flow-GRPO evaluate_reward): per clause, count credit 1 - |n_req - n_found| / n_req; when the
+    # count is exact, colour credit 1 - |n_req - n_colour| / n_req and relation credit 1 or 0; when it is
+    # not, one 0 for the colour/relation part. partial = mean of the credits.
+    credits, groups = [], []
+    for clause in metadata["include"]:
+        found, wanted = objects.get(clause["class"], []), clause["count"]
+        credits.append(1 - abs(wanted - len(found)) / wanted)
+        matched = len(found) == wanted
+        if not matched and ("color" in clause or "position" in clause):
+            credits.append(0.0)
+        if matched and "color" in clause:
+            with_color = colors_of(found, clause)
+            credits.append(1 - abs(wanted - with_color) / wanted)
+            matched = with_color == wanted
+        if matched and "position" in clause:
+            matched = relation_holds(found, clause, groups)
+            credits.append(float(matched))
+        groups.append(found if matched else None)
+    return sum(credits) / len(credits) if credits else 0.0, strict
+
+
+def _object_crop(image, box, mask):
+    """GenEval's colour input: the object's pixels over a flat #999 background, cropped to its box."""
+    if mask is not None:
+        background = Image.new("RGB", image.size, "#999")
+        image = Image.composite(image, background, Image.fromarray(mask.cpu().numpy().astype(bool)))
+    return image.crop(tuple(int(round(float(v))) for v in box))
+
+
+def _classify_colors(clip, clip_processor, crops, name, classifiers):
+    """CLIP zero-shot colour of each crop (GenEval via clip_benchmark); classifiers caches per class."""
+    if not crops:
+        return []
+    if name not in classifiers:
+        texts = [template.format(color=color, name=name) for color in COLORS for template in COLOR_TEMPLATES]
+        # w_c = normalise(mean_t normalise(text_emb(template_t(c))))   (10, D)
+        per_template = _clip_text_embeddings(clip, clip_processor, texts).view(len(COLORS), len(COLOR_TEMPLATES), -1)
+        classifiers[name] = F.normalize(per_template.mean(1), dim=-1)
+    image = _clip_image_embeddings(clip, clip_processor, crops)  # (N, D)
+    return [COLORS[i] for i in (image @ classifiers[name].T).argmax(-1).tolist()]
+
+
+def _mask_box(mask):
+    """(x1, y1, x2, y2) of a binary (H, W) mask, x2/y2 one past the last pixel (mmdet's mask2bbox)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+
+
+@contextmanager
+def _without_scipy_check():
+    """Build Mask2Former without scipy: only its training loss's matcher needs it (departure 3)."""
+    from transformers.models.mask2former import modeling_mask2former
+    if _importable("scipy"):
+        yield
+        return
+    check = modeling_mask2former.requires_backends
+    modeling_mask2former.requires_backends = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        modeling_mask2former.requires_backends = check
+
+
+@register("geneval")
+def _geneval(device, dtype, detector=None, clip_model=None, threshold=0.3, counting_threshold=0.9,
+             max_objects=16, position_margin=0.1):
+    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+    detector = _setting(detector, "GENEVAL_DETECTOR", "facebook/mask2former-swin-small-coco-instance")
+    processor = AutoImageProcessor.from_pretrained(detector, **_hub_kwargs())
+    with _without_scipy_check():
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(detector, dtype=dtype, **_hub_kwargs())
+    model = model.to(device).eval().requires_grad_(False)
+    names = {i: _COCO_TO_GENEVAL.get(label, label) for i, label in model.config.id2label.items()}
+    clip, clip_processor = _load_clip(_setting(clip_model, "CLIP_MODEL", CLIP_L14), device, dtype)
+    classifiers = {}
+    rules = dict(threshold=threshold, counting_threshold=counting_threshold, max_objects=max_objects)
+
+    @torch.no_grad()
+    def geneval(images, prompts, metadata):
+        pils = _pil_images(images, prompts, metadata)
+        pixels = processor(images=pils, return_tensors="pt").pixel_values
+        outputs = model(pixel_values=pixels.to(device, dtype))
+        outputs.class_queries_logits = outputs.class_queries_logits.float()
+        outputs.masks_queries_logits = outputs.masks_queries_logits.float()
+        results = processor.post_process_instance_segmentation(
+            outputs, threshold=min(threshold, counting_threshold), target_sizes=[pil.size[::-1] for pil in pils],
+            return_binary_maps=True)
+        partial, strict = [], []
+        for pil, result, meta in zip(pils, results, metadata):
+            # with no segment, "segmentation" is a (H, W) map and zip() stops at the empty segments_info
+            detections = [{"class": names[segment["label_id"]], "score": segment["score"], "mask": mask.bool(),
+                           "box": _mask_box(mask), "color": None}
+                          for segment, mask in zip(result["segments_info"], result["segmentation"])]
+            kept = _kept_objects(detections, meta.get("tag"), **rules)
+            for clause in meta.get("include", []):
+                if "color" in clause:
+                    found = kept.get(clause["class"], [])[:clause["count"]]
+                    crops = [_object_crop(pil, d["box"], d["mask"]) for d in found]
+                    for detection, color in zip(found, _classify_colors(clip, clip_processor, crops, clause["class"],
+                                                                        classifiers)):
+                        detection["color"] = color
+            credit, correct = geneval_score(detections, meta, position_margin=position_margin, **rules)
+            partial.append(credit)
+            strict.append(float(correct))
+        return _scores(partial), {"strict": _scores(strict)}
+    return geneval
+
+
+# -------------------- external reward server ------------------------------------------------------
+
+
+@register("http")
+def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wire="pickle", jpeg_quality=95):
+    url = _setting(url, "REWARD_SERVER_URL")
+    if not url:
+        raise ValueError("http reward needs url=... or REWARD_SERVER_URL, e.g. http://127.0.0.1:18085")
+    assert wire in ("pickle", "json"), f"http reward: wire must be 'pickle' or 'json', got {wire!r}"
+
+    def post(body):
+        request = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json" if wire == "json" else "application/octet-stream"})
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:  # the server answered with an error status
+                if error.code < 500 or attempt == retries:
+                    raise RuntimeError(f"reward server {url} answered HTTP {error.code}: "
+                                       f"{error.read()[:2000].decode(errors='replace')}") from error
+            except (urllib.error.URLError, OSError) as error:  # refused, unreachable, timed out
+                if attempt == retries:
+                    raise RuntimeError(f"reward server {url} unreachable after {retries + 1} attempts "
+                                       f"(timeout {timeout_s} s): {error}") from error
+            time.sleep(backoff_s * 2 ** attempt)
+
+    def http(images, prompts, metadata):
+        jpegs = [_jpeg(pil, jpeg_quality) for pil in _pil_images(images, prompts, metadata)]
+        payload = {"images": jpegs, "prompts": list(prompts), "meta_datas": list(metadata), "only_strict": False}
+        if wire == "json":
+            payload["images"] = [base64.b64encode(jpeg).decode() for jpeg in jpegs]
+            answer = json.loads(post(json.dumps(payload).encode()))
+        else:
+            answer = pickle.loads(post(pickle.dumps(payload)))
+        score_key = "scores" if isinstance(answer, dict) and "scores" in answer else "outputs"
+        if not isinstance(answer, dict) or len(answer.get(score_key, ())) != len(prompts):
+            raise RuntimeError(f"reward server {url} must answer a dict with {len(prompts)} 'scores' or 'outputs', "
+                               f"got {str(answer)[:500]}")
+        info = {key: _scores(value) for key, value in answer.items() if key != score_key and isinstance(value, list)
+                and len(value) == len(prompts) and all(isinstance(v, numbers.Real) for v in value)}
+        return _scores(answer[score_key]), info
+    return http
+
+
+# -------------------- DDPO's JPEG rewards ---------------------------------------------------------
+
+
+def _jpeg_kilobytes(images, prompts, metadata):
+    return _scores([len(_jpeg(pil, quality=95)) / 1000 for pil in _pil_images(images, prompts, metadata)])
+
+
+@register("jpeg_incompressibility")
+def _jpeg_incompressibility(device, dtype):
+    return lambda images, prompts, metadata: (_jpeg_kilobytes(images, prompts, metadata), {})
+
+
+@register("jpeg_compressibility")
+def _jpeg_compressibility(device, dtype):
+    return lambda images, prompts, metadata: (-_jpeg_kilobytes(images, prompts, metadata), {})
+
+
+# -------------------- optional packages -----------------------------------------------------------
+
+
+@register("hpsv2")
+def _hpsv2(device, dtype, checkpoint=None):
+    try:
+        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+    except ImportError as error:
+        raise ImportError("the hpsv2 reward (HPSv2.1) needs its package: pip install hpsv2") from error
+    # the model construction of Flow-GRPO's hpsv2_scorer.py, then the HPSv2.1 weights
+    model, _, preprocess = create_model_and_transforms(
+        "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, force_quick_gelu=False,
+        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+        with_score_predictor=False, with_region_predictor=False)
+    if checkpoint is None and "HPSV2_CHECKPOINT" not in os.environ:
+        from huggingface_hub import hf_hub_download
+        checkpoint = hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt", **_hub_kwargs())
+    state = torch.load(_setting(checkpoint, "HPSV2_CHECKPOINT"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    model = model.to(device).eval().requires_grad_(False)
+    tokenizer = get_tokenizer("ViT-H-14")
+
+    @torch.no_grad()
+    def hpsv2(images, prompts, metadata):
+        pixels = torch.stack([preprocess(pil) for pil in _pil_images(images, prompts, metadata)]).to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outputs = model(pixels, tokenizer(list(prompts)).to(device))
+        # s = <image_features, text_features> (both unit norm), one prompt per image
+        return _scores((outputs["image_features"].float() * outputs["text_features"].float()).sum(-1)), {}
+    return hpsv2
+
+
+@register("imagereward")
+def _imagereward(device, dtype, model="ImageReward-v1.0"):
+    try:
+        import ImageReward
+    except ImportError as error:
+        raise ImportError("the imagereward reward needs its package: pip install image-reward") from error
+    scorer = ImageReward.load(model, device=str(device)).eval()
+
+    @torch.no_grad()
+    def imagereward(images, prompts, metadata):
+        pils = _pil_images(images, prompts, metadata)
+        return _scores([float(scorer.score(prompt, pil)) for prompt, pil in zip(prompts, pils)]), {}
+    return imagereward
+
+
+# -------------------- toy rewards (toy.py): pure functions with the standard signature, no device or options ---
+
+
+def _toy(name, function_name):
+    @register(name)
+    def factory(device, dtype, **options):
+        assert not options, f"reward {name!r} takes no options, got {options}"
+        import toy
+        return getattr(toy, function_name)
+    return factory
+
+
+_toy("toy_geneval", "geneval_reward")
+_toy("toy_ocr", "ocr_reward")
+_toy("toy_aesthetic", "aesthetic_reward")
+

@@ -1,0 +1,126 @@
+"""teacher_rl.py: advantages, the PPO-clip gradient, 1 vs 2 ranks, exact resume, input errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import teacher_rl
+from sample import gaussian_logprob
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_group_advantages_zero_mean_per_group_and_equal_groups_contribute_nothing():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 3.0])
+    adv, zero = teacher_rl.group_advantages(r, 4, per_group_std=True, clip=5.0)
+    g = adv.view(3, 4)
+    torch.testing.assert_close(g.mean(1), torch.zeros(3), atol=1e-6, rtol=0)
+    assert (g[1] == 0).all() and zero == pytest.approx(1 / 3)
+    ref = (r[:4] - r[:4].mean()) / (r[:4].std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(g[0], ref)
+    adv_global, _ = teacher_rl.group_advantages(r, 4, per_group_std=False, clip=5.0)
+    ref_global = (r[:4] - r[:4].mean()) / (r.std(unbiased=False) + 1e-4)
+    torch.testing.assert_close(adv_global.view(3, 4)[0], ref_global)
+    assert teacher_rl.group_advantages(r * 100, 4, True, clip=1.0)[0].abs().max() <= 1.0
+
+
+def test_ppo_clip_gradient_is_reinforce_for_a_gaussian_policy():
+    """1-D Gaussian policy a ~ N(theta, sigma^2), on-policy: grad of the loss = -mean A (a - theta) / sigma^2."""
+    torch.manual_seed(0)
+    theta, sigma = torch.tensor([0.3], requires_grad=True), torch.tensor([0.5])
+    a = (theta.detach() + sigma * torch.randn(256, 1))
+    adv = torch.randn(256)
+    logp = gaussian_logprob(a, theta.expand(256, 1), sigma.expand(256))[0]
+    loss, ratio = teacher_rl.ppo_clip_loss(logp, logp.detach(), adv, clip_range=1e-4)
+    loss.mean().backward()
+    analytic = -(adv * (a[:, 0] - 0.3) / 0.25).mean()
+    assert torch.allclose(ratio, torch.ones(256))
+    torch.testing.assert_close(theta.grad[0], analytic, rtol=1e-5, atol=1e-6)
+    # off-policy beyond the clip range, the clipped side carries no gradient
+    theta.grad = None
+    logp = gaussian_logprob(a, theta.expand(256, 1), sigma.expand(256))[0]
+    loss, _ = teacher_rl.ppo_clip_loss(logp, logp.detach() - 1.0, torch.ones(256), clip_range=1e-4)
+    loss.mean().backward()
+    assert theta.grad.abs().item() == 0
+
+
+def _args(model, out, *extra):
+    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+            "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
+            "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2",
+            "--eval_steps", "2", "--ema_every", "1", "--kl_beta", "0.01", "--timestep_fraction", "0.67", *extra]
+
+
+def _weights(out):
+    return load_file(Path(out) / "checkpoint" / "raw_weights.safetensors")
+
+
+def test_two_ranks_make_the_same_update_as_one(tiny_pipe_dir, tmp_path):
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "one", "--steps", "2"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "teacher_rl.py"), *_args(tiny_pipe_dir, tmp_path / "two", "--steps", "2")],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    init = {k: v for k, v in one.items()}
+    assert any(v.abs().sum() > 0 for v in init.values())
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-3)
+    m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward_mean"] for m in m1] == pytest.approx([m["reward_mean"] for m in m2], rel=1e-4)
+    assert m1[0]["ratio_dev"] < 1e-3 and m1[-1]["grad_norm"] > 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "full", "--steps", "3", "--save_every", "1"))
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "2", "--save_every", "1"))
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "3", "--save_every", "1", "--resume"))
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    ema_full = load_file(tmp_path / "full" / "checkpoint" / "ema_weights.safetensors")
+    ema_cut = load_file(tmp_path / "cut" / "checkpoint" / "ema_weights.safetensors")
+    assert all(torch.equal(ema_full[k], ema_cut[k]) for k in ema_full)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    cfg = json.loads((tmp_path / "full" / "checkpoint" / "run_config.json").read_text())
+    assert cfg["task"] == "geneval" and cfg["base_model"] == tiny_pipe_dir and cfg["step"] == 3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--reward", "nope=1"], "nope"),
+    (["--task", "nonexistent_task"], "does not exist"),
+    (["--group_size", "3"], "does not divide"),
+])
+def test_bad_input_fails_before_any_rollout(tiny_pipe_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "x", *extra))
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_missing_or_empty_prompt_file(tiny_pipe_dir, tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(SystemExit, match="train.txt does not exist"):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "x", "--dataset", str(tmp_path / "ds")))
+    (tmp_path / "ds" / "train.txt").write_text("\n")
+    with pytest.raises(SystemExit, match="has no prompts"):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "x", "--dataset", str(tmp_path / "ds")))
+
+
+def test_init_lora_from_another_base_and_foreign_output_dir(tiny_pipe_dir, tmp_path):
+    from model import FlowModel, TinySD3Config, build_tiny_pipeline
+    other = FlowModel(build_tiny_pipeline(TinySD3Config(), seed=1))  # same shapes, other weights
+    other.add_student_lora(rank=4, alpha=8)
+    other.save_student(tmp_path / "foreign")
+    with pytest.raises(SystemExit, match="another base model"):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "x", "--init_lora", str(tmp_path / "foreign")))
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
+    with pytest.raises(SystemExit, match="holds a different run"):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1", "--lr", "1e-2"))
+    with pytest.raises(SystemExit, match="--resume"):
+        teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
