@@ -1,5 +1,6 @@
 # Every target creates the virtual environment on first use (CPU here; the same pins work on CUDA).
 PY := .venv/bin/python
+TORCHRUN := .venv/bin/torchrun --standalone --nproc_per_node=2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
@@ -14,4 +15,17 @@ venv: .venv/done
 test: .venv/done  ## the whole test suite (CPU, a few minutes)
 	$(PY) -m pytest tests -q
 
-.PHONY: venv test
+opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
+	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
+
+teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, from scratch
+	for t in geneval ocr aesthetic; do $(PY) teacher_rl.py --task $$t --out runs/teacher-$$t || exit 1; done
+
+pretrain: .venv/done  ## the embedded base model, from scratch (~40 min on 2 cores)
+	$(PY) pretrain_toy.py --out models/toy-sd3
+
+samples: .venv/done  ## a grid from the embedded base
+	$(PY) sample.py --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
+		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
+
+.PHONY: venv test opd teachers pretrain samples

@@ -113,6 +113,9 @@ class FlowModel:
             self.transformer.to(dtype)
         self._neg: TextEmbeds | None = None
         self._full_finetune = False
+        # _frozen holds the base and the teacher adapters (the live transformer itself, unless full
+        # fine-tuning made it the student); _active is the module `velocity` calls.
+        self._frozen = self._active = self.transformer
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -173,7 +176,7 @@ class FlowModel:
         return v_uncond + guidance * (v_cond - v_uncond)
 
     def _forward(self, x, t, embeds: TextEmbeds) -> torch.Tensor:
-        out = self.transformer(hidden_states=x.to(self.dtype), timestep=1000.0 * t,
+        out = self._active(hidden_states=x.to(self.dtype), timestep=1000.0 * t,
                                encoder_hidden_states=embeds.seq, pooled_projections=embeds.pooled,
                                return_dict=False)[0]
         return out.to(x.dtype)
@@ -206,9 +209,10 @@ class FlowModel:
         return self.trainable_parameters()
 
     def enable_full_finetune(self):
-        """Train every transformer weight instead of a LoRA (the reference is then a frozen copy)."""
+        """Train every transformer weight instead of a LoRA; base and teachers move to a frozen copy."""
         import copy
-        self._reference = copy.deepcopy(self.transformer).requires_grad_(False)
+        assert not self.has_adapter(STUDENT), "full fine-tuning replaces the student LoRA; not both"
+        self._frozen = copy.deepcopy(self.transformer).requires_grad_(False)
         self.transformer.requires_grad_(True)
         self._full_finetune = True
         return self.trainable_parameters()
@@ -237,7 +241,8 @@ class FlowModel:
                 raise FileNotFoundError(f"LoRA folder {folder!r} has no {f} (expected a PEFT adapter folder)")
         cfg = LoraConfig.from_pretrained(folder)
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
-        modules = dict(self.transformer.named_modules())
+        tr = self.transformer if name == STUDENT else self._frozen
+        modules = dict(tr.named_modules())
         for key, tensor in state.items():
             module_name = key.split(".lora_")[0]
             if module_name not in modules or not hasattr(modules[module_name], "in_features"):
@@ -250,23 +255,24 @@ class FlowModel:
                 raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
                                  "the adapter was trained on another base model")
         cfg.inference_mode = not trainable
-        self.transformer.add_adapter(cfg, adapter_name=name)
-        result = set_peft_model_state_dict(self.transformer, state, adapter_name=name)
+        tr.add_adapter(cfg, adapter_name=name)
+        result = set_peft_model_state_dict(tr, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
         assert not missing and not result.unexpected_keys, f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
-        self._cast_lora(name)
-        for n, p in self.transformer.named_parameters():
+        self._cast_lora(name, tr)
+        for n, p in tr.named_parameters():
             if f".{name}." in n:
                 p.requires_grad_(trainable)
-        self.transformer.set_adapter(STUDENT if self.has_adapter(STUDENT) else name)
+        tr.set_adapter(STUDENT if self.has_adapter(STUDENT) else name)
         return cfg.to_dict()
 
     def has_adapter(self, name: str) -> bool:
-        return name in getattr(self.transformer, "peft_config", {})
+        tr = self.transformer if name == STUDENT else self._frozen
+        return name in getattr(tr, "peft_config", {})
 
-    def _cast_lora(self, name):
+    def _cast_lora(self, name, tr=None):
         # LoRA weights train in float32 even when the backbone runs in half precision.
-        for n, p in self.transformer.named_parameters():
+        for n, p in (tr or self.transformer).named_parameters():
             if f".{name}." in n:
                 p.data = p.data.float()
 
@@ -275,16 +281,13 @@ class FlowModel:
         """Route `velocity` through adapter `name`, or through the plain base model for None.
 
         Switching does not change which parameters are trainable: the student's weights keep
-        requires_grad, and a teacher's forward simply never touches them.
+        requires_grad, and a teacher's forward simply never touches them. With full fine-tuning
+        the student is the live transformer and the base and teachers live on a frozen copy.
         """
-        tr = self.transformer
-        if name is None and self._full_finetune:
-            saved, self.transformer = self.transformer, self._reference
-            try:
-                yield
-            finally:
-                self.transformer = saved
+        if self._full_finetune and name == STUDENT:
+            yield
             return
+        tr = self._frozen
         if name is not None and not self.has_adapter(name):
             raise KeyError(f"no adapter {name!r}; loaded: {sorted(getattr(tr, 'peft_config', {}))}")
         grads = {n: p.requires_grad for n, p in tr.named_parameters() if p.requires_grad}
@@ -294,9 +297,11 @@ class FlowModel:
         else:
             tr.enable_adapters()
             tr.set_adapter(name)
+        self._active = tr
         try:
             yield
         finally:
+            self._active = self.transformer
             if tr._hf_peft_config_loaded:
                 tr.enable_adapters()
                 tr.set_adapter(STUDENT if self.has_adapter(STUDENT) else name or next(iter(tr.peft_config)))
@@ -338,9 +343,9 @@ class FlowModel:
 
     def fingerprint(self) -> str:
         """A short hash of the base transformer's config and first/last weights (identifies the base)."""
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.transformer.config.items() if not k.startswith("_")},
+        h = hashlib.sha256(json.dumps({k: v for k, v in self._frozen.config.items() if not k.startswith("_")},
                                             sort_keys=True, default=str).encode())
-        base = {n.replace(".base_layer", ""): p for n, p in self.transformer.named_parameters() if "lora_" not in n}
+        base = {n.replace(".base_layer", ""): p for n, p in self._frozen.named_parameters() if "lora_" not in n}
         for n in (sorted(base)[0], sorted(base)[-1]):
             h.update(base[n].detach().float().cpu().numpy().tobytes()[:4096])
         return h.hexdigest()[:16]

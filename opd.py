@@ -314,7 +314,7 @@ def validate(cfg: OPDConfig, dist: Dist):
         bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
         if bad:
             raise ValueError(f"train_steps {bad} outside 0..{cfg.num_steps - 1}")
-        rewards = {s["task"].name: make_reward(s["task"].reward) for s in specs}
+        rewards = {s["task"].name: make_reward(s["task"].reward, device=dist.device) for s in specs}
         return base, specs, prompts_by_task, rewards
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -327,8 +327,8 @@ def main(argv=None):
     cfg.model = base
     try:
         model = FlowModel.load(base, device=dist.device)
+        trainer = StudentTrainer(model, cfg, dist)  # before the teachers: full FT moves them to a frozen copy
         teachers = load_teachers(model, specs, dist)
-        trainer = StudentTrainer(model, cfg, dist)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     train_steps = cfg.train_steps or list(range(cfg.num_steps))

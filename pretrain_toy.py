@@ -121,10 +121,9 @@ def main(argv=None):
                          latent_channels=cfg.latent_channels, image_size=toy.IMAGE_SIZE,
                          words=tuple(vocabulary()))
     pipe = build_tiny_pipeline(tiny, seed=cfg.seed)
-    if cfg.resume and (ckpt / "state.pt").exists():
+    if cfg.resume and (ckpt / "vae.json").exists():  # phase A finished before the interruption
         pipe.vae.load_state_dict(torch.load(ckpt / "vae.pt", weights_only=True))
-        with open(ckpt / "vae.json") as f:
-            pipe.vae.register_to_config(**json.load(f))
+        pipe.vae.register_to_config(**json.loads((ckpt / "vae.json").read_text()))
     else:
         shutil.rmtree(ckpt, ignore_errors=True)
         ckpt.mkdir(parents=True)
@@ -146,7 +145,10 @@ def main(argv=None):
         nets.load_state_dict(state["nets"]), ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         start = state["step"]
-    log = open(ckpt / "metrics.jsonl", "a")
+    metrics = ckpt / "metrics.jsonl"
+    kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] < start] if metrics.exists() else []
+    metrics.write_text("".join(ln + "\n" for ln in kept))  # drop lines past the resumed checkpoint
+    log = open(metrics, "a")
     bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()

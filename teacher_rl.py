@@ -125,7 +125,7 @@ def validate(cfg: TeacherConfig, dist: Dist):
 def _validate(cfg: TeacherConfig, dist: Dist):
     task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
     load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
-    reward_fn = make_reward(task.reward)
+    reward_fn = make_reward(task.reward, device=dist.device)
     if cfg.batch % cfg.group_size:
         raise ValueError(f"group_size {cfg.group_size} does not divide the global batch {cfg.batch}")
     dist.split(cfg.batch, "batch")

@@ -101,6 +101,22 @@ def test_full_finetune_trains_every_weight_and_keeps_a_frozen_reference(tiny_mod
     assert (tiny_model.velocity(x, 0.5, e, 1.0) - v_ref).abs().max() > 1e-4
 
 
+def test_full_finetune_keeps_teachers_on_the_frozen_base(tiny_pipe_dir, tiny_model, tmp_path):
+    teacher = FlowModel.load(tiny_pipe_dir)
+    _randomise(teacher.add_student_lora(rank=4, alpha=8), seed=3)
+    teacher.save_student(tmp_path / "t")
+    e, x = tiny_model.encode_prompts(["a red cat", "the dog"]), _x(tiny_model)
+    v_teacher = teacher.velocity(x, 0.5, e, 1.0)
+    _randomise(tiny_model.enable_full_finetune(), seed=4)  # the student drifts away from the base
+    tiny_model.load_lora(str(tmp_path / "t"), "teach")
+    with tiny_model.adapter("teach"):
+        torch.testing.assert_close(tiny_model.velocity(x, 0.5, e, 1.0), v_teacher)
+    with tiny_model.adapter(STUDENT):
+        v_student = tiny_model.velocity(x, 0.5, e, 1.0)
+    assert (v_student - v_teacher).abs().max() > 1e-3
+    assert tiny_model.fingerprint() == teacher.fingerprint()
+
+
 def test_missing_or_wrong_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FlowModel.load(str(tmp_path / "nope"))

@@ -1,0 +1,564 @@
+"""Toy text-to-image world: a 32x32 scene generator and three pixel-reading rewards that mirror the
+paper's three tasks (section 10): GenEval composition, OCR text rendering and aesthetics.
+
+A tiny SD3-style model is pretrained on `sample_batch` renders, GRPO teachers are trained per task
+with `geneval_reward`, `ocr_reward`, `aesthetic_reward` (registered elsewhere as toy_geneval,
+toy_ocr, toy_aesthetic), and the student is distilled from them. Every reward reads pixels only.
+
+World: 6 palette colours (PALETTE, GenEval colour names) and 3 filled shapes (circle, square,
+triangle with its apex up) on a black background; text in a hand-made 5x7 font of 10 digits and
+10 letters (FONT). Prompt files in data/toy/<task>/ (`write_datasets`; read with data.load_prompts):
+  geneval   "a photo of two circles", "a photo of a red circle left of a blue square", with
+            GenEval metadata {"tag", "include": [{"class", "count", "color"?, "position"?}],
+            "exclude"?, "prompt"}, for the six tags of GenEval.
+  ocr       'a sign that says "A37"'; metadata {"prompt", "text", "color"?}.
+  aesthetic "a beautiful blue triangle"; metadata {"prompt", "color", "shape"}.
+
+Headroom: the aesthetic judge prefers one large centred object of the named colour and shape with
+strong contrast on a clean, flat background. The pretraining renders of aesthetic prompts
+(`render`) vary the object's size (6-20 px) and position and draw one of five backgrounds (black,
+dark gray, gray, a gradient, black with coloured specks), so the pretraining data themselves score
+~0.46 and RL has room to move; `render_ideal_aesthetic` draws what the judge likes (~1.0) and is
+used only to test the judge. GenEval and OCR renders are exact, so their headroom comes from the
+tiny model's errors (the test sets are mostly position and color_attr prompts, and 3-4 character
+strings at 5x7 px). The judge conflicts with GenEval by design: it scores at most 1/2 when there
+are two equal objects and wants one object whose box spans >= 0.6 of the frame at the centre, so
+ground-truth GenEval scenes of 2-4 objects score ~0.15-0.25, while one big centred object fails
+two_object/counting/position prompts.
+
+Departures from the paper's rewards (section 10), each because the toy world has no real detector:
+ 1. Detector: pixels go to the nearest of {background, palette colours} (background = median colour
+    of the image border); each 4-connected region of one colour of >= MIN_AREA pixels is classed as
+    the ideal circle/square/triangle (drawn in the region's box) of highest IoU with its mask, with
+    confidence IoU x box aspect ratio (shapes are drawn in square boxes; GenEval: Mask2Former's
+    score); regions under MIN_CONFIDENCE are dropped. The region's colour is the object's colour
+    (GenEval: CLIP zero-shot). One confidence threshold for all tags (GenEval: 0.9 for counting).
+ 2. The GenEval rules are rewards.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
+    strict accuracy as info["strict"]), with the partial credit clamped at 0 (Flow-GRPO's can be
+    negative).
+ 3. Counting prompts use counts 1-4 (GenEval: 2-4), and position prompts may name colours (GenEval's
+    do not), so that a world of 3 classes still has enough distinct prompts to split.
+ 4. OCR: a template-matching reader for the toy font (`read_text`) instead of PaddleOCR; the reward
+    rule is Flow-GRPO's (rewards.ocr_score).
+ 5. Aesthetic: a hand-written preference (`aesthetic_reward`) times a prompt-alignment factor, in
+    place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
+
+Run (CPU, seconds):
+  python toy.py --write-datasets            # regenerate data/toy/<task>/ (prompts, metadata, task.json)
+  python toy.py --grid toy_grid.png         # PNG grid of ground-truth renders with captions
+  python -m pytest tests/test_toy.py -q
+"""
+import argparse
+import copy
+import itertools
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewards import COLORS as GENEVAL_COLORS, geneval_score, ocr_score, quoted_target
+
+IMAGE_SIZE = 32
+TASKS = ("geneval", "ocr", "aesthetic")
+BACKGROUND = (0, 0, 0)
+PALETTE = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 80, 235), "yellow": (240, 220, 30),
+           "purple": (190, 40, 210), "white": (240, 240, 240)}  # GenEval colour names, far apart in RGB
+COLORS = tuple(PALETTE)
+assert set(COLORS) <= set(GENEVAL_COLORS), f"rewards.geneval_score only knows the colours {GENEVAL_COLORS}"
+SHAPES = ("circle", "square", "triangle")
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+MIN_AREA = 10          # px; smaller same-colour regions are specks, not objects
+MIN_CONFIDENCE = 0.5   # detection threshold on (IoU with the best ideal shape) x (box aspect ratio)
+RENDER_POSITION_MARGIN = 0.2  # renders satisfy relations at twice GenEval's 0.1 margin (robust to blur)
+OBJECT_GAP = 3         # px between the boxes of rendered objects, so blur does not merge them
+
+FONT_ROWS = {  # 5x7 glyphs; each touches columns 0 and 4 and rows 0 and 6, so ink extent = cell grid
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. #####",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####", "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.", "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.", "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.", "9": ".###. #...# #...# .#### ....# ...#. .##..",
+    "A": ".###. #...# #...# ##### #...# #...# #...#", "C": ".###. #...# #.... #.... #.... #...# .###.",
+    "E": "##### #.... #.... ####. #.... #.... #####", "H": "#...# #...# #...# ##### #...# #...# #...#",
+    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#", "L": "#.... #.... #.... #.... #.... #.... #####",
+    "P": "####. #...# #...# ####. #.... #.... #....", "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
+    "U": "#...# #...# #...# #...# #...# #...# .###.", "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
+}
+FONT = {c: np.array([[ch == "#" for ch in row] for row in rows.split()]) for c, rows in FONT_ROWS.items()}
+CHARSET = "".join(FONT)
+OCR_TEMPLATES = ('a sign that says "{t}"', 'a poster with the text "{t}"', 'a label reading "{t}"',
+                 'a license plate that says "{t}"', 'the code "{t}" on a screen', 'the text "{t}" in {c} letters',
+                 'a {c} neon sign that reads "{t}"')
+AESTHETIC_TEMPLATES = tuple(t.replace("CS", "{c} {s}") for t in (
+    "a CS", "a beautiful CS", "an elegant CS", "a simple CS", "a picture of a CS", "a drawing of a CS",
+    "a CS, minimalist", "a CS, high quality", "a CS, award winning", "a CS, clean design", "a stunning CS",
+    "a lovely CS", "a pretty CS", "a CS icon", "a CS logo", "an artwork of a CS", "a painting of a CS",
+    "a CS, trending on artstation", "a CS, 4k wallpaper", "a professional photo of a CS"))
+
+
+# ---------------------------------------------------------------- drawing
+
+def shape_mask(shape, width, height):
+    """(height, width) bool mask of a filled shape inscribed in a width x height box.
+
+    Pixel centres (u, v) in box units [0, 1]: circle (u-1/2)^2 + (v-1/2)^2 <= 1/4; triangle with its
+    apex at the top centre |u - 1/2| <= v/2 + 1/(2 width) (half a pixel of slack keeps the apex row).
+    """
+    v, u = (np.mgrid[0:height, 0:width] + 0.5) / np.array([height, width])[:, None, None]
+    if shape == "square":
+        return np.ones((height, width), bool)
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    assert shape == "triangle", f"unknown shape {shape!r}; expected one of {SHAPES}"
+    return np.abs(u - 0.5) <= 0.5 * v + 0.5 / width
+
+
+def draw_scene(objects, background=BACKGROUND):
+    """uint8 (IMAGE_SIZE, IMAGE_SIZE, 3) image of objects [{"class", "color", "box": (x0, y0, x1, y1)}]."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    image[:] = background
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE, f"box {obj['box']} outside the image"
+        image[y0:y1, x0:x1][shape_mask(obj["class"], x1 - x0, y1 - y0)] = PALETTE[obj["color"]]
+    return image
+
+
+def draw_text(image, text, color, x0, y0, scale):
+    """Draws `text` in FONT at `scale` px per font pixel with its top-left at (x0, y0), in place."""
+    for k, char in enumerate(text):
+        glyph = np.kron(FONT[char], np.ones((scale, scale), bool))  # (7 scale, 5 scale)
+        left = x0 + 6 * scale * k  # pitch: 5 glyph columns + 1 blank column
+        image[y0:y0 + 7 * scale, left:left + 5 * scale][glyph] = PALETTE[color]
+    return image
+
+
+def place_boxes(sizes, rng, margin=1):
+    """Square boxes of the given sizes inside the image, OBJECT_GAP apart, by sequential rejection
+    sampling (100 tries a box); returns the boxes placed, fewer than asked if the image filled up."""
+    def apart(a, b):
+        return (a[2] + OBJECT_GAP <= b[0] or b[2] + OBJECT_GAP <= a[0] or a[3] + OBJECT_GAP <= b[1]
+                or b[3] + OBJECT_GAP <= a[1])
+    boxes = []
+    for size in sizes:
+        for _ in range(100):
+            x0, y0 = (int(v) for v in rng.integers(margin, IMAGE_SIZE - margin - size + 1, size=2))
+            box = (x0, y0, x0 + int(size), y0 + int(size))
+            if all(apart(box, other) for other in boxes):
+                boxes.append(box)
+                break
+    return boxes
+
+
+# ---------------------------------------------------------------- prompts and renders
+
+def _phrase(shape, color=None):
+    return f"a {color} {shape}" if color else f"a {shape}"
+
+
+def geneval_space():
+    """Every GenEval-style metadata of the toy world, {tag: [metadata, ...]} in a fixed order."""
+    space = {tag: [] for tag in GENEVAL_TAGS}
+    for s in SHAPES:
+        space["single_object"].append({"tag": "single_object", "include": [{"class": s, "count": 1}],
+                                       "prompt": f"a photo of {_phrase(s)}"})
+        for n in NUMBER_WORDS:
+            space["counting"].append({"tag": "counting", "include": [{"class": s, "count": n}],
+                                      "exclude": [{"class": s, "count": n + 1}],
+                                      "prompt": f"a photo of {NUMBER_WORDS[n]} {s}{'s' if n > 1 else ''}"})
+        for c in COLORS:
+            space["colors"].append({"tag": "colors", "include": [{"class": s, "count": 1, "color": c}],
+                                    "prompt": f"a photo of {_phrase(s, c)}"})
+    for a, b in itertools.permutations(SHAPES, 2):
+        space["two_object"].append({"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                                    "prompt": f"a photo of {_phrase(a)} and {_phrase(b)}"})
+        for ca, cb in [(None, None)] + list(itertools.product(COLORS, COLORS)):
+            target, mover = {"class": b, "count": 1}, {"class": a, "count": 1}
+            if ca:
+                target["color"], mover["color"] = cb, ca
+            for rel in RELATIONS:  # "A rel B": GenEval lists the target B first, A refers to it by index
+                space["position"].append({"tag": "position", "include": [dict(target), dict(mover, position=[rel, 0])],
+                                          "prompt": f"a photo of {_phrase(a, ca)} {rel} {_phrase(b, cb)}"})
+            if ca:
+                space["color_attr"].append({"tag": "color_attr", "include": [dict(mover), dict(target)],
+                                            "prompt": f"a photo of {_phrase(a, ca)} and {_phrase(b, cb)}"})
+    return space
+
+
+GENEVAL_SPACE = geneval_space()
+
+
+def _random_color(rng):
+    return COLORS[rng.integers(len(COLORS))]
+
+
+def _random_text(rng):
+    return "".join(rng.choice(list(CHARSET), size=rng.integers(2, 5)))
+
+
+def ocr_metadata(text, rng):
+    """{"prompt", "text", "color" (only when the random template names the text colour)}."""
+    template, color = OCR_TEMPLATES[rng.integers(len(OCR_TEMPLATES))], _random_color(rng)
+    meta = {"prompt": template.format(t=text, c=color), "text": text}
+    return dict(meta, color=color) if "{c}" in template else meta
+
+
+def sample_scene(task, rng):
+    """(prompt, metadata) of a random scene of `task` (geneval: tag uniform, then prompt uniform)."""
+    if task == "geneval":
+        tag = GENEVAL_TAGS[rng.integers(len(GENEVAL_TAGS))]
+        meta = copy.deepcopy(GENEVAL_SPACE[tag][rng.integers(len(GENEVAL_SPACE[tag]))])
+    elif task == "ocr":
+        meta = ocr_metadata(_random_text(rng), rng)
+    else:
+        assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
+        c, s = _random_color(rng), SHAPES[rng.integers(len(SHAPES))]
+        meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
+                "color": c, "shape": s}
+    return meta["prompt"], meta
+
+
+def render(task, metadata, rng):
+    """uint8 (32, 32, 3) ground-truth image satisfying `metadata` (the pretraining distribution)."""
+    if task == "geneval":
+        # the true objects, as detections (score 1) that rewards.geneval_score can check
+        objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
+                   for clause in metadata["include"] for _ in range(clause["count"])]
+        low, high = {1: (10, 17), 2: (8, 14)}.get(len(objects), (7, 11))  # px, smaller when crowded
+        for _ in range(500):  # until GenEval's own rule, on the true objects, accepts the layout
+            boxes = place_boxes(rng.integers(low, high, size=len(objects)), rng)
+            truth = [dict(obj, box=box) for obj, box in zip(objects, boxes)]
+            if len(boxes) == len(objects) and geneval_score(truth, metadata, threshold=0.0, counting_threshold=0.0,
+                                                            position_margin=RENDER_POSITION_MARGIN)[1]:
+                return draw_scene(truth)
+        raise AssertionError(f"no layout of {metadata['prompt']!r} satisfies its metadata in 500 tries")
+    if task == "ocr":
+        text = metadata["text"]
+        assert 1 <= len(text) <= 4 and set(text) <= set(CHARSET), f"text {text!r}: 1-4 chars of {CHARSET}"
+        scale = 2 if len(text) <= 2 else 1  # two big glyphs fit in 32 px, three or four only at 5x7
+        width, height = 6 * scale * len(text) - scale, 7 * scale
+        x0, y0 = rng.integers(1, IMAGE_SIZE - width), rng.integers(1, IMAGE_SIZE - height)
+        return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, scale)
+    assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
+    size = int(rng.integers(6, 21))
+    (box,) = place_boxes([size], rng)
+    style = ("black", "dark", "gray", "gradient", "specks")[rng.integers(5)]
+    image = draw_scene([], background={"dark": (70, 70, 70), "gray": (120, 120, 120)}.get(style, BACKGROUND))
+    if style == "gradient":  # vertical ramp from dark to light gray
+        image[:] = np.linspace(30, 150, IMAGE_SIZE).astype(np.uint8)[:, None, None]
+    if style == "specks":  # 8-16 one-pixel dots of random colours
+        for _ in range(rng.integers(8, 17)):
+            image[rng.integers(IMAGE_SIZE), rng.integers(IMAGE_SIZE)] = PALETTE[_random_color(rng)]
+    x0, y0, x1, y1 = box
+    image[y0:y1, x0:x1][shape_mask(metadata["shape"], size, size)] = PALETTE[metadata["color"]]
+    return image
+
+
+def render_ideal_aesthetic(metadata, rng):
+    """What the aesthetic judge likes: one 20-22 px object of the prompt's colour and shape, centred
+    (+-1 px), on the flat black background."""
+    size = int(rng.integers(20, 23))
+    x0, y0 = (IMAGE_SIZE - size) // 2 + rng.integers(-1, 2, size=2)
+    return draw_scene([{"class": metadata["shape"], "color": metadata["color"],
+                        "box": (int(x0), int(y0), int(x0) + size, int(y0) + size)}])
+
+
+def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset()):
+    """Pretraining batch: (images (n, 3, 32, 32) float in [0, 1], prompts, metadatas), tasks uniform,
+    never a prompt in `exclude_prompts` (pass the test prompts)."""
+    images, prompts, metadatas = [], [], []
+    for _ in range(n):
+        task = tasks[rng.integers(len(tasks))]
+        for _ in range(1000):
+            prompt, meta = sample_scene(task, rng)
+            if prompt not in exclude_prompts:
+                break
+        assert prompt not in exclude_prompts, f"task {task!r}: 1000 samples all in exclude_prompts"
+        images.append(render(task, meta, rng))
+        prompts.append(prompt)
+        metadatas.append(meta)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, prompts, metadatas
+
+
+# ---------------------------------------------------------------- reading pixels
+
+# Pixel reading runs in numpy on (H, W, 3) float arrays: torch's thread pool costs milliseconds
+# per op on 32x32 images when the CPU is busy.
+PALETTE_RGB = np.array(list(PALETTE.values()), np.float32) / 255  # (K, 3)
+
+
+def to_hwc(image):
+    """(H, W, 3) float32 numpy array of one (3, H, W) image tensor in [0, 1]."""
+    assert image.ndim == 3 and image.shape[0] == 3, f"expected one (3, H, W) image, got {tuple(image.shape)}"
+    return image.detach().float().cpu().permute(1, 2, 0).numpy()
+
+
+def estimate_background(hwc):
+    """(3,) median colour of the image border."""
+    return np.median(np.concatenate([hwc[0], hwc[-1], hwc[:, 0], hwc[:, -1]]), axis=0)
+
+
+def label_pixels(hwc):
+    """(labels (H, W) int: 0 background, k = palette colour k-1; background (3,)): nearest colour."""
+    background = estimate_background(hwc)
+    colours = np.concatenate([background[None], PALETTE_RGB])  # (1+K, 3)
+    dist2 = ((hwc[:, :, None] - colours) ** 2).sum(-1)  # (H, W, 1+K)
+    return dist2.argmin(-1), background
+
+
+def window_reduce(array, radius, reduce):
+    """reduce (np.mean / np.max) over the (2 radius + 1)^2 window around each pixel, edges replicated."""
+    height, width = array.shape[:2]
+    padded = np.pad(array, [(radius, radius), (radius, radius)] + [(0, 0)] * (array.ndim - 2), mode="edge")
+    shifted = [padded[dy:dy + height, dx:dx + width] for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+    return reduce(np.stack(shifted), axis=0)
+
+
+def connected_regions(labels):
+    """[(label, ys, xs)] of the 4-connected regions of equal non-zero label."""
+    height, width = labels.shape
+    seen = labels == 0
+    regions = []
+    for y, x in np.argwhere(~seen):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        stack, pixels = [(y, x)], []
+        while stack:
+            cy, cx = stack.pop()
+            pixels.append((cy, cx))
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < height and 0 <= nx < width and not seen[ny, nx] and labels[ny, nx] == labels[y, x]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        ys, xs = np.array(pixels).T
+        regions.append((int(labels[y, x]), ys, xs))
+    return regions
+
+
+def detect_objects(image):
+    """Objects in one (3, H, W) image in [0, 1], most confident first: [{"class", "color",
+    "box": (x0, y0, x1, y1) (end exclusive), "area", "score" (confidence)}]."""
+    labels, _ = label_pixels(to_hwc(image))
+    detections = []
+    for label, ys, xs in connected_regions(labels):
+        if len(ys) < MIN_AREA:
+            continue
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        region = np.zeros((y1 - y0, x1 - x0), bool)
+        region[ys - y0, xs - x0] = True
+        ious = {s: (region & (ideal := shape_mask(s, x1 - x0, y1 - y0))).sum() / (region | ideal).sum() for s in SHAPES}
+        shape = max(ious, key=ious.get)
+        # confidence = max_shape IoU(region, ideal shape in the region's box) * min(w, h) / max(w, h)
+        confidence = ious[shape] * min(x1 - x0, y1 - y0) / max(x1 - x0, y1 - y0)
+        if confidence >= MIN_CONFIDENCE:
+            detections.append({"class": shape, "color": COLORS[label - 1], "box": (int(x0), int(y0), int(x1), int(y1)),
+                               "area": len(ys), "score": float(confidence)})
+    return sorted(detections, key=lambda d: -d["score"])
+
+
+def _check_batch(images, prompts, metadata):
+    assert images.ndim == 4 and images.shape[1] == 3, f"images must be (B, 3, H, W), got {tuple(images.shape)}"
+    assert len(prompts) == len(metadata) == len(images), \
+        f"{len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
+
+
+def geneval_reward(images, prompts, metadata):
+    """scores = Flow-GRPO's partial credit, info["strict"] = GenEval accuracy (0/1), both (B,), from
+    rewards.geneval_score on detect_objects' detections."""
+    _check_batch(images, prompts, metadata)
+    for meta in metadata:
+        assert "include" in meta, f"geneval_reward needs GenEval metadata with 'include', got {meta}"
+    # detect_objects already dropped detections under MIN_CONFIDENCE, so GenEval's thresholds are off
+    results = [geneval_score(detect_objects(img), meta, threshold=0.0, counting_threshold=0.0)
+               for img, meta in zip(images, metadata)]
+    # Flow-GRPO's partial credit can be negative (3 circles for "a circle": 1 - 2/1); clamp at 0
+    partial, strict = [max(r[0], 0.0) for r in results], [r[1] for r in results]
+    return torch.tensor(partial, dtype=torch.float32), {"strict": torch.tensor(strict, dtype=torch.float32)}
+
+
+# (20, 35) glyph templates, zero mean and unit norm, for correlation matching
+_TEMPLATES = np.stack([FONT[c].ravel() for c in CHARSET]).astype(np.float32)
+_TEMPLATES -= _TEMPLATES.mean(1, keepdims=True)
+_TEMPLATES /= np.linalg.norm(_TEMPLATES, axis=1, keepdims=True)
+
+
+def read_text(image):
+    """String in one (3, H, W) image: ink = colour distance to the border colour, normalised by its
+    98th percentile; the ink's extent gives the glyph scale (height 7 or 14) and the number of
+    6-px-pitch cells; each cell is the glyph of highest correlation over +-1 px shifts."""
+    hwc = to_hwc(image)
+    ink = np.linalg.norm(hwc - estimate_background(hwc), axis=-1)  # (H, W)
+    ink = np.clip(ink / max(float(np.quantile(ink, 0.98)), 0.25), 0, 1)
+    mask = ink > 0.5
+    mask &= window_reduce(mask.astype(np.float32), 1, np.sum) > 1  # isolated pixels are noise, not ink
+    if not mask.any():
+        return ""
+    ys, xs = np.nonzero(mask)
+    scale = 2 if ys.max() + 1 - ys.min() >= 11 else 1
+    # width of n glyphs = 6 scale n - scale
+    n_chars = max(1, round((xs.max() + 1 - xs.min() + scale) / (6 * scale)))
+    pad = 8 * scale  # lets shifted cells run past the border
+    ink = np.pad(ink, pad)
+    text = ""
+    for k in range(n_chars):
+        best_corr, best_char = -2.0, ""
+        for dy, dx in itertools.product((-1, 0, 1), repeat=2):
+            top, left = pad + ys.min() + dy, pad + xs.min() + 6 * scale * k + dx
+            cell = ink[top:top + 7 * scale, left:left + 5 * scale]
+            cell = cell.reshape(7, scale, 5, scale).mean((1, 3)).ravel()  # (35,) at font resolution
+            cell = cell - cell.mean()
+            corr = _TEMPLATES @ cell / (np.linalg.norm(cell) + 1e-6)  # (20,) Pearson correlations
+            if corr.max() > best_corr:
+                best_corr, best_char = float(corr.max()), CHARSET[int(corr.argmax())]
+        text += best_char
+    return text
+
+
+def ocr_reward(images, prompts, metadata):
+    """scores = rewards.ocr_score (Flow-GRPO: 1 - capped edit distance / length, substring -> 1) of
+    read_text against the prompt's quoted text (B,); info["exact"] = recognised == target (B,)."""
+    _check_batch(images, prompts, metadata)
+    targets, read = [quoted_target(p) for p in prompts], [read_text(img) for img in images]
+    scores = [ocr_score(r, t) for t, r in zip(targets, read)]
+    exact = [t.lower().replace(" ", "") == r.lower() for t, r in zip(targets, read)]
+    return torch.tensor(scores, dtype=torch.float32), {"exact": torch.tensor(exact, dtype=torch.float32)}
+
+
+def _named(prompt, vocabulary):
+    """First word of `prompt` in `vocabulary`, plurals made singular ("circles" -> "circle"), or None."""
+    for word in re.findall(r"[a-z]+", prompt.lower()):
+        singular = word[:-1] if word.endswith("s") and word[:-1] in vocabulary else word
+        if singular in vocabulary:
+            return singular
+    return None
+
+
+AESTHETIC_TERMS = ("score", "single", "size", "centre", "clean", "contrast", "align")
+
+
+def aesthetic_terms(image, prompt):
+    """Dict of the aesthetic judge's terms in [0, 1] for one image (see aesthetic_reward)."""
+    hwc = to_hwc(image)
+    labels, background = label_pixels(hwc)
+    detections = detect_objects(image)
+    if not detections:
+        return dict.fromkeys(AESTHETIC_TERMS, 0.0)
+    main = max(detections, key=lambda d: d["area"])
+    height, width = labels.shape
+    # single = main object's pixels / all non-background pixels (two equal objects: 1/2)
+    single = main["area"] / (labels != 0).sum()
+    # size: side = sqrt(box area) / W; 0 at side 0.15, 1 from 0.6 (~19 px at 32) to 0.85, 0 at 0.95
+    x0, y0, x1, y1 = main["box"]
+    side = np.sqrt((x1 - x0) * (y1 - y0)) / width
+    size = float(np.clip((side - 0.15) / 0.45, 0, 1) * np.clip((0.95 - side) / 0.1, 0, 1))
+    # centre: box centre 1 within 2 px of the image centre, 0 at 0.3 W further
+    dist = np.hypot((x0 + x1 - width) / 2, (y0 + y1 - height) / 2)
+    centre = 1 - float(np.clip((dist - 2) / (0.3 * width), 0, 1))
+    # clean: RMS deviation from the background colour of the 3x3-smoothed image, >= 3 px from objects
+    near_object = window_reduce(labels != 0, 3, np.max)
+    deviation = np.linalg.norm(window_reduce(hwc, 1, np.mean) - background, axis=-1)[~near_object]
+    rms = float(np.sqrt(np.mean(deviation ** 2))) if deviation.size else 1.0
+    clean = 1 - float(np.clip((rms - 0.03) / 0.15, 0, 1))
+    # contrast: |object colour - background| / 0.75 (RGB distance in [0, sqrt 3]; green on black: 0.76)
+    in_box = labels[y0:y1, x0:x1] == COLORS.index(main["color"]) + 1
+    object_rgb = hwc[y0:y1, x0:x1][in_box].mean(0)
+    contrast = min(float(np.linalg.norm(object_rgb - background)) / 0.75, 1.0)
+    # align = (1 + attributes matched) / (1 + attributes the prompt names)
+    wanted = [(_named(prompt, COLORS), main["color"]), (_named(prompt, SHAPES), main["class"])]
+    wanted = [(w, got) for w, got in wanted if w]
+    align = (1 + sum(w == got for w, got in wanted)) / (1 + len(wanted))
+    # score = align * single * (0.7 size * centre + 0.15 clean + 0.15 contrast)
+    score = align * single * (0.7 * size * centre + 0.15 * clean + 0.15 * contrast)
+    return dict(zip(AESTHETIC_TERMS, map(float, (score, single, size, centre, clean, contrast, align))))
+
+
+def aesthetic_reward(images, prompts, metadata):
+    """scores = toy aesthetic preference (B,); info = its other terms, (B,) each (departure 5)."""
+    _check_batch(images, prompts, metadata)
+    terms = [aesthetic_terms(img, prompt) for img, prompt in zip(images, prompts)]
+    info = {k: torch.tensor([t[k] for t in terms], dtype=torch.float32) for k in AESTHETIC_TERMS}
+    return info.pop("score"), info
+
+
+# ---------------------------------------------------------------- dataset files
+
+def _split_prompts(metadatas, n_test, n_train):
+    assert len(metadatas) >= n_test + n_train, f"only {len(metadatas)} prompts for {n_test} test + {n_train} train"
+    return metadatas[:n_test], metadatas[n_test:n_test + n_train]
+
+
+def write_datasets(root="data/toy", seed=0):
+    """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl; returns
+    {task: (n_train, n_test)}: geneval (per tag a third, at most 32, to test), ocr 1000/128 (distinct
+    strings), aesthetic 300/60 (of 20 templates x 6 colours x 3 shapes); plus task.json (data.py:
+    reward, teacher guidance of paper section 7, evaluation key)."""
+    rng = np.random.default_rng(seed)
+    splits = {"geneval": ([], [])}
+    for tag in GENEVAL_TAGS:  # per tag: a third (at most 32) to test, the rest (at most 300) to train
+        metas = [GENEVAL_SPACE[tag][i] for i in rng.permutation(len(GENEVAL_SPACE[tag]))]
+        n_test = min(32, len(metas) // 3)
+        test, train = _split_prompts(metas, n_test, min(300, len(metas) - n_test))
+        splits["geneval"][0].extend(test)
+        splits["geneval"][1].extend(train)
+    texts = []  # OCR: distinct texts, so test strings are never seen in training
+    while len(texts) < 128 + 1000:
+        text = _random_text(rng)
+        texts += [text] if text not in texts else []
+    splits["ocr"] = _split_prompts([ocr_metadata(t, rng) for t in texts], 128, 1000)
+    aesthetic = [{"prompt": t.format(c=c, s=s), "color": c, "shape": s}
+                 for t, c, s in itertools.product(AESTHETIC_TEMPLATES, COLORS, SHAPES)]
+    splits["aesthetic"] = _split_prompts([aesthetic[i] for i in rng.permutation(len(aesthetic))], 60, 300)
+    task_specs = {"geneval": {"reward": "toy_geneval=1", "guidance": 4.5, "eval_key": "strict"},
+                  "ocr": {"reward": "toy_ocr=1", "guidance": 4.5}, "aesthetic": {"reward": "toy_aesthetic=1", "guidance": 4.5}}
+    for task, (test, train) in splits.items():
+        overlap = {m["prompt"] for m in test} & {m["prompt"] for m in train}
+        assert not overlap, f"{task}: train and test share prompts {sorted(overlap)[:3]}"
+        folder = Path(root) / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, metas in (("test", test), ("train", train)):
+            (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
+            (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+        (folder / "task.json").write_text(json.dumps(task_specs[task], indent=1) + "\n")
+    return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
+
+
+def write_grid(path, per_row=8, seed=0):
+    """PNG of ground-truth renders, 4x upscaled with captions: geneval, ocr, aesthetic (pretraining
+    renders), aesthetic (ideal renders) rows."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task, renderer in (("geneval", render), ("ocr", render), ("aesthetic", render),
+                           ("aesthetic", lambda task, meta, rng: render_ideal_aesthetic(meta, rng))):
+        rows.append([(p, renderer(task, m, rng)) for p, m in (sample_scene(task, rng) for _ in range(per_row))])
+    tile, caption = 4 * IMAGE_SIZE, 46
+    grid = Image.new("RGB", (per_row * (tile + 4), len(rows) * (tile + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, (prompt, image) in enumerate(row):
+            x, y = c * (tile + 4), r * (tile + caption)
+            grid.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
+            draw.multiline_text((x + 1, y + tile + 1), "\n".join(textwrap.wrap(prompt, 24)[:3]), fill="black")
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
+    parser.add_argument("--root", default="data/toy", help="dataset folder for --write-datasets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
+    args = parser.parse_args()
+    assert args.write_datasets or args.grid, "nothing to do: pass --write-datasets and/or --grid PATH"
+    if args.write_datasets:
+        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
+            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
+    if args.grid:
+        write_grid(args.grid, seed=args.seed)
+        print(f"wrote {args.grid}")
