@@ -32,8 +32,9 @@ Run:
                opd=runs/demo/teacher-geneval+runs/demo/teacher-ocr+runs/demo/teacher-aesthetic+runs/demo/opd \\
         --tasks geneval ocr aesthetic --out runs/demo/results
     python evaluate.py --models sd35=stabilityai/stable-diffusion-3.5-medium \\
-        student=stabilityai/stable-diffusion-3.5-medium+ckpts/Student --tasks geneval \\
-        --datasets geneval=dataset/geneval --prompts 2212 --batch 16       # 1 GPU, real model
+        student=stabilityai/stable-diffusion-3.5-medium+DiffusionOPD/Student/lora --tasks geneval \\
+        --datasets geneval=dataset/geneval --prompts 2212 --batch 16       # 1 GPU, SD3.5-M
+    (dataset/geneval/task.json: {"reward": "geneval=1", "eval_key": "strict"}; see data.py)
 """
 from __future__ import annotations
 
@@ -45,7 +46,13 @@ from pathlib import Path
 import torch
 
 from data import Task, load_prompts, load_task
+from harness import Dist, check_same_base, config_dict, parse_config
+from model import FlowModel
+from rewards import make_reward
 from sample import rollout, save_grid
+
+# plots.py (matplotlib) is imported where a figure or a log is read, so that the training scripts,
+# which import evaluate_task, never load matplotlib.
 
 
 # ---------------------------------------------------------------------- the protocol
@@ -117,7 +124,7 @@ def format_table(names: list[str], metrics: list[str], values: list[list[float]]
     lines = ["| model | time (min) | " + " | ".join(metrics) + " | avg (min-max norm.) |",
              "|---|---:|" + "---:|" * len(metrics) + "---:|"]
     for name, row, minute, avg in zip(names, values, minutes, averages):
-        lines.append(f"| {name} | {num(minute, '.1f')} | " + " | ".join(num(v, '.3f') for v in row)
+        lines.append(f"| {name} | {num(minute, '.3g')} | " + " | ".join(num(v, '.3f') for v in row)
                      + f" | {num(avg, '.3f')} |")
     return "\n".join(lines) + "\n"
 
@@ -220,8 +227,6 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
                    loaded: dict) -> dict:
     """{task: evaluate_task result} for one model, from cache/NAME.json where the key still matches;
     rank 0 writes samples/NAME.png when anything was (re)evaluated or the grid is missing."""
-    from harness import check_same_base
-    from model import FlowModel
     from plots import save_sample_grid
     out = Path(cfg.out)
     cache_file, grid_file = out / "cache" / f"{spec.name}.json", out / "samples" / f"{spec.name}.png"
@@ -262,9 +267,7 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
 
 
 def main(argv=None) -> dict:
-    from harness import Dist, config_dict, parse_config
     from plots import plot_curves
-    from rewards import make_reward
     cfg = parse_config(EvalConfig, argv)
     models, tasks, times, curves = validate(cfg)
     dist = Dist(cfg.device)

@@ -203,9 +203,10 @@ class RunDir:
     def start_step(self) -> int:
         """0 for a new run; the saved step for --resume (metrics past it are dropped)."""
         state = self.checkpoint / "trainer_state.pt"
-        if not self.cfg.get("resume") or not state.exists():
+        if not self.cfg.get("resume"):
             return 0
-        step = torch.load(state, map_location="cpu", weights_only=True)["step"]
+        # a run killed before its first checkpoint restarts from 0 and drops its earlier metrics
+        step = torch.load(state, map_location="cpu", weights_only=True)["step"] if state.exists() else 0
         self.dist.barrier()
         if self.dist.is_main and (self.path / "metrics.jsonl").exists():
             lines = (self.path / "metrics.jsonl").read_text().splitlines()
@@ -253,6 +254,27 @@ class RunDir:
 
 
 # ---------------------------------------------------------------------- the trainable student
+@dataclasses.dataclass
+class StudentConfig:
+    """Fields every student-training script shares (paper section 7 defaults)."""
+    height: int = 0                     # 0: the model's default resolution
+    width: int = 0
+    lora_rank: int = 32                 # LoRA r on the 8 attention projections
+    lora_alpha: int = 64
+    full_finetune: bool = False         # train every transformer weight instead of a LoRA
+    lr: float = 3e-4                    # AdamW, betas (0.9, 0.999)
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9              # EMA of the trainable weights: evaluated and saved
+    ema_every: int = 8
+    eval_every: int = 20                # evaluate the EMA weights every this many steps (and at the end)
+    eval_prompts: int = 64              # test prompts per task
+    eval_steps: int = 40                # ODE steps at evaluation
+    save_every: int = 20
+    resume: bool = False                # continue the run in --out exactly
+    device: str = "auto"                # auto: cuda if available, else cpu
+
+
 class StudentTrainer:
     """The trainable weights of a run: a fresh LoRA (or `--init_lora`, or full fine-tuning), AdamW,
     gradient averaging over ranks + clipping, the EMA copy, the run directory and exact resume."""

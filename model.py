@@ -109,13 +109,15 @@ class FlowModel:
                 m.requires_grad_(False).eval()  # models built from configs start in train mode
         # text encoders and VAE stay in float32 unless told otherwise; the transformer takes `dtype`.
         pipe.to(self.device)
-        if dtype != torch.float32:
-            self.transformer.to(dtype)
         self._neg: TextEmbeds | None = None
         self._full_finetune = False
         # _frozen holds the base and the teacher adapters (the live transformer itself, unless full
         # fine-tuning made it the student); _active is the module `velocity` calls.
         self._frozen = self._active = self.transformer
+        self._fingerprint = None
+        if dtype != torch.float32:
+            self.fingerprint()  # of the float32 weights: the same base in any dtype has one fingerprint
+            self.transformer.to(dtype)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -343,12 +345,15 @@ class FlowModel:
 
     def fingerprint(self) -> str:
         """A short hash of the base transformer's config and first/last weights (identifies the base)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256(json.dumps({k: v for k, v in self._frozen.config.items() if not k.startswith("_")},
                                             sort_keys=True, default=str).encode())
         base = {n.replace(".base_layer", ""): p for n, p in self._frozen.named_parameters() if "lora_" not in n}
         for n in (sorted(base)[0], sorted(base)[-1]):
             h.update(base[n].detach().float().cpu().numpy().tobytes()[:4096])
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 # ---------------------------------------------------------------------- tiny offline pipelines

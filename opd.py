@@ -50,15 +50,16 @@ from tqdm import tqdm
 
 from data import Task, load_prompts, load_task
 from evaluate import evaluate_task
-from harness import Dist, StudentTrainer, check_same_base, parse_config, step_seed
+from harness import Dist, StudentConfig, StudentTrainer, check_same_base, parse_config, step_seed
 from model import FlowModel, TextEmbeds
 from rewards import make_reward
 from sample import gaussian_kl, gaussian_logprob, rollout, sde_step
 
 
 @dataclass
-class OPDConfig:
-    """DiffusionOPD: distil several task teachers into one student on its own rollouts."""
+class OPDConfig(StudentConfig):
+    """DiffusionOPD: distil several task teachers into one student on its own rollouts.
+    Fields shared with teacher_rl.py (LoRA, AdamW, EMA, evaluation, checkpoints) are in harness.StudentConfig."""
     teachers: list[str] = field(default_factory=lambda: sorted(str(p) for p in Path("ckpts").glob("*")))
     teacher_task: list[str] = field(default_factory=list)     # i-th entry names teacher i's task
     teacher_dataset: list[str] = field(default_factory=list)  # task=DIR overrides
@@ -76,23 +77,7 @@ class OPDConfig:
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
-    height: int = 0
-    width: int = 0
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    full_finetune: bool = False
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9
-    ema_every: int = 8
-    eval_every: int = 20
-    eval_prompts: int = 64
-    eval_steps: int = 40
-    save_every: int = 20
     variance_rollouts: int = 0          # > 0: measure gradient variance of both estimators, then exit
-    resume: bool = False
-    device: str = "auto"
 
 
 @dataclass
@@ -203,6 +188,13 @@ def load_teachers(model: FlowModel, specs, dist) -> list[Teacher]:
 
 
 # ---------------------------------------------------------------------- one task batch
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: exact phase timers on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def teacher_means(teacher: Teacher, model: FlowModel, prompts, embeds: TextEmbeds, x, t, t_next,
                   noise_level: float, t_guard: float, chunk: int):
     """mu_T(x_j) at the student's states, rows (x_j, t_j) of all trained steps batched together."""
@@ -224,13 +216,13 @@ def batch_loss(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seed
     Returns per-sample loss summed over trained steps (B,) and seconds per phase.
     """
     timer = {}
-    t0 = time.perf_counter()
+    t0 = clock(model.device)
     embeds = model.encode_prompts(prompts)
     traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
                    cfg.height or None, cfg.width or None, adapter="student", decode=False)
-    timer["rollout"] = time.perf_counter() - t0
+    timer["rollout"] = clock(model.device) - t0
 
-    t0 = time.perf_counter()
+    t0 = clock(model.device)
     B, K = len(seeds), len(train_steps)
     js = torch.tensor(train_steps)
     # rows ordered (step k, sample b): x (K*B, C, h, w)
@@ -244,9 +236,9 @@ def batch_loss(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seed
     t_guard = traj.t[1].item()
     mean_t = teacher_means(teacher, model, rows_prompts, rows_embeds, x, t, t_next, cfg.noise_level, t_guard,
                            cfg.teacher_chunk)
-    timer["teacher"] = time.perf_counter() - t0
+    timer["teacher"] = clock(model.device) - t0
 
-    t0 = time.perf_counter()
+    t0 = clock(model.device)
     ode = cfg.noise_level == 0
     chunk = cfg.train_chunk or x.shape[0]
     per_row = []
@@ -261,7 +253,7 @@ def batch_loss(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seed
         # L = (1/B) sum_b sum_j loss_{j,b}; backward_scale spreads the mean over ranks and tasks
         (loss.sum() * backward_scale / B).backward()
         per_row.append(loss.detach())
-    timer["train"] = time.perf_counter() - t0
+    timer["train"] = clock(model.device) - t0
     return torch.cat(per_row).view(K, B).sum(0), timer
 
 
@@ -352,9 +344,9 @@ def main(argv=None):
                                  1.0 / (dist.world * len(teachers)))
             metrics[f"loss/{teacher.task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
             timer = {k: timer[k] + t[k] for k in timer}
-        t0 = time.perf_counter()
+        t0 = clock(dist.device)
         metrics["grad_norm"] = trainer.update(step)
-        timer["optimizer"] = time.perf_counter() - t0
+        timer["optimizer"] = clock(dist.device) - t0
         metrics["loss"] = float(np.mean([metrics[f"loss/{t.task.name}"] for t in teachers]))
         metrics.update({f"sec/{k}": v for k, v in timer.items()})
         # ---- evaluate the EMA student on every task with the 40-step ODE; checkpoint

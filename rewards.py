@@ -158,7 +158,10 @@ def make_reward(spec, device="cpu", dtype=torch.float32, **options):
 
 
 class ComposedReward:
-    """r = sum_k w_k r_k; info[name] holds r_k, info[f"{name}/{key}"] the k-th reward's own info."""
+    """r = sum_k w_k r_k; info[name] holds r_k, info[f"{name}/{key}"] the k-th reward's own info.
+
+    A prompt whose metadata lists "rewards" (names of components) is scored by those only: mixed
+    multi-task prompt sets (demo.py's joint baseline) route each prompt to its own task's reward."""
 
     def __init__(self, weights, fns):
         self.weights, self.fns = weights, fns
@@ -166,20 +169,30 @@ class ComposedReward:
         self._submit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward-submit")
 
     def __call__(self, images, prompts, metadata):
-        futures = {name: self._component_pool.submit(fn, images, prompts, metadata) for name, fn in self.fns.items()}
+        # Per-sample routing (mixed multi-task prompt sets): a prompt whose metadata lists "rewards" is
+        # scored by those components only, r_i = sum_{k in rewards_i} w_k r_k(x_i); other prompts by all.
+        # Every component is called, on its (possibly empty) share, so info has the same keys every call.
+        unknown = {name for m in metadata for name in m.get("rewards", ())} - set(self.fns)
+        assert not unknown, f"metadata route prompts to rewards {sorted(unknown)} that are not in {sorted(self.fns)}"
+        rows = {name: [i for i, m in enumerate(metadata) if name in m.get("rewards", self.fns)] for name in self.fns}
+        futures = {name: self._component_pool.submit(fn, images[rows[name]], [prompts[i] for i in rows[name]],
+                                                     [metadata[i] for i in rows[name]])
+                   for name, fn in self.fns.items()}
         total = torch.zeros(len(prompts), dtype=torch.float32)
         info = {}
         for name, future in futures.items():
             scores, extra = future.result()
+            idx = torch.tensor(rows[name], dtype=torch.long)
             for key, value in {name: scores, **extra}.items():
                 assert (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device.type == "cpu"
-                        and value.shape == (len(prompts),)), \
-                    (f"reward {name!r} must return float32 CPU tensors of shape ({len(prompts)},); {key!r} is a "
+                        and value.shape == (len(idx),)), \
+                    (f"reward {name!r} must return float32 CPU tensors of shape ({len(idx)},); {key!r} is a "
                      f"{type(value).__name__} {getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
+                # info entries are 0 on the prompts a component does not score
+                full = torch.zeros(len(prompts), dtype=torch.float32).index_copy_(0, idx, value)
+                info[name if key == name else f"{name}/{key}"] = full
             # r = sum_k w_k r_k
-            total += self.weights[name] * scores
-            info[name] = scores
-            info.update({f"{name}/{key}": value for key, value in extra.items()})
+            total.index_add_(0, idx, self.weights[name] * scores)
         return total, info
 
     def submit(self, images, prompts, metadata):

@@ -48,15 +48,16 @@ from tqdm import tqdm
 
 from data import load_prompts, load_task
 from evaluate import evaluate_task
-from harness import Dist, StudentTrainer, parse_config, step_seed
+from harness import Dist, StudentConfig, StudentTrainer, parse_config, step_seed
 from model import FlowModel, default_model_path
 from rewards import make_reward
 from sample import gaussian_kl, gaussian_logprob, rollout, sde_step
 
 
 @dataclass
-class TeacherConfig:
-    """Flow-GRPO teacher training (one task, or several weighted rewards for the joint baseline)."""
+class TeacherConfig(StudentConfig):
+    """Flow-GRPO teacher training (one task, or several weighted rewards for the joint baseline).
+    Fields shared with opd.py (LoRA, AdamW, EMA, evaluation, checkpoints) are in harness.StudentConfig."""
     model: str = default_model_path()   # base pipeline folder or hub id
     task: str = "geneval"               # task name; dataset defaults to data/toy/<task>
     dataset: str = ""                   # Flow-GRPO prompt folder (train.txt, test.txt, metadata)
@@ -79,22 +80,6 @@ class TeacherConfig:
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.0                # KL to the base model, per latent dim
     updates_per_rollout: int = 1
-    height: int = 0                     # 0: the model's default resolution
-    width: int = 0
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    full_finetune: bool = False
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9
-    ema_every: int = 8
-    eval_every: int = 20
-    eval_prompts: int = 64
-    eval_steps: int = 40
-    save_every: int = 20
-    resume: bool = False
-    device: str = "auto"
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):

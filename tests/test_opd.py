@@ -146,8 +146,8 @@ def test_resume_reproduces_the_uninterrupted_run(teachers, tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
-def test_variance_command_prints_a_ratio(teachers, capsys):
-    res = opd.main(_args(teachers, "/tmp/unused-variance", "--noise_level", "0.7", "--variance_rollouts", "3",
+def test_variance_command_prints_a_ratio(teachers, tmp_path, capsys):
+    res = opd.main(_args(teachers, tmp_path / "variance", "--noise_level", "0.7", "--variance_rollouts", "3",
                          "--train_steps", "1", "2"))
     assert res["ratio"] > 1 and "gradient variance ratio" in capsys.readouterr().out
 

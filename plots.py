@@ -1,0 +1,221 @@
+"""Figures of the study, drawn from run logs: reward against training wall-clock (paper Fig. 3), the
+OPD ablations against optimizer steps (paper Fig. 6), and sample grids.
+
+What a run directory (teacher_rl.py, opd.py) logs in metrics.jsonl, one JSON line per step:
+    sec/<phase>          seconds of each phase of the step; training time = their sum without sec/eval
+    reward_mean          GRPO training reward of the step's SDE rollouts (teacher_rl.py)
+    eval/<key>           teacher_rl.py: its own task's ODE evaluation (eval/reward, eval/strict)
+    eval/<task>/<key>    opd.py, and teacher_rl.py on a mixed task (evaluate.py): each task's evaluation
+A chain of runs (a cascade; OPD after its teachers) shares one time axis: each run starts where the
+previous one ended. Curves plot `reward` (GenEval: partial credit), the quantity every run logs.
+
+Departures from the paper
+1. Time is wall-clock *training* minutes on this machine, summed over a chain's runs (the paper:
+   GPU hours, teachers trained in parallel). Evaluation time (sec/eval) is not training time.
+2. A step logged twice (a run resumed from a checkpoint older than its last logged step) counts
+   once, with its last record: the model at the end holds the work of that record only.
+
+Run (regenerates the figures from logs, no model needed):
+    python plots.py curves --tasks geneval ocr aesthetic --out curves.png \\
+        --runs "opd=runs/demo/teacher-geneval+runs/demo/teacher-ocr+runs/demo/teacher-aesthetic+runs/demo/opd" \\
+               joint=runs/demo/joint
+    python plots.py ablation --tasks geneval ocr aesthetic --variance runs/demo/variance.json --out ablation.png \\
+        --panel "closed form vs PPO-style (a = 0.7)" "closed form=runs/demo/opd-sde" "PPO-style=runs/demo/opd-ppo" \\
+        --panel "ODE vs SDE (closed form)" "ODE (a = 0)=runs/demo/opd" "SDE (a = 0.7)=runs/demo/opd-sde"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+# ---------------------------------------------------------------------- reading run logs
+def read_metrics(run: str) -> list[dict]:
+    """The records of <run>/metrics.jsonl, one per step (the last one of a step logged twice), by step."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run} has no metrics.jsonl (expected a teacher_rl.py / opd.py run directory)")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            assert "step" in record, f"{path}: a record without 'step': {line[:200]}"
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def train_seconds(record: dict) -> float:
+    """Training seconds of one step: its sec/* fields summed, evaluation (sec/eval) left out."""
+    return sum(v for k, v in record.items() if k.startswith("sec/") and k != "sec/eval")
+
+
+def run_seconds(run: str) -> float:
+    return sum(train_seconds(r) for r in read_metrics(run))
+
+
+def run_task(run: str) -> str | None:
+    """The task a teacher_rl.py run trained on (config.json), or None for an opd.py run."""
+    path = Path(run) / "config.json"
+    return json.loads(path.read_text()).get("task") if path.is_file() else None
+
+
+def eval_reward(record: dict, task: str, own_task: str | None) -> float | None:
+    """The record's evaluation reward on `task`: eval/<task>/reward, or eval/reward of a run trained on it."""
+    if f"eval/{task}/reward" in record:
+        return record[f"eval/{task}/reward"]
+    if own_task == task and "eval/reward" in record:
+        return record["eval/reward"]
+    return None
+
+
+# ---------------------------------------------------------------------- figures
+def _label_once(label, seen):
+    """`label` the first time a panel sees it, then None (one legend entry per chain)."""
+    if label in seen:
+        return None
+    seen.add(label)
+    return label
+
+
+def plot_curves(chains: dict[str, list[str]], tasks: list[str], path: str) -> None:
+    """One panel per task (evaluation reward) plus one of the GRPO training reward, against the
+    cumulative training minutes of each chain. The earlier runs of a chain are drawn dashed, except
+    a run that is a chain of its own (OPD's teachers): it is drawn there and only shifts the time here."""
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.6), squeeze=False)
+    axes = axes[0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    seen = [set() for _ in axes]
+    alone = {runs[0] for runs in chains.values() if len(runs) == 1}
+    for c, (name, runs) in enumerate(chains.items()):
+        color, offset = colors[c % len(colors)], 0.0
+        for r, run in enumerate(runs):
+            last = r == len(runs) - 1
+            records = read_metrics(run)
+            minutes, elapsed = [], offset
+            for record in records:
+                elapsed += train_seconds(record) / 60
+                minutes.append(elapsed)
+            offset = elapsed
+            if not last and run in alone:
+                continue
+            own = run_task(run)
+            panels = [[eval_reward(rec, t, own) for rec in records] for t in tasks]
+            panels.append([rec.get("reward_mean") for rec in records])
+            for ax, ys, labels in zip(axes, panels, seen):
+                points = [(x, y) for x, y in zip(minutes, ys) if y is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", ms=3, color=color, ls="-" if last else "--",
+                            alpha=1.0 if last else 0.6, label=_label_once(name, labels))
+    for ax, task in zip(axes, tasks):
+        ax.set_title(f"{task}: evaluation reward (ODE)")
+    axes[-1].set_title("GRPO training reward (SDE rollouts)")
+    for ax in axes:
+        ax.set_xlabel("training wall-clock (min)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_eval_reward(record: dict, tasks: list[str]) -> float | None:
+    """Mean over tasks of eval/<task>/reward (an opd.py evaluation step), None if a task is missing."""
+    values = [record.get(f"eval/{t}/reward") for t in tasks]
+    return None if None in values else sum(values) / len(values)
+
+
+def plot_ablation(panels: list[tuple[str, dict[str, str]]], tasks: list[str], path: str,
+                  variance: dict | None = None) -> None:
+    """Fig. 6: per panel, the mean evaluation reward over tasks of opd.py runs against optimizer steps;
+    `variance` (opd.py --variance_rollouts result) annotates the first panel with the variance ratio."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        for name, run in runs.items():
+            points = [(rec["step"] + 1, mean_eval_reward(rec, tasks)) for rec in read_metrics(run)]
+            points = [(x, y) for x, y in points if y is not None]
+            assert points, f"run {run} logged no evaluation of all tasks {tasks} (is it an opd.py run?)"
+            ax.plot(*zip(*points), marker="o", ms=3, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer steps (rounds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("evaluation reward, mean over tasks")
+    if variance is not None:  # zero closed-form variance: teachers equal to the student, nothing to compare
+        ratio = f"{variance['ratio']:.1f}x" if variance["closed_form"]["var"] > 0 else "undefined (zero gradients)"
+        axes[0][0].text(0.02, 0.02, f"gradient variance PPO-style / closed form = {ratio}\n"
+                        f"({variance['rollouts']} rollouts, a = {variance['noise_level']})",
+                        transform=axes[0][0].transAxes, fontsize=7, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_sample_grid(rows: dict[str, tuple], path: str, title: str) -> None:
+    """One row per task of images (B, 3, H, W) in [0, 1], each captioned with its prompt."""
+    cols = max(len(images) for images, _ in rows.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.25 * cols, 1.55 * len(rows)), squeeze=False)
+    for r, (task, (images, prompts)) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy(), interpolation="nearest")
+                ax.set_title("\n".join(textwrap.wrap(prompts[c], 22)[:3]), fontsize=4.5)
+        axes[r][0].text(-0.15, 0.5, task, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_named(items: list[str], what: str) -> dict[str, list[str]]:
+    """["NAME=A+B", ...] -> {NAME: [A, B]}: a named chain of paths ('+' joins paths)."""
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name or not value:
+            raise ValueError(f"{what} expects NAME=PATH[+PATH...], got {item!r}")
+        if name in out:
+            raise ValueError(f"{what}: name {name!r} given twice")
+        out[name] = value.split("+")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Draw the study's figures from run logs.")
+    sub = ap.add_subparsers(dest="figure", required=True)
+    curves = sub.add_parser("curves", help="reward against training wall-clock (Fig. 3)")
+    curves.add_argument("--runs", nargs="+", required=True, help="NAME=RUN[+RUN...] (a chain shares one time axis)")
+    ablation = sub.add_parser("ablation", help="OPD ablations against optimizer steps (Fig. 6)")
+    ablation.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE NAME=RUN",
+                          help="a panel title, then its runs; repeat for several panels")
+    ablation.add_argument("--variance", help="JSON of the gradient-variance measurement (demo.py writes it)")
+    for p in (curves, ablation):
+        p.add_argument("--tasks", nargs="+", default=["geneval", "ocr", "aesthetic"])
+        p.add_argument("--out", required=True, help="PNG path")
+    args = ap.parse_args(argv)
+    try:
+        if args.figure == "curves":
+            plot_curves(parse_named(args.runs, "--runs"), args.tasks, args.out)
+        else:
+            panels = [(p[0], {k: v[0] for k, v in parse_named(p[1:], "--panel").items()}) for p in args.panel]
+            variance = json.loads(Path(args.variance).read_text()) if args.variance else None
+            plot_ablation(panels, args.tasks, args.out, variance)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

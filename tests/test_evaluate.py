@@ -1,0 +1,198 @@
+"""evaluate.py and plots.py: the normalised average and the time sum against hand computations, the
+table format, written figures, deterministic per-prompt seeding, the cache, and 1 vs 2 ranks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import plots
+from data import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_minmax_average_against_a_hand_computation():
+    table = [[0.2, 30.0, 5.0],
+             [0.6, 10.0, 5.0],
+             [0.5, 20.0, 5.0]]
+    # column 0: (0, 1, 0.75); column 1: (1, 0, 0.5); column 2 is constant and left out
+    assert evaluate.minmax_average(table) == pytest.approx([0.5, 0.5, 0.625])
+    assert evaluate.minmax_average([[1.0, 2.0], [1.0, 2.0]]) == [None, None]
+
+
+def _write_run(path: Path, records, task=None):
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "config.json").write_text(json.dumps({"task": task} if task else {"teachers": []}))
+    return str(path)
+
+
+def test_training_time_sums_sec_fields_without_eval_and_chains(tmp_path):
+    a = _write_run(tmp_path / "a", [
+        {"step": 0, "sec/rollout": 30.0, "sec/train": 60.0, "reward_mean": 0.1},
+        {"step": 1, "sec/rollout": 999.0, "sec/train": 999.0},                       # replaced after a resume
+        {"step": 1, "sec/rollout": 30.0, "sec/train": 30.0, "sec/eval": 500.0, "eval/reward": 0.5},
+    ], task="ocr")
+    b = _write_run(tmp_path / "b", [{"step": 0, "sec/rollout": 6.0, "sec/teacher": 6.0, "sec/optimizer": 12.0}])
+    assert plots.run_seconds(a) == pytest.approx(150.0)
+    assert evaluate.chain_minutes([a, b]) == pytest.approx({a: 2.5, b: 0.4})
+    assert [r["step"] for r in plots.read_metrics(a)] == [0, 1]
+
+
+def test_table_format():
+    md = evaluate.format_table(["base", "opd"], ["geneval strict", "ocr reward"], [[0.5, 0.25], [0.75, 0.125]],
+                               [None, 12.25], [0.5, None])
+    assert md == ("| model | time (min) | geneval strict | ocr reward | avg (min-max norm.) |\n"
+                  "|---|---:|---:|---:|---:|\n"
+                  "| base | - | 0.500 | 0.250 | 0.500 |\n"
+                  "| opd | 12.2 | 0.750 | 0.125 | - |\n")
+
+
+def test_parse_models_resolves_run_directories_and_rejects_bad_specs(tmp_path):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "adapter_config.json").write_text("{}")
+    spec = evaluate.parse_models([f"s=base+{tmp_path / 'run'}", "b=base"])
+    assert spec[0].adapter == str(tmp_path / "run" / "checkpoint") and spec[1].adapter is None
+    for bad, message in [(["nobase"], "NAME=BASE"), (["x=base", "x=base"], "twice"),
+                         ([f"x=base+{tmp_path}"], "neither a PEFT")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            evaluate.parse_models(bad)
+
+
+def _is_png(path) -> bool:
+    with Image.open(path) as im:
+        im.verify()
+        return im.format == "PNG"
+
+
+def test_curve_and_ablation_figures_are_written(tmp_path):
+    teacher = _write_run(tmp_path / "t", [{"step": s, "sec/train": 6.0, "reward_mean": 0.1 * s,
+                                           "eval/reward": 0.2 * s} for s in range(3)], task="geneval")
+    student = [_write_run(tmp_path / f"s{k}", [{"step": s, "sec/train": 3.0, **{f"eval/{t}/reward": 0.1 * s + k
+                                                for t in ("geneval", "ocr")}} for s in range(3)]) for k in range(2)]
+    plots.plot_curves({"teacher": [teacher], "opd": [teacher, student[0]]}, ["geneval", "ocr"], tmp_path / "c.png")
+    plots.plot_ablation([("a", {"x": student[0], "y": student[1]}), ("b", {"x": student[0]})], ["geneval", "ocr"],
+                        tmp_path / "f6.png", {"ratio": 12.5, "rollouts": 4, "noise_level": 0.7, "closed_form": {"var": 2.0}})
+    plots.main(["curves", "--runs", f"opd={teacher}+{student[0]}", "--tasks", "geneval", "--out", str(tmp_path / "d.png")])
+    assert all(_is_png(tmp_path / f) for f in ("c.png", "f6.png", "d.png"))
+    assert plots.mean_eval_reward(plots.read_metrics(student[1])[2], ["geneval", "ocr"]) == pytest.approx(1.2)
+    with pytest.raises(AssertionError, match="no evaluation"):
+        plots.plot_ablation([("a", {"x": teacher})], ["geneval"], tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------- with a tiny model
+def _adapter(tiny_pipe_dir, path):
+    from model import FlowModel
+    m = FlowModel.load(tiny_pipe_dir)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.add_student_lora(rank=4, alpha=8):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    m.save_student(path, {"base_model": tiny_pipe_dir})
+    return str(path)
+
+
+def test_evaluation_is_deterministic_and_seeded_per_prompt(tiny_pipe_dir, tmp_path):
+    from data import load_task
+    from harness import Dist
+    from model import FlowModel
+    from rewards import make_reward
+    one, two = FlowModel.load(tiny_pipe_dir), FlowModel.load(tiny_pipe_dir)
+    two.load_lora(_adapter(tiny_pipe_dir, tmp_path / "lora"), "other")  # loaded, not selected
+    prompts = ["a photo of a cat", "a red dog", "the text \"A7\""]
+    a = evaluate.eval_images(one, prompts, [0, 1, 2], 3, 4.5, 0, None)
+    b = evaluate.eval_images(two, prompts, [0, 1, 2], 3, 4.5, 0, None)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(evaluate.eval_images(one, prompts, [2], 3, 4.5, 0, None)[0], a[2], atol=1e-5, rtol=0)
+    assert not torch.allclose(evaluate.eval_images(two, prompts, [0, 1, 2], 3, 4.5, 0, "other"), a, atol=1e-3)
+    assert not torch.allclose(evaluate.eval_images(one, prompts, [0, 1, 2], 3, 4.5, 1, None), a, atol=1e-3)
+    task = load_task("aesthetic")
+    reward = make_reward(task.reward)
+    runs = [evaluate.evaluate_task(m, task, reward, Dist("cpu"), None, 3, 3, batch=b) for m, b in ((one, 3), (two, 2))]
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+def test_mixed_prompt_set_reports_each_subtask_over_its_own_prompts(tiny_pipe_dir, tmp_path):
+    from harness import Dist
+    from model import FlowModel
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "test_metadata.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "task": t}) + "\n" for p, t in zip(prompts, "xyxyx")))
+
+    def length_reward(images, prompts, metadata):
+        return torch.tensor([float(len(p)) for p in prompts]), {}
+    res = evaluate.evaluate_task(FlowModel.load(tiny_pipe_dir), Task("mixed", str(tmp_path), "unused", 4.5),
+                                 length_reward, Dist("cpu"), None, 5, 2, batch=2)
+    assert res == pytest.approx({"reward": 3.0, "x/reward": 3.0, "y/reward": 3.0})
+    res = evaluate.evaluate_task(FlowModel.load(tiny_pipe_dir), Task("mixed", str(tmp_path), "unused", 4.5),
+                                 length_reward, Dist("cpu"), None, 4, 2, batch=3)
+    assert res == pytest.approx({"reward": 2.5, "x/reward": 2.0, "y/reward": 3.0})
+
+
+def _cli_args(tiny_pipe_dir, adapter, runs, out):
+    return ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}", "--tasks", "geneval", "aesthetic",
+            "--time", f"tuned={runs[0]}+{runs[1]}", "--prompts", "4", "--steps", "3", "--batch", "2",
+            "--grid_prompts", "2", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tiny_pipe_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    adapter = _adapter(tiny_pipe_dir, root / "lora")
+    runs = [_write_run(root / "r1", [{"step": 0, "sec/train": 90.0, "reward_mean": 0.3, "eval/reward": 0.2}],
+                       task="geneval"),
+            _write_run(root / "r2", [{"step": 0, "sec/train": 30.0, "eval/geneval/reward": 0.4,
+                                      "eval/aesthetic/reward": 0.1}])]
+    return adapter, runs
+
+
+def test_cli_writes_table_json_curves_and_grids_and_reuses_its_cache(tiny_pipe_dir, tmp_path, cli_inputs,
+                                                                    monkeypatch):
+    adapter, runs = cli_inputs
+    table = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
+    models = {m["name"]: m for m in table["models"]}
+    assert models["tuned"]["train_minutes"] == pytest.approx(2.0) and models["base"]["train_minutes"] is None
+    for m in models.values():  # GenEval reports its eval key (strict), the others their reward
+        assert m["columns"] == {"geneval": m["scores"]["geneval"]["strict"],
+                                "aesthetic": m["scores"]["aesthetic"]["reward"]}
+    values = [[m["columns"]["geneval"], m["columns"]["aesthetic"]] for m in table["models"]]
+    assert [m["avg_minmax"] for m in table["models"]] == evaluate.minmax_average(values)
+    md = (tmp_path / "table.md").read_text()
+    assert "| model | time (min) | geneval strict | aesthetic reward | avg (min-max norm.) |" in md
+    assert "| tuned | 2 |" in md and "| base | - |" in md
+    assert json.loads((tmp_path / "table.json").read_text()) == json.loads(json.dumps(table))
+    assert all(_is_png(tmp_path / f) for f in ("curves.png", "samples/base.png", "samples/tuned.png"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached model was evaluated again")
+    monkeypatch.setattr(evaluate, "evaluate_task", fail)
+    again = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
+    assert again == table
+
+
+def test_cli_errors_before_loading_anything(tiny_pipe_dir, tmp_path, cli_inputs):
+    adapter, runs = cli_inputs
+    for extra, message in [(["--time", "ghost=" + runs[0]], "not models"),
+                           (["--datasets", "nope=/x"], "not in --tasks"),
+                           (["--time", f"tuned={tmp_path}"], "no metrics.jsonl")]:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"), *extra])
+
+
+def test_two_ranks_give_the_same_table_as_one(tiny_pipe_dir, tmp_path, cli_inputs):
+    adapter, runs = cli_inputs
+    one = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "one"))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "evaluate.py"), *_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "two")],
+                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = json.loads((tmp_path / "two" / "table.json").read_text())
+    for m1, m2 in zip(one["models"], two["models"]):
+        for task in m1["scores"]:
+            assert m1["scores"][task] == pytest.approx(m2["scores"][task], abs=1e-5)
