@@ -48,7 +48,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import Task, load_prompts, load_task
+from data import load_task, write_mixed_dataset
 from harness import config_dict, parse_config
 from model import default_model_path
 
@@ -131,28 +131,6 @@ def check(cfg: DemoConfig) -> None:
 
 
 # ---------------------------------------------------------------------- the mixed prompt set
-def write_mixed_dataset(tasks: list[Task], folder: Path) -> Task:
-    """The joint baseline's prompt set in Flow-GRPO layout: the tasks' prompts interleaved (train: the
-    shorter lists cycled, so every task has an equal share; test: each prompt once), every metadata
-    tagged with its "task" and the "rewards" that judge it; task.json: the sum of the tasks' rewards."""
-    from rewards import parse_spec
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        lists = [load_prompts(t.dataset, split) for t in tasks]
-        lines = []
-        for i in range(max(len(prompts) for prompts, _ in lists)):
-            for task, (prompts, metas) in zip(tasks, lists):
-                if i < len(prompts) or split == "train":
-                    j = i % len(prompts)
-                    lines.append({**metas[j], "prompt": prompts[j], "task": task.name,
-                                  "rewards": sorted(parse_spec(task.reward))})
-        (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in lines))
-        (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    spec = {"reward": ",".join(t.reward for t in tasks), "guidance": tasks[0].guidance, "eval_key": ""}
-    (folder / "task.json").write_text(json.dumps(spec))
-    return load_task("mixed", str(folder))
-
-
 # ---------------------------------------------------------------------- running the scripts
 def launch(cfg: DemoConfig, script: str, args: list[str]) -> None:
     """Run a script in a fresh process (torchrun with cfg.nproc processes when > 1); log the command."""

@@ -12,7 +12,7 @@ are never used for pretraining.
 
 Departures from SD3 training
 1. Text encoders are trained from scratch with the transformer (SD3 freezes pretrained ones).
-2. The transformer's EMA (decay `ema`) is what gets saved.
+2. The EMA of the trained weights (decay `ema`, with warm-up) is what gets saved.
 
 Run (CPU, ~30 min on 2 cores; it checkpoints and `--resume` continues exactly):
     python pretrain_toy.py --out models/toy-sd3
@@ -46,7 +46,7 @@ class PretrainConfig:
     vae_steps: int = 800           # phase A
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6           # weight of the VAE's KL term
-    steps: int = 6000              # phase B
+    steps: int = 3500              # phase B
     batch: int = 64
     lr: float = 6e-4
     warmup: int = 200
@@ -138,7 +138,9 @@ def main(argv=None):
     nets.train().requires_grad_(True)
     ema = copy.deepcopy(nets).eval().requires_grad_(False)
     opt = torch.optim.AdamW(nets.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    # linear warm-up, then linear decay to 0 at the last step
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / cfg.warmup, max(0.0, (cfg.steps - s) / (cfg.steps - cfg.warmup))))
     start = 0
     if cfg.resume and (ckpt / "state.pt").exists():
         state = torch.load(ckpt / "state.pt", weights_only=True)
@@ -171,9 +173,11 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
         opt.step()
         sched.step()
+        # EMA with warm-up: decay_k = min(ema, (1 + k) / (10 + k)), so early weights fade out quickly
+        decay = min(cfg.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), nets.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+                pe.lerp_(p, 1 - decay)
         log.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
                               "sec": time.perf_counter() - t0}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")

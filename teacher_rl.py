@@ -65,21 +65,24 @@ class TeacherConfig(StudentConfig):
     out: str = ""                       # run directory; default runs/teacher-<task>
     init_lora: str = ""                 # start from this adapter (cascade baseline)
     seed: int = 0
-    steps: int = 60                     # optimizer steps
-    batch: int = 64                     # images per step over all ranks = prompts x group_size
+    steps: int = 100                    # optimizer steps
+    batch: int = 32                     # images per step over all ranks = prompts x group_size
     group_size: int = 8                 # G images per prompt
     rollout_batch: int = 32             # images per forward pass during rollouts (per rank)
     train_batch: int = 32               # images per forward/backward during training (per rank)
     num_steps: int = 10                 # sampling steps N
     noise_level: float = 0.7            # a in Eq. 5
     guidance: float = 4.5               # CFG during rollouts and training
-    timestep_fraction: float = 1.0      # train the first round(fraction * N) steps
+    timestep_fraction: float = 0.6      # train the first round(fraction * N) steps
     per_group_std: bool = True          # False: divide by the std over the whole batch
     adv_clip: float = 5.0
     clip_range: float = 1e-4
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.0                # KL to the base model, per latent dim
     updates_per_rollout: int = 1
+    lr: float = 1e-3                    # toy recipe (paper: 3e-4 on SD3.5-M)
+    eval_every: int = 25
+    save_every: int = 25
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):

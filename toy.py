@@ -525,6 +525,9 @@ def write_datasets(root="data/toy", seed=0):
             (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
             (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
         (folder / "task.json").write_text(json.dumps(task_specs[task], indent=1) + "\n")
+    # the joint multi-task baseline's prompt set: all three tasks, each prompt routed to its reward
+    from data import load_task, write_mixed_dataset
+    write_mixed_dataset([load_task(task, str(Path(root) / task)) for task in splits], Path(root) / "mixed")
     return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
 
 
