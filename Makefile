@@ -18,8 +18,15 @@ test: .venv/done  ## the whole test suite (CPU, a few minutes)
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
-teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, from scratch
-	for t in geneval ocr aesthetic; do $(PY) teacher_rl.py --task $$t --out runs/teacher-$$t || exit 1; done
+teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, from scratch, into ckpts/
+	for t in geneval ocr aesthetic; do \
+	  $(PY) teacher_rl.py --task $$t --out runs/teacher-$$t || exit 1; \
+	  mkdir -p ckpts/toy-$$t && cp runs/teacher-$$t/checkpoint/*.json runs/teacher-$$t/checkpoint/*lora*.safetensors \
+	    runs/teacher-$$t/checkpoint/adapter_model.safetensors runs/teacher-$$t/metrics.jsonl ckpts/toy-$$t/; \
+	done
+
+demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
+	$(PY) demo.py
 
 pretrain: .venv/done  ## the embedded base model, from scratch (~40 min on 2 cores)
 	$(PY) pretrain_toy.py --out models/toy-sd3
@@ -28,4 +35,4 @@ samples: .venv/done  ## a grid from the embedded base
 	$(PY) sample.py --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
 		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
 
-.PHONY: venv test opd teachers pretrain samples
+.PHONY: venv test opd teachers demo pretrain samples

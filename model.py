@@ -210,6 +210,14 @@ class FlowModel:
         self.transformer.set_adapter(STUDENT)
         return self.trainable_parameters()
 
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block in place (regional compilation): quick to compile,
+        one graph per block kind x adapter x grad mode x batch shape, and adapters still switch."""
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        for tr in {id(t): t for t in (self.transformer, self._frozen)}.values():
+            for block in tr.transformer_blocks:
+                block.compile()
+
     def enable_full_finetune(self):
         """Train every transformer weight instead of a LoRA; base and teachers move to a frozen copy."""
         import copy

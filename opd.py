@@ -29,13 +29,16 @@ Departures from the reference code (DiffusionOPD release)
 2. Teacher targets for all trained steps of a batch are computed in batched forwards
    (`teacher_chunk` rows at a time) instead of one forward per timestep.
 3. Losses are summed over latent dims (a KL, not a per-dim average); AdamW makes the scale moot.
+4. Half precision is `--dtype bfloat16` transformer weights with the LoRA, optimizer and loss in
+   float32 (no loss scaling needed), not the release's fp16 mixed precision; the default is float32.
+   `python bench.py` measures it and the other speed levers (see bench.py).
 
 Run:
     torchrun --standalone --nproc_per_node=2 opd.py --teachers ckpts/*        # CPU, toy world
     python opd.py --teachers ckpts/* --noise_level 0.7 --estimator ppo --out runs/opd-ppo
     python opd.py --teachers ckpts/* --noise_level 0.7 --variance_rollouts 16
     torchrun --nproc_per_node=8 opd.py --teachers ckpts/* --height 512 --width 512 \\
-        --prompts_per_batch 24 --teacher_cfg geneval=1.0            # SD3.5-M, paper recipe
+        --prompts_per_batch 24 --teacher_cfg geneval=1.0 --dtype bfloat16   # SD3.5-M, paper recipe
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ from harness import Dist, StudentConfig, StudentTrainer, check_same_base, parse_
 from model import FlowModel, TextEmbeds
 from rewards import make_reward
 from sample import gaussian_kl, gaussian_logprob, rollout, sde_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype (bench.py measures both)
 
 
 @dataclass
@@ -77,7 +82,10 @@ class OPDConfig(StudentConfig):
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
+    dtype: str = "float32"              # transformer weights: float32, bfloat16 (LoRA trains in float32)
+    compile: bool = False               # torch.compile the transformer blocks (FlowModel.compile_blocks)
     variance_rollouts: int = 0          # > 0: measure gradient variance of both estimators, then exit
+    lr: float = 1e-3                    # toy recipe (paper: 3e-4 on SD3.5-M)
 
 
 @dataclass
@@ -299,6 +307,10 @@ def validate(cfg: OPDConfig, dist: Dist):
         for s in specs:
             load_prompts(s["task"].dataset, "test")
         dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)")
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        if cfg.dtype != "float32" and cfg.full_finetune:
+            raise ValueError("full fine-tuning trains the transformer's own weights: keep --dtype float32")
         if cfg.estimator not in ("closed_form", "ppo"):
             raise ValueError(f"estimator must be closed_form or ppo, got {cfg.estimator!r}")
         if (cfg.estimator == "ppo" or cfg.variance_rollouts) and cfg.noise_level <= 0:
@@ -318,11 +330,13 @@ def main(argv=None):
     base, specs, prompts_by_task, rewards = validate(cfg, dist)
     cfg.model = base
     try:
-        model = FlowModel.load(base, device=dist.device)
+        model = FlowModel.load(base, device=dist.device, dtype=DTYPES[cfg.dtype])
         trainer = StudentTrainer(model, cfg, dist)  # before the teachers: full FT moves them to a frozen copy
         teachers = load_teachers(model, specs, dist)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg.compile:
+        model.compile_blocks()
     train_steps = cfg.train_steps or list(range(cfg.num_steps))
     if cfg.variance_rollouts:
         res = gradient_variance(cfg, model, teachers, trainer, prompts_by_task, dist)
