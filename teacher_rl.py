@@ -65,7 +65,7 @@ class TeacherConfig(StudentConfig):
     out: str = ""                       # run directory; default runs/teacher-<task>
     init_lora: str = ""                 # start from this adapter (cascade baseline)
     seed: int = 0
-    steps: int = 100                    # optimizer steps
+    steps: int = 60                     # optimizer steps
     batch: int = 32                     # images per step over all ranks = prompts x group_size
     group_size: int = 8                 # G images per prompt
     rollout_batch: int = 32             # images per forward pass during rollouts (per rank)
@@ -80,9 +80,8 @@ class TeacherConfig(StudentConfig):
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.0                # KL to the base model, per latent dim
     updates_per_rollout: int = 1
-    lr: float = 1e-3                    # toy recipe (paper: 3e-4 on SD3.5-M)
-    eval_every: int = 25
-    save_every: int = 25
+    eval_every: int = 20
+    save_every: int = 20
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):
