@@ -13,7 +13,7 @@ prompts come from that task's dataset and only that task's teacher supervises it
 whole round are accumulated and ONE optimizer step is taken, so every rollout is on-policy.
 
 Teachers are frozen LoRA adapters on the student's own backbone (one copy of the base weights), or
-full SD3-family checkpoints. A teacher trained by teacher_rl.py carries its task, dataset and
+full SD3-family checkpoints; each is a local folder or a hub reference owner/repo[/subfolder]. A teacher trained by teacher_rl.py carries its task, dataset and
 guidance in run_config.json; `--teacher_task/--teacher_dataset/--teacher_cfg/--teacher_reward`
 set or override them (`--teacher_cfg geneval=1.0`).
 
@@ -132,6 +132,25 @@ def _kv(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def fetch_teacher(ref: str) -> str:
+    """A local teacher folder, or a hub reference "owner/repo[/sub/folder]" (e.g. the DiffusionOPD
+    release's quanhaol/DiffusionOPD/AesTeacher/lora) downloaded to the hub cache; returns a folder."""
+    if Path(ref).is_dir():
+        return ref
+    parts = ref.split("/")
+    if len(parts) < 2 or Path(ref).is_absolute() or ref.startswith("."):
+        raise FileNotFoundError(f"teacher {ref} does not exist (expected a PEFT LoRA folder, an SD3 pipeline "
+                                "folder or a hub id owner/repo[/subfolder])")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import snapshot_download
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
+    except Exception as e:  # offline, unknown repo, no access: all end here with the hub's reason
+        raise FileNotFoundError(f"teacher {ref} is not a local folder and could not be fetched from the hub "
+                                f"({type(e).__name__}: {e})") from None
+    return str(Path(root) / sub)
+
+
 def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
     """Read every teacher's saved config (no weights loaded): its task, dataset, guidance, reward,
     base. Returns (base model, [spec]). Every inconsistency is an error here, before any compute."""
@@ -142,10 +161,9 @@ def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
     datasets, cfgs = _kv(cfg.teacher_dataset, "teacher_dataset"), _kv(cfg.teacher_cfg, "teacher_cfg")
     rewards = _kv(cfg.teacher_reward, "teacher_reward")
     specs, bases, fingerprints = [], set(), set()
-    for i, path in enumerate(cfg.teachers):
+    for i, ref in enumerate(cfg.teachers):
+        path = fetch_teacher(ref)
         p = Path(path)
-        if not p.is_dir():
-            raise FileNotFoundError(f"teacher {path} does not exist (expected a PEFT LoRA folder or an SD3 pipeline)")
         saved = json.loads((p / "run_config.json").read_text()) if (p / "run_config.json").is_file() else {}
         kind = "lora" if (p / "adapter_config.json").is_file() else "full" if (p / "model_index.json").is_file() else ""
         if not kind:

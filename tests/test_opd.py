@@ -155,6 +155,8 @@ def test_variance_command_prints_a_ratio(teachers, tmp_path, capsys):
 def test_bad_inputs(tiny_pipe_dir, teachers, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         opd.main(_args([teachers[0], str(tmp_path / "missing")], tmp_path / "x"))
+    with pytest.raises(SystemExit, match="could not be fetched from the hub"):  # tests run with HF_HUB_OFFLINE=1
+        opd.main(_args([teachers[0], "quanhaol/DiffusionOPD/AesTeacher/lora"], tmp_path / "x"))
     with pytest.raises(SystemExit, match="same task"):
         opd.main(_args([teachers[0], teachers[0]], tmp_path / "x"))
     with pytest.raises(SystemExit, match="does not exist"):
