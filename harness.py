@@ -181,8 +181,10 @@ class RunDir:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
+            # a field added to the script after the run started counts as its default
+            defaults = json.loads(json.dumps(config_dict(type(cfg)())))
             diff = sorted(k for k in set(old) | set(self.cfg)
-                          if k not in self.RESUMABLE and old.get(k) != self.cfg.get(k))
+                          if k not in self.RESUMABLE and old.get(k, defaults.get(k)) != self.cfg.get(k))
             if diff:
                 raise ValueError(f"output directory {out} holds a different run (config differs in {diff}); "
                                  "choose another --out")
