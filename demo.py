@@ -16,13 +16,11 @@ Equal compute: the baselines get the optimizer steps x images of teachers + OPD,
     C = T S_t B + S_o T P       T tasks; teachers: S_t steps of B images; OPD: S_o rounds of T x P images
     joint: round(C / B) steps of B images;  cascade: T stages of round(C / (T B)) steps of B images.
 
-Budget (defaults): <= 60 min on 2 CPU cores, estimated, not measured: tiny runs of the toy-sized
-model timed while another job loaded both cores, one process, took per GRPO step of 32 images 6.8 s
-(rollout 2.4, train 4.5), per OPD round of 3 x 8 images ~10 s (rollout 2, teachers 2, train 6), per
-image of a 40-step evaluation 0.26 s. Hence, in minutes: teachers 9, OPD 5, joint 10.5, cascade 11,
-ablations 10, variance 3, Table 1 evaluation and grids 7, process starts 1: ~56. An idle machine and
-the default two processes per command should be well under that. `--quick` runs every stage with
-tiny step counts in about 1-2 minutes (tests/test_demo.py).
+Budget (defaults): <= 60 min on 2 CPU cores; measured 29.7 min for `python demo.py` on this project's
+2-core machine (2026-11-25, nothing else running): GRPO ~3.2-4 s per step of 32 images, the 40-step
+Table 1 evaluation of 7 models x 3 tasks x 64 prompts ~4.5 min, the gradient-variance measurement
+(8 rollouts, one process) ~2.2 min. `--quick` runs every stage with tiny step counts in about 1-2
+minutes (tests/test_demo.py).
 
 Departures from the paper
 1. Tiny: teachers see 768 images each (the paper: tens of GPU-hours of SD3.5-M).

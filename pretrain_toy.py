@@ -200,6 +200,7 @@ def main(argv=None):
     pipe.save_pretrained(tmp, safe_serialization=True)
     command = "python pretrain_toy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
+    shutil.copy(metrics, tmp / "pretrain_metrics.jsonl")  # loss and seconds of every flow step
     atomic_replace_dir(tmp, out)
     print(f"saved {out}")
 
