@@ -28,7 +28,7 @@ teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, f
 demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
 	$(PY) demo.py
 
-pretrain: .venv/done  ## the embedded base model, from scratch (~27 min on 2 idle cores)
+pretrain: .venv/done  ## the embedded base model, from scratch (27-40 min on 2 cores)
 	$(PY) pretrain_toy.py --out models/toy-sd3
 
 samples: .venv/done  ## a grid from the embedded base

@@ -14,7 +14,7 @@ Departures from SD3 training
 1. Text encoders are trained from scratch with the transformer (SD3 freezes pretrained ones).
 2. The EMA of the trained weights (decay `ema`, with warm-up) is what gets saved.
 
-Run (CPU, ~30 min on 2 cores; it checkpoints and `--resume` continues exactly):
+Run (CPU, 27-40 min on 2 cores, see README; it checkpoints and `--resume` continues exactly):
     python pretrain_toy.py --out models/toy-sd3
     python pretrain_toy.py --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
 """
