@@ -37,7 +37,7 @@ samples: .venv/done  ## a grid from the embedded base
 
 SD35M := --sd35m-random --device cuda --dtype bfloat16 --height 512 --width 512 --prompts_per_batch 3 \
 	--train_chunk 3 --train_steps 0 1 2 3 4 5 6 7 8
-bench-gpu: .venv/done  ## issue 8's GPU table: full-size SD3.5-M transformer, random weights, 1 GPU, no download
+bench-gpu: .venv/done  ## README's GPU bench table: full-size SD3.5-M transformer, random weights, 1 GPU, no download
 	mkdir -p runs/bench-gpu
 	$(PY) bench.py $(SD35M) --rounds 2 --out runs/bench-gpu/levers.json \
 		--levers teacher_per_step train_chunk=0,grad_checkpointing=true dtype=float32
