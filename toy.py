@@ -11,7 +11,7 @@ triangle with its apex up) on a black background; text in a hand-made 5x7 font o
   geneval   "a photo of two circles", "a photo of a red circle left of a blue square", with
             GenEval metadata {"tag", "include": [{"class", "count", "color"?, "position"?}],
             "exclude"?, "prompt"}, for the six tags of GenEval.
-  ocr       'a sign that says "A37"'; metadata {"prompt", "text", "color"?}.
+  ocr       'a sign that says "A3"'; metadata {"prompt", "text", "color"?}.
   aesthetic "a beautiful blue triangle"; metadata {"prompt", "color", "shape"}.
 
 Headroom: the aesthetic judge prefers one large centred object of the named colour and shape with
@@ -20,8 +20,8 @@ strong contrast on a clean, flat background. The pretraining renders of aestheti
 dark gray, gray, a gradient, black with coloured specks), so the pretraining data themselves score
 ~0.46 and RL has room to move; `render_ideal_aesthetic` draws what the judge likes (~1.0) and is
 used only to test the judge. GenEval and OCR renders are exact, so their headroom comes from the
-tiny model's errors (the test sets are mostly position and color_attr prompts, and 3-4 character
-strings at 5x7 px). The judge conflicts with GenEval by design: it scores at most 1/2 when there
+tiny model's errors (the test sets are mostly position and color_attr prompts, and two-character
+strings never seen in pretraining). The judge conflicts with GenEval by design: it scores at most 1/2 when there
 are two equal objects and wants one object whose box spans >= 0.6 of the frame at the centre, so
 ground-truth GenEval scenes of 2-4 objects score ~0.15-0.25, while one big centred object fails
 two_object/counting/position prompts.
@@ -39,7 +39,11 @@ Departures from the paper's rewards (section 10), each because the toy world has
  3. Counting prompts use counts 1-4 (GenEval: 2-4), and position prompts may name colours (GenEval's
     do not), so that a world of 3 classes still has enough distinct prompts to split.
  4. OCR: a template-matching reader for the toy font (`read_text`) instead of PaddleOCR; the reward
-    rule is Flow-GRPO's (rewards.ocr_score).
+    rule is Flow-GRPO's (rewards.ocr_score). The strings are exactly two glyphs of 10x14 px (font
+    scale 2), always drawn at the same central place (OCR_JITTER = 0). A 4-layer model
+    pretrained in 40 min on CPU renders them legibly; with 3-4 glyphs of 5x7 px anywhere in the
+    frame it drew stroke soup, and with the text jittered by 1 px it drew crisp glyphs that ignored
+    the prompt (README, "The embedded toy world"). Flow-GRPO's OCR strings are longer and placed freely.
  5. Aesthetic: a hand-written preference (`aesthetic_reward`) times a prompt-alignment factor, in
     place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
 
@@ -75,6 +79,9 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MIN_AREA = 10          # px; smaller same-colour regions are specks, not objects
 MIN_CONFIDENCE = 0.5   # detection threshold on (IoU with the best ideal shape) x (box aspect ratio)
 RENDER_POSITION_MARGIN = 0.2  # renders satisfy relations at twice GenEval's 0.1 margin (robust to blur)
+OCR_LENGTH = 2         # characters per OCR string: two 10x14-px glyphs (font scale 2) fill the 32-px frame
+OCR_SCALE = 2
+OCR_JITTER = 0         # px of random shift of the centred OCR text (see the docstring, departure 4)
 OBJECT_GAP = 3         # px between the boxes of rendered objects, so blur does not merge them
 
 FONT_ROWS = {  # 5x7 glyphs; each touches columns 0 and 4 and rows 0 and 6, so ink extent = cell grid
@@ -198,7 +205,7 @@ def _random_color(rng):
 
 
 def _random_text(rng):
-    return "".join(rng.choice(list(CHARSET), size=rng.integers(2, 5)))
+    return "".join(rng.choice(list(CHARSET), size=OCR_LENGTH))
 
 
 def ocr_metadata(text, rng):
@@ -239,11 +246,12 @@ def render(task, metadata, rng):
         raise AssertionError(f"no layout of {metadata['prompt']!r} satisfies its metadata in 500 tries")
     if task == "ocr":
         text = metadata["text"]
-        assert 1 <= len(text) <= 4 and set(text) <= set(CHARSET), f"text {text!r}: 1-4 chars of {CHARSET}"
-        scale = 2 if len(text) <= 2 else 1  # two big glyphs fit in 32 px, three or four only at 5x7
-        width, height = 6 * scale * len(text) - scale, 7 * scale
-        x0, y0 = rng.integers(1, IMAGE_SIZE - width), rng.integers(1, IMAGE_SIZE - height)
-        return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, scale)
+        assert len(text) == OCR_LENGTH and set(text) <= set(CHARSET), f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}"
+        width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
+        # centred, then shifted by up to OCR_JITTER px each way
+        x0, y0 = ((IMAGE_SIZE - width) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1),
+                  (IMAGE_SIZE - height) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1))
+        return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, OCR_SCALE)
     assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
     size = int(rng.integers(6, 21))
     (box,) = place_boxes([size], rng)
@@ -495,7 +503,7 @@ def _split_prompts(metadatas, n_test, n_train):
 
 def write_datasets(root="data/toy", seed=0):
     """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl; returns
-    {task: (n_train, n_test)}: geneval (per tag a third, at most 32, to test), ocr 1000/128 (distinct
+    {task: (n_train, n_test)}: geneval (per tag a third, at most 32, to test), ocr 320/80 (distinct
     strings), aesthetic 300/60 (of 20 templates x 6 colours x 3 shapes); plus task.json (data.py:
     reward, teacher guidance of paper section 7, evaluation key)."""
     rng = np.random.default_rng(seed)
@@ -507,10 +515,10 @@ def write_datasets(root="data/toy", seed=0):
         splits["geneval"][0].extend(test)
         splits["geneval"][1].extend(train)
     texts = []  # OCR: distinct texts, so test strings are never seen in training
-    while len(texts) < 128 + 1000:
+    while len(texts) < 80 + 320:  # all 400 two-character strings
         text = _random_text(rng)
         texts += [text] if text not in texts else []
-    splits["ocr"] = _split_prompts([ocr_metadata(t, rng) for t in texts], 128, 1000)
+    splits["ocr"] = _split_prompts([ocr_metadata(t, rng) for t in texts], 80, 320)
     aesthetic = [{"prompt": t.format(c=c, s=s), "color": c, "shape": s}
                  for t, c, s in itertools.product(AESTHETIC_TEMPLATES, COLORS, SHAPES)]
     splits["aesthetic"] = _split_prompts([aesthetic[i] for i in rng.permutation(len(aesthetic))], 60, 300)
