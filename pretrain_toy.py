@@ -11,9 +11,8 @@ reads exactly like stabilityai/stable-diffusion-3.5-medium. Held-out test prompt
 are never used for pretraining.
 
 Batches mix the toy tasks in the integer shares of `--task_weights` (default: half OCR, which is
-the slowest to learn). `--init FOLDER`
-starts phase B from an existing pipeline folder instead (its VAE and tokenizers kept, phase A
-skipped): a second stage, e.g. more steps on one task.
+the slowest to learn). `--init FOLDER` starts phase B from an existing pipeline folder instead (its
+VAE and tokenizers kept, phase A skipped): a second stage, e.g. more steps on one task.
 
 Departures from SD3 training
 1. Text encoders are trained from scratch with the transformer (SD3 freezes pretrained ones).
