@@ -21,7 +21,7 @@ dark gray, gray, a gradient, black with coloured specks), so the pretraining dat
 ~0.46 and RL has room to move; `render_ideal_aesthetic` draws what the judge likes (~1.0) and is
 used only to test the judge. GenEval and OCR renders are exact, so their headroom comes from the
 tiny model's errors (the test sets are mostly position and color_attr prompts, and two-character
-strings never seen in pretraining). The judge conflicts with GenEval by design: it scores at most 1/2 when there
+strings absent from the teachers' training prompts). The judge conflicts with GenEval by design: it scores at most 1/2 when there
 are two equal objects and wants one object whose box spans >= 0.6 of the frame at the centre, so
 ground-truth GenEval scenes of 2-4 objects score ~0.15-0.25, while one big centred object fails
 two_object/counting/position prompts.
@@ -33,7 +33,7 @@ Departures from the paper's rewards (section 10), each because the toy world has
     confidence IoU x box aspect ratio (shapes are drawn in square boxes; GenEval: Mask2Former's
     score); regions under MIN_CONFIDENCE are dropped. The region's colour is the object's colour
     (GenEval: CLIP zero-shot). One confidence threshold for all tags (GenEval: 0.9 for counting).
- 2. The GenEval rules are rewards.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
+ 2. The GenEval rules are geneval_rules.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
     strict accuracy as info["strict"]), with the partial credit clamped at 0 (Flow-GRPO's can be
     negative).
  3. Counting prompts use counts 1-4 (GenEval: 2-4), and position prompts may name colours (GenEval's
@@ -63,7 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewards import COLORS as GENEVAL_COLORS, geneval_score, ocr_score, quoted_target
+from geneval_rules import COLORS as GENEVAL_COLORS, geneval_score
+from rewards import ocr_score, quoted_target
 
 IMAGE_SIZE = 32
 TASKS = ("geneval", "ocr", "aesthetic")
@@ -71,7 +72,7 @@ BACKGROUND = (0, 0, 0)
 PALETTE = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 80, 235), "yellow": (240, 220, 30),
            "purple": (190, 40, 210), "white": (240, 240, 240)}  # GenEval colour names, far apart in RGB
 COLORS = tuple(PALETTE)
-assert set(COLORS) <= set(GENEVAL_COLORS), f"rewards.geneval_score only knows the colours {GENEVAL_COLORS}"
+assert set(COLORS) <= set(GENEVAL_COLORS), f"geneval_rules.geneval_score only knows the colours {GENEVAL_COLORS}"
 SHAPES = ("circle", "square", "triangle")
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -233,7 +234,7 @@ def sample_scene(task, rng):
 def render(task, metadata, rng):
     """uint8 (32, 32, 3) ground-truth image satisfying `metadata` (the pretraining distribution)."""
     if task == "geneval":
-        # the true objects, as detections (score 1) that rewards.geneval_score can check
+        # the true objects, as detections (score 1) that geneval_rules.geneval_score can check
         objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
                    for clause in metadata["include"] for _ in range(clause["count"])]
         low, high = {1: (10, 17), 2: (8, 14)}.get(len(objects), (7, 11))  # px, smaller when crowded
@@ -378,7 +379,7 @@ def _check_batch(images, prompts, metadata):
 
 def geneval_reward(images, prompts, metadata):
     """scores = Flow-GRPO's partial credit, info["strict"] = GenEval accuracy (0/1), both (B,), from
-    rewards.geneval_score on detect_objects' detections."""
+    geneval_rules.geneval_score on detect_objects' detections."""
     _check_batch(images, prompts, metadata)
     for meta in metadata:
         assert "include" in meta, f"geneval_reward needs GenEval metadata with 'include', got {meta}"
