@@ -40,14 +40,7 @@ samples: .venv/done  ## a grid from the embedded base
 	$(PY) sample.py --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
 		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
 
-SD35M := --sd35m-random --device cuda --dtype bfloat16 --height 512 --width 512 --prompts_per_batch 3 \
-	--train_chunk 3 --train_steps 0 1 2 3 4 5 6 7 8
-bench-gpu: .venv/done  ## README's GPU bench table: full-size SD3.5-M transformer, random weights, 1 GPU, no download
-	mkdir -p runs/bench-gpu
-	$(PY) bench.py $(SD35M) --rounds 2 --out runs/bench-gpu/levers.json \
-		--levers teacher_per_step train_chunk=0,grad_checkpointing=true dtype=float32
-	$(PY) bench.py $(SD35M) --rounds 2 --out runs/bench-gpu/compile.json --levers compile=true
-	$(PY) bench.py $(SD35M) --rounds 1 --out runs/bench-gpu/max_batch.json --max_batch --max_batch_limit 48 \
-		--levers train_chunk=0,grad_checkpointing=true
+bench-gpu: .venv/done  ## README's GPU tables: full-size SD3.5-M transformer, random weights, 1 GPU, no download (~8 min)
+	OUT=runs/bench-gpu PY=$(PY) bash assets/bench-gpu/gpu_check.sh
 
 .PHONY: venv test opd teachers demo pretrain samples bench-gpu

@@ -39,12 +39,13 @@ Run:
     python bench.py --levers teacher_per_step train_per_step dtype=bfloat16 --grpo_steps 2   # CPU, toy, ckpts/*
     python bench.py --sd35m-random --layers 2 --height 64 --width 64 --text_len 8 \\
         --prompts_per_batch 1 --num_steps 2 --rounds 1                                      # CPU smoke test
-    # 1 GPU, SD3.5-M at 512 px, the paper's per-GPU recipe (3 prompts, 10 steps, 9 trained, LoRA r 32):
+    # 1 GPU, SD3.5-M at 512 px, the paper's per-GPU recipe (3 prompts, 10 steps, 9 trained, LoRA r 32);
+    # `make bench-gpu` runs these and the README's other GPU measurements (assets/bench-gpu/gpu_check.sh)
     R="--sd35m-random --device cuda --dtype bfloat16 --height 512 --width 512 --prompts_per_batch 3
        --train_chunk 3 --train_steps 0 1 2 3 4 5 6 7 8"
-    python bench.py $R --rounds 2 --levers teacher_per_step train_chunk=0,grad_checkpointing=true dtype=float32
+    python bench.py $R --rounds 1 --levers teacher_per_step train_chunk=0,grad_checkpointing=true
+    python bench.py $R --rounds 1 --warmup 0 --train_chunk 0 --grad_checkpointing true --max_batch
     python bench.py $R --rounds 2 --levers compile=true              # compilation takes minutes (setup_sec)
-    python bench.py $R --rounds 1 --max_batch --max_batch_limit 48 --levers train_chunk=0,grad_checkpointing=true
     torchrun --nproc_per_node=8 bench.py ...      # per-rank numbers; the world size divides the batch
 """
 from __future__ import annotations
@@ -394,6 +395,9 @@ def max_batch(s: Setup, cfg: BenchConfig, dist: Dist, meter: NetMeter, peak_tflo
             opd_round(s, big, dist, 0, meter)  # warm-up at this size
             s.own_bytes = torch.cuda.memory_allocated(dist.device)
             best = {"prompts_per_rank": per_rank, **summarise([opd_round(s, big, dist, 1, meter)], peak_tflops)}
+            if dist.is_main:  # a line per size that fits, so a run stopped early still tells
+                print(f"max_batch: {per_rank} prompts/rank fit: {best['images_per_sec']:.2f} img/s, "
+                      f"MFU train {best['mfu']['train']:.1%}, peak {best['peak_mem_mb']:.0f} MB", flush=True)
         except torch.OutOfMemoryError:
             s.trainer.opt.zero_grad(set_to_none=True)
             meter.take()
@@ -532,6 +536,8 @@ def main(argv=None):
     with NetMeter(dist.device) as meter:
         setups = setups_for(cfgs, dist, meter)
         results = time_variants(cfgs, setups, dist, meter, peak)
+        if dist.is_main:
+            print(table(results), flush=True)
         s = setups["baseline"]
         if cfg.cfg_pair_reps:
             report["cfg_pair"] = cfg_pair(s, cfg, dist)
@@ -555,7 +561,6 @@ def main(argv=None):
                                                if k != "levers" and v != base_cfg[k]}, **r}
                           for name, r in results.items()}
     if dist.is_main:
-        print(table(results))
         for key in ("cfg_pair", "overlap", "eval", "grpo"):
             if key in report:
                 print(f"{key}: " + json.dumps({k: v for k, v in report[key].items() if k != "argv"}))
