@@ -1,6 +1,7 @@
 """The paper's toy study in one command: Table 1 and Figs. 3 and 6 in miniature (paper sections 5, 8, 9).
 
-Stages, in order; each skips the work already done, so an interrupted demo continues where it stopped:
+Stages, in order; each skips the work already done, so an interrupted demo continues where it stopped
+(an OUT holding runs of another base model is refused):
   1. teachers   one Flow-GRPO teacher per task (teacher_rl.py)                  OUT/teacher-<task>/
   2. opd        DiffusionOPD from those teachers: ODE (a = 0), closed form (opd.py)      OUT/opd/
   3. joint      joint multi-reward GRPO on a mixed prompt set, each prompt judged by its
@@ -141,6 +142,21 @@ def launch(cfg: DemoConfig, script: str, args: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
 
 
+def check_runs_share_the_base(cfg) -> None:
+    """Refuse an OUT whose runs were trained on another base: the same --model path can hold new
+    weights (a retrained base), and finished runs would otherwise be skipped and reported."""
+    saved = {p.parent.parent.name: json.loads(p.read_text()).get("base_fingerprint")
+             for p in Path(cfg.out).glob("*/checkpoint/run_config.json")}
+    if not any(saved.values()):
+        return
+    from model import FlowModel
+    fingerprint = FlowModel.load(cfg.model).fingerprint()
+    stale = sorted(name for name, f in saved.items() if f and f != fingerprint)
+    if stale:
+        raise SystemExit(f"error: {cfg.out} holds runs trained on another base model than {cfg.model} "
+                         f"({', '.join(stale)}); remove {cfg.out} or pass another --out")
+
+
 def finished(run: Path, steps: int) -> bool:
     """A run is done when its checkpoint holds `steps` optimizer steps."""
     saved = run / "checkpoint" / "run_config.json"
@@ -200,6 +216,7 @@ def main(argv=None) -> dict:
     if cfg.quick:
         cfg = parse_config(QuickDemoConfig, argv)
     check(cfg)
+    check_runs_share_the_base(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)

@@ -2,7 +2,9 @@
 
 The protocol: the deterministic ODE sampler (noise level 0), 40 steps, CFG 4.5, one image per
 prompt, prompt i of a task's test file always seeded with `seed + i` (whatever the batch or number
-of ranks), so every model starts from the same noise. `evaluate_task` is the library function that
+of ranks), so every model starts from the same noise. Where the metadata tag prompts (GenEval), the
+eval key is GenEval's overall score: the mean over tags of each tag's mean (also reported per tag, as
+"strict/<tag>"), so a tag with many prompts does not dominate. `evaluate_task` is the library function that
 teacher_rl.py and opd.py call during training; the command line evaluates several models (a base
 plus an optional LoRA adapter each) on several tasks and writes, under --out:
     table.md           Table 1: per task the reported metric (GenEval: strict accuracy, the task's
@@ -93,7 +95,13 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     all_scores = dist.all_gather(torch.cat(scores).to(dist.device)).cpu()
     result = {"reward": all_scores.mean().item()}
     if task.eval_key:
-        result[task.eval_key] = dist.all_gather(torch.cat(keyed).to(dist.device)).mean().item()
+        all_keyed = dist.all_gather(torch.cat(keyed).to(dist.device)).cpu()
+        result[task.eval_key] = all_keyed.mean().item()
+        tags = [m.get("tag") for m in metas[:n]]
+        if all(tags):  # GenEval: the overall score is the mean of the per-tag means
+            for tag in dict.fromkeys(tags):
+                result[f"{task.eval_key}/{tag}"] = all_keyed[[i for i, g in enumerate(tags) if g == tag]].mean().item()
+            result[task.eval_key] = sum(result[f"{task.eval_key}/{g}"] for g in set(tags)) / len(set(tags))
     subtasks = [m.get("task") for m in metas[:n]]
     if all(subtasks):
         for sub in sorted(set(subtasks)):

@@ -299,6 +299,7 @@ class StudentTrainer:
         self.run = RunDir(cfg.out, cfg, dist)
         self.start = self.run.start_step()
         if self.start > 0:
+            check_same_base(str(self.run.checkpoint), model)  # the same --model path may hold new weights
             self.run.load(self.opt, self.ema)
 
     def update(self, step: int) -> float:

@@ -10,8 +10,8 @@ The result is a diffusers StableDiffusion3Pipeline folder (safetensors) that mod
 reads exactly like stabilityai/stable-diffusion-3.5-medium. Held-out test prompts of every toy task
 are never used for pretraining.
 
-Batches mix the toy tasks in the integer shares of `--task_weights` (default: half OCR, which is
-the slowest to learn). `--init FOLDER` starts phase B from an existing pipeline folder instead (its
+Batches mix the toy tasks in the integer shares of `--task_weights` (default geneval 3 : ocr 4 :
+aesthetic 2; OCR is the slowest to learn). `--init FOLDER` starts phase B from an existing pipeline folder instead (its
 VAE and tokenizers kept, phase A skipped): a second stage, e.g. more steps on one task.
 
 Departures from SD3 training
@@ -21,7 +21,7 @@ Departures from SD3 training
 Resume is exact: a checkpoint holds the weights, the EMA, the optimizer, the schedule and torch's
 global RNG (the T5 encoder's dropout draws from it); each batch is a pure function of (seed, step).
 
-Run (CPU, 38 min on 2 cores: 800 VAE steps at 1.4/s + 3,200 flow steps at ~0.53 s; see README;
+Run (CPU, 37 min on 2 cores: 800 VAE steps at 1.4/s + 3,200 flow steps at ~0.51 s; see README;
 it checkpoints and `--resume` continues exactly):
     python pretrain_toy.py --out models/toy-sd3
     python pretrain_toy.py --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
@@ -67,7 +67,7 @@ class PretrainConfig:
     text_dim: int = 64
     latent_channels: int = 8
     save_every: int = 500
-    task_weights: str = "geneval=1,ocr=2,aesthetic=1"   # integer shares of the toy tasks in each batch
+    task_weights: str = "geneval=3,ocr=4,aesthetic=2"   # integer shares of the toy tasks in each batch
     init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
     resume: bool = False
     threads: int = 2
@@ -225,6 +225,7 @@ def main(argv=None):
                         "sched": sched.state_dict(), "step": step + 1, "torch_rng": torch.get_rng_state()},
                        tmp / "state.pt")
             (tmp / "state.pt").replace(ckpt / "state.pt")
+            tmp.rmdir()
     log.close()
 
     # Save the EMA weights as a diffusers pipeline folder, atomically.

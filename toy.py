@@ -20,8 +20,8 @@ strong contrast on a clean, flat background. The pretraining renders of aestheti
 dark gray, gray, a gradient, black with coloured specks), so the pretraining data themselves score
 ~0.46 and RL has room to move; `render_ideal_aesthetic` draws what the judge likes (~1.0) and is
 used only to test the judge. GenEval and OCR renders are exact, so their headroom comes from the
-tiny model's errors (the test sets are mostly position and color_attr prompts, and two-character
-strings absent from the teachers' training prompts). The judge conflicts with GenEval by design: it scores at most 1/2 when there
+tiny model's errors (the GenEval test file takes the six tags in turn, and the OCR test strings are
+absent from the teachers' training prompts). The judge conflicts with GenEval by design: it scores at most 1/2 when there
 are two equal objects and wants one object whose box spans >= 0.6 of the frame at the centre, so
 ground-truth GenEval scenes of 2-4 objects score ~0.15-0.25, while one big centred object fails
 two_object/counting/position prompts.
@@ -46,6 +46,10 @@ Departures from the paper's rewards (section 10), each because the toy world has
     the prompt (README, "The embedded toy world"). Flow-GRPO's OCR strings are longer and placed freely.
  5. Aesthetic: a hand-written preference (`aesthetic_reward`) times a prompt-alignment factor, in
     place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
+ 6. GenEval layouts are fixed slots, not free placement: one object fills the centre box SINGLE_BOX
+    (16 px), 2-4 objects take random slots of a 2x2 grid of 12-px boxes (GRID_SLOTS). With free
+    positions and sizes the 4-layer model drew blobs that the detector could not class (the same
+    lesson as the OCR text's fixed place); GenEval's relations only compare centres, so slots suffice.
 
 Run (CPU, seconds):
   python toy.py --write-datasets            # regenerate data/toy/<task>/ (prompts, metadata, task.json)
@@ -84,6 +88,11 @@ OCR_LENGTH = 2         # characters per OCR string: two 10x14-px glyphs (font sc
 OCR_SCALE = 2
 OCR_JITTER = 0         # px of random shift of the centred OCR text (see the docstring, departure 4)
 OBJECT_GAP = 3         # px between the boxes of rendered objects, so blur does not merge them
+# GenEval scenes are laid out on fixed slots (docstring, departure 6): one object in the centre
+# box, 2-4 objects in the 12-px boxes of a 2x2 grid (4 px apart)
+SINGLE_BOX = (8, 8, 24, 24)
+SLOT_SIZE = 12
+GRID_SLOTS = ((2, 2), (18, 2), (2, 18), (18, 18))   # (x0, y0) of the top-left, top-right, bottom-left, bottom-right
 
 FONT_ROWS = {  # 5x7 glyphs; each touches columns 0 and 4 and rows 0 and 6, so ink extent = cell grid
     "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. #####",
@@ -237,12 +246,14 @@ def render(task, metadata, rng):
         # the true objects, as detections (score 1) that geneval_rules.geneval_score can check
         objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
                    for clause in metadata["include"] for _ in range(clause["count"])]
-        low, high = {1: (10, 17), 2: (8, 14)}.get(len(objects), (7, 11))  # px, smaller when crowded
-        for _ in range(500):  # until GenEval's own rule, on the true objects, accepts the layout
-            boxes = place_boxes(rng.integers(low, high, size=len(objects)), rng)
+        assert 1 <= len(objects) <= len(GRID_SLOTS), f"{metadata['prompt']!r}: 1-{len(GRID_SLOTS)} objects"
+        for _ in range(500):  # random slots until GenEval's own rule, on the true objects, accepts them
+            slots = rng.permutation(len(GRID_SLOTS))[:len(objects)]
+            boxes = [SINGLE_BOX] if len(objects) == 1 else \
+                [(x, y, x + SLOT_SIZE, y + SLOT_SIZE) for x, y in (GRID_SLOTS[k] for k in slots)]
             truth = [dict(obj, box=box) for obj, box in zip(objects, boxes)]
-            if len(boxes) == len(objects) and geneval_score(truth, metadata, threshold=0.0, counting_threshold=0.0,
-                                                            position_margin=RENDER_POSITION_MARGIN)[1]:
+            if geneval_score(truth, metadata, threshold=0.0, counting_threshold=0.0,
+                             position_margin=RENDER_POSITION_MARGIN)[1]:
                 return draw_scene(truth)
         raise AssertionError(f"no layout of {metadata['prompt']!r} satisfies its metadata in 500 tries")
     if task == "ocr":
@@ -504,17 +515,22 @@ def _split_prompts(metadatas, n_test, n_train):
 
 def write_datasets(root="data/toy", seed=0):
     """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl; returns
-    {task: (n_train, n_test)}: geneval (per tag a third, at most 32, to test), ocr 320/80 (distinct
+    {task: (n_train, n_test)}: geneval (per tag a third, at most 32 prompts, to test; the test file
+    interleaves the tags, 32 lines each, repeating prompts of the smaller tags), ocr 320/80 (distinct
     strings), aesthetic 300/60 (of 20 templates x 6 colours x 3 shapes); plus task.json (data.py:
     reward, teacher guidance of paper section 7, evaluation key)."""
     rng = np.random.default_rng(seed)
-    splits = {"geneval": ([], [])}
+    splits, tests = {"geneval": ([], [])}, {}
     for tag in GENEVAL_TAGS:  # per tag: a third (at most 32) to test, the rest (at most 300) to train
         metas = [GENEVAL_SPACE[tag][i] for i in rng.permutation(len(GENEVAL_SPACE[tag]))]
         n_test = min(32, len(metas) // 3)
-        test, train = _split_prompts(metas, n_test, min(300, len(metas) - n_test))
-        splits["geneval"][0].extend(test)
+        tests[tag], train = _split_prompts(metas, n_test, min(300, len(metas) - n_test))
         splits["geneval"][1].extend(train)
+    # test file: the tags in turn, each tag's prompts cycled up to the largest tag's count, so every
+    # prefix (the first --prompts lines) is balanced across tags and a small tag (1 single-object
+    # prompt) is sampled with several seeds, as GenEval samples 4 images per prompt
+    most = max(len(t) for t in tests.values())
+    splits["geneval"][0].extend(tests[tag][k % len(tests[tag])] for k in range(most) for tag in GENEVAL_TAGS)
     texts = []  # OCR: distinct texts, so test strings are never seen in training
     while len(texts) < 80 + 320:  # all 400 two-character strings
         text = _random_text(rng)

@@ -31,7 +31,7 @@ def test_mixed_prompt_set_interleaves_tasks_and_routes_each_prompt_to_its_own_re
     test, test_meta = load_prompts(mixed.dataset, "test")
     train, train_meta = load_prompts(mixed.dataset, "train")
     own = {t.name: load_prompts(t.dataset, "test")[0] for t in tasks}
-    assert sorted(test) == sorted(p for prompts in own.values() for p in prompts)  # every test prompt once
+    assert sorted(test) == sorted(p for prompts in own.values() for p in prompts)  # every test line once
     assert [m["task"] for m in test_meta[:6]] == ["geneval", "ocr", "aesthetic"] * 2
     shares = {t.name: sum(m["task"] == t.name for m in train_meta) for t in tasks}
     assert len(set(shares.values())) == 1 and len(train) == 3 * shares["geneval"]
@@ -48,6 +48,15 @@ def test_sizes_that_would_fail_a_later_stage_fail_first(tmp_path):
     with pytest.raises(SystemExit, match="opd_prompts 3 does not divide over 2"):
         demo.main(["--opd_prompts", "3", "--nproc", "2", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_of_another_base_are_refused_not_skipped(tiny_pipe_dir, tmp_path):
+    saved = tmp_path / "demo" / "teacher-geneval" / "checkpoint" / "run_config.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(json.dumps({"step": 10**6, "base_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(SystemExit, match="another base model"):
+        demo.main(["--quick", "--model", tiny_pipe_dir, "--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo" / "plan.json").exists()
 
 
 def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_dir, tmp_path, capfd):

@@ -136,6 +136,24 @@ def test_mixed_prompt_set_reports_each_subtask_over_its_own_prompts(tiny_pipe_di
     assert res == pytest.approx({"reward": 2.5, "x/reward": 2.0, "y/reward": 3.0})
 
 
+def test_tagged_eval_key_is_the_mean_of_per_tag_means(tiny_pipe_dir, tmp_path):
+    """GenEval's overall score: tags a (3 prompts) and b (1 prompt) weigh the same, whatever their counts."""
+    from harness import Dist
+    from model import FlowModel
+    prompts = ["a", "bb", "ccc", "dddd"]
+    (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "test_metadata.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in zip(prompts, "aaab")))
+
+    def length_reward(images, prompts, metadata):
+        lengths = torch.tensor([float(len(p)) for p in prompts])
+        return lengths, {"strict": (lengths > 2).float()}
+    res = evaluate.evaluate_task(FlowModel.load(tiny_pipe_dir), Task("g", str(tmp_path), "unused", 4.5, "strict"),
+                                 length_reward, Dist("cpu"), None, 4, 2, batch=3)
+    # per tag: a = mean(0, 0, 1) = 1/3, b = 1; overall (1/3 + 1) / 2 = 2/3, not the sample mean 2/4
+    assert res == pytest.approx({"reward": 2.5, "strict": 2 / 3, "strict/a": 1 / 3, "strict/b": 1.0})
+
+
 def _cli_args(tiny_pipe_dir, adapter, runs, out):
     return ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}", "--tasks", "geneval", "aesthetic",
             "--time", f"tuned={runs[0]}+{runs[1]}", "--prompts", "4", "--steps", "3", "--batch", "2",

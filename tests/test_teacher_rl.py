@@ -124,3 +124,10 @@ def test_init_lora_from_another_base_and_foreign_output_dir(tiny_pipe_dir, tmp_p
         teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1", "--lr", "1e-2"))
     with pytest.raises(SystemExit, match="--resume"):
         teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
+    # --resume with new weights under the same --model path: refused, not continued on another base
+    base = tmp_path / "base"
+    build_tiny_pipeline(TinySD3Config(), seed=0).save_pretrained(base)
+    teacher_rl.main(_args(str(base), tmp_path / "moved", "--steps", "1"))
+    build_tiny_pipeline(TinySD3Config(), seed=1).save_pretrained(base)
+    with pytest.raises(SystemExit, match="another base model"):
+        teacher_rl.main(_args(str(base), tmp_path / "moved", "--steps", "2", "--resume"))
