@@ -20,7 +20,8 @@ opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2
 
 teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, at once (one thread each), into ckpts/
 	mkdir -p runs; for t in geneval ocr aesthetic; do rm -rf runs/teacher-$$t; \
-	  OMP_NUM_THREADS=1 $(PY) teacher_rl.py --task $$t --steps 90 --eval_every 30 --save_every 30 \
+	  lr=3e-4; if [ $$t = geneval ]; then lr=1e-3; fi; \
+	  OMP_NUM_THREADS=1 $(PY) teacher_rl.py --task $$t --lr $$lr --steps 90 --eval_every 30 --save_every 30 \
 	    --out runs/teacher-$$t > runs/teacher-$$t.log 2>&1 & \
 	done; wait
 	for t in geneval ocr aesthetic; do \
