@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import load_task, write_mixed_dataset
-from harness import config_dict, parse_config
+from harness import check_same_base, config_dict, parse_config
 from model import default_model_path
 
 ROOT = Path(__file__).resolve().parent
@@ -145,16 +145,17 @@ def launch(cfg: DemoConfig, script: str, args: list[str]) -> None:
 def check_runs_share_the_base(cfg) -> None:
     """Refuse an OUT whose runs were trained on another base: the same --model path can hold new
     weights (a retrained base), and finished runs would otherwise be skipped and reported."""
-    saved = {p.parent.parent.name: json.loads(p.read_text()).get("base_fingerprint")
-             for p in Path(cfg.out).glob("*/checkpoint/run_config.json")}
-    if not any(saved.values()):
+    runs = sorted(p.parent for p in Path(cfg.out).glob("*/checkpoint/run_config.json"))
+    if not runs:
         return
     from model import FlowModel
-    fingerprint = FlowModel.load(cfg.model).fingerprint()
-    stale = sorted(name for name, f in saved.items() if f and f != fingerprint)
-    if stale:
-        raise SystemExit(f"error: {cfg.out} holds runs trained on another base model than {cfg.model} "
-                         f"({', '.join(stale)}); remove {cfg.out} or pass another --out")
+    model = FlowModel.load(cfg.model)
+    try:
+        for run in runs:
+            check_same_base(str(run), model)
+    except ValueError as e:
+        raise SystemExit(f"error: {cfg.out} holds a run of another base model than {cfg.model}: {e}; "
+                         f"remove {cfg.out} or pass another --out") from None
 
 
 def finished(run: Path, steps: int) -> bool:

@@ -96,12 +96,14 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     result = {"reward": all_scores.mean().item()}
     if task.eval_key:
         all_keyed = dist.all_gather(torch.cat(keyed).to(dist.device)).cpu()
-        result[task.eval_key] = all_keyed.mean().item()
         tags = [m.get("tag") for m in metas[:n]]
         if all(tags):  # GenEval: the overall score is the mean of the per-tag means
-            for tag in dict.fromkeys(tags):
-                result[f"{task.eval_key}/{tag}"] = all_keyed[[i for i, g in enumerate(tags) if g == tag]].mean().item()
-            result[task.eval_key] = sum(result[f"{task.eval_key}/{g}"] for g in set(tags)) / len(set(tags))
+            per_tag = {tag: all_keyed[[i for i, g in enumerate(tags) if g == tag]].mean().item()
+                       for tag in dict.fromkeys(tags)}
+            result[task.eval_key] = sum(per_tag.values()) / len(per_tag)
+            result.update({f"{task.eval_key}/{tag}": v for tag, v in per_tag.items()})
+        else:
+            result[task.eval_key] = all_keyed.mean().item()
     subtasks = [m.get("task") for m in metas[:n]]
     if all(subtasks):
         for sub in sorted(set(subtasks)):

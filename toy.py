@@ -87,7 +87,6 @@ RENDER_POSITION_MARGIN = 0.2  # renders satisfy relations at twice GenEval's 0.1
 OCR_LENGTH = 2         # characters per OCR string: two 10x14-px glyphs (font scale 2) fill the 32-px frame
 OCR_SCALE = 2
 OCR_JITTER = 0         # px of random shift of the centred OCR text (see the docstring, departure 4)
-OBJECT_GAP = 3         # px between the boxes of rendered objects, so blur does not merge them
 # GenEval scenes are laid out on fixed slots (docstring, departure 6): one object in the centre
 # box, 2-4 objects in the 12-px boxes of a 2x2 grid (4 px apart)
 SINGLE_BOX = (8, 8, 24, 24)
@@ -153,23 +152,6 @@ def draw_text(image, text, color, x0, y0, scale):
         left = x0 + 6 * scale * k  # pitch: 5 glyph columns + 1 blank column
         image[y0:y0 + 7 * scale, left:left + 5 * scale][glyph] = PALETTE[color]
     return image
-
-
-def place_boxes(sizes, rng, margin=1):
-    """Square boxes of the given sizes inside the image, OBJECT_GAP apart, by sequential rejection
-    sampling (100 tries a box); returns the boxes placed, fewer than asked if the image filled up."""
-    def apart(a, b):
-        return (a[2] + OBJECT_GAP <= b[0] or b[2] + OBJECT_GAP <= a[0] or a[3] + OBJECT_GAP <= b[1]
-                or b[3] + OBJECT_GAP <= a[1])
-    boxes = []
-    for size in sizes:
-        for _ in range(100):
-            x0, y0 = (int(v) for v in rng.integers(margin, IMAGE_SIZE - margin - size + 1, size=2))
-            box = (x0, y0, x0 + int(size), y0 + int(size))
-            if all(apart(box, other) for other in boxes):
-                boxes.append(box)
-                break
-    return boxes
 
 
 # ---------------------------------------------------------------- prompts and renders
@@ -266,7 +248,7 @@ def render(task, metadata, rng):
         return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, OCR_SCALE)
     assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
     size = int(rng.integers(6, 21))
-    (box,) = place_boxes([size], rng)
+    x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - size, size=2))  # 1 px clear of the border
     style = ("black", "dark", "gray", "gradient", "specks")[rng.integers(5)]
     image = draw_scene([], background={"dark": (70, 70, 70), "gray": (120, 120, 120)}.get(style, BACKGROUND))
     if style == "gradient":  # vertical ramp from dark to light gray
@@ -274,8 +256,7 @@ def render(task, metadata, rng):
     if style == "specks":  # 8-16 one-pixel dots of random colours
         for _ in range(rng.integers(8, 17)):
             image[rng.integers(IMAGE_SIZE), rng.integers(IMAGE_SIZE)] = PALETTE[_random_color(rng)]
-    x0, y0, x1, y1 = box
-    image[y0:y1, x0:x1][shape_mask(metadata["shape"], size, size)] = PALETTE[metadata["color"]]
+    image[y0:y0 + size, x0:x0 + size][shape_mask(metadata["shape"], size, size)] = PALETTE[metadata["color"]]
     return image
 
 
