@@ -31,7 +31,8 @@ Departures from Flow-GRPO
    logged (`zero_std_groups`) rather than padded away.
 
 Run:
-    python teacher_rl.py --task geneval --steps 60 --out ckpts/toy-geneval          # CPU, toy world
+    python teacher_rl.py --task geneval --lr 1e-3 --steps 90 --out runs/teacher-geneval  # CPU, toy world
+    make teachers        # the three shipped toy teachers, their flags and times: README, Results
     torchrun --standalone --nproc_per_node=2 teacher_rl.py --task ocr --out runs/ocr
     torchrun --nproc_per_node=8 teacher_rl.py --model stabilityai/stable-diffusion-3.5-medium \\
         --task ocr --dataset dataset/ocr --reward ocr=1 --height 512 --width 512 --out runs/ocr
