@@ -9,7 +9,8 @@ teacher_rl.py and opd.py call during training; the command line evaluates severa
 plus an optional LoRA adapter each) on several tasks and writes, under --out:
     table.md           Table 1: per task the reported metric (GenEval: strict accuracy, the task's
                        eval_key; others: reward), training wall-clock, min-max normalised average
-    table.json         the same for machines, with every metric, the time per run and the protocol
+    table.json         the same for machines, with every metric, the time per run and the protocol;
+                       also the mean of each per-image term the reward reports (e.g. toy_aesthetic/align)
     curves.png         reward against training wall-clock of every run (plots.plot_curves, Fig. 3)
     samples/NAME.png   one grid per model: the first --grid_prompts test prompts of every task
     cache/NAME.json    per-model results, reused on a rerun while the weights and protocol are unchanged
@@ -77,13 +78,14 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
                   guidance: float = 4.5, seed: int = 0, batch: int = 32, grid_path: str | None = None) -> dict:
     """Mean reward (and the task's eval key, e.g. GenEval strict accuracy) over the first
     `n_prompts` test prompts, split across ranks; rank 0 optionally writes a PNG grid.
+    Also the mean of every other per-image term the reward reports (its `info`), under its own name.
     On a mixed prompt set (every metadata names its "task") also "<task>/reward" per sub-task."""
     prompts, metas = load_prompts(task.dataset, "test")
     n = min(n_prompts, len(prompts))
     n -= n % dist.world  # every rank evaluates the same number of prompts
     assert n > 0, f"{task.name}: fewer test prompts than ranks"
     mine = range(*dist.split(n, "evaluation prompts").indices(n))
-    scores, keyed, images = [], [], []
+    scores, keyed, images, terms = [], [], [], {}
     for lo in range(mine.start, mine.stop, batch):
         idx = list(range(lo, min(lo + batch, mine.stop)))
         imgs = eval_images(model, prompts, idx, steps, guidance, seed, adapter)
@@ -91,9 +93,16 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
         scores.append(s)
         keyed.append(info[_info_key(info, task.eval_key)] if task.eval_key else s)
         images.append(imgs.cpu())
+        for k, v in info.items():  # the reward's other per-image terms (e.g. toy_aesthetic/align)
+            if not (task.eval_key and k == _info_key(info, task.eval_key)):
+                terms.setdefault(k, []).append(v.float())
     # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score
     all_scores = dist.all_gather(torch.cat(scores).to(dist.device)).cpu()
     result = {"reward": all_scores.mean().item()}
+    for k, v in terms.items():  # mean of each term; a term that is the score itself is not repeated
+        v = dist.all_gather(torch.cat(v).to(dist.device)).cpu()
+        if not torch.equal(v, all_scores.to(v.dtype)):
+            result[k] = v.mean().item()
     if task.eval_key:
         all_keyed = dist.all_gather(torch.cat(keyed).to(dist.device)).cpu()
         tags = [m.get("tag") for m in metas[:n]]

@@ -154,6 +154,23 @@ def test_tagged_eval_key_is_the_mean_of_per_tag_means(tiny_pipe_dir, tmp_path):
     assert res == pytest.approx({"reward": 2.5, "strict": 2 / 3, "strict/a": 1 / 3, "strict/b": 1.0})
 
 
+def test_reward_terms_are_reported_as_their_means(tiny_pipe_dir, tmp_path):
+    """Each info term is averaged over the same prompts as the reward; the score's own copy is dropped."""
+    from harness import Dist
+    from model import FlowModel
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "test_metadata.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    def length_reward(images, prompts, metadata):
+        lengths = torch.tensor([float(len(p)) for p in prompts])
+        return lengths, {"len": lengths, "len/even": (lengths % 2 == 0).float(), "len/sq": lengths**2}
+    res = evaluate.evaluate_task(FlowModel.load(tiny_pipe_dir), Task("t", str(tmp_path), "unused", 4.5),
+                                 length_reward, Dist("cpu"), None, 4, 2, batch=3)
+    # prompts 1-4: lengths 1, 2, 3, 4
+    assert res == pytest.approx({"reward": 2.5, "len/even": 0.5, "len/sq": 7.5})
+
+
 def _cli_args(tiny_pipe_dir, adapter, runs, out):
     return ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}", "--tasks", "geneval", "aesthetic",
             "--time", f"tuned={runs[0]}+{runs[1]}", "--prompts", "4", "--steps", "3", "--batch", "2",
