@@ -341,6 +341,7 @@ class FlowModel:
         else:
             cfg = self.transformer.peft_config[STUDENT]
             cfg.base_model_name_or_path = getattr(self, "path", self.name)
+            cfg.target_modules = sorted(cfg.target_modules)  # a set: its order changes per process
             cfg.save_pretrained(out)
             save_file(state, out / PEFT_WEIGHTS)
             # diffusers layout: keys "transformer.<module>.lora_A.weight", alpha kept as metadata

@@ -67,6 +67,8 @@ def test_lora_round_trip_bit_exact_and_loads_into_plain_diffusers(tiny_pipe_dir,
     _randomise(tiny_model.add_student_lora(rank=4, alpha=8))
     tiny_model.save_student(tmp_path / "lora", {"task": "demo"})
     assert json.loads((tmp_path / "lora" / "run_config.json").read_text())["task"] == "demo"
+    modules = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 8  # same bytes from every process
     e, x = tiny_model.encode_prompts(["a red cat", "the dog"]), _x(tiny_model)
     v_ref = tiny_model.velocity(x, 0.4, e, 1.0)
 
