@@ -90,11 +90,12 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
         idx = list(range(lo, min(lo + batch, mine.stop)))
         imgs = eval_images(model, prompts, idx, steps, guidance, seed, adapter)
         s, info = reward_fn(imgs, [prompts[i] for i in idx], [metas[i] for i in idx])
+        key = _info_key(info, task.eval_key) if task.eval_key else None
         scores.append(s)
-        keyed.append(info[_info_key(info, task.eval_key)] if task.eval_key else s)
+        keyed.append(info[key] if key else s)
         images.append(imgs.cpu())
         for k, v in info.items():  # the reward's other per-image terms (e.g. toy_aesthetic/align)
-            if not (task.eval_key and k == _info_key(info, task.eval_key)):
+            if k != key:
                 terms.setdefault(k, []).append(v.float())
     # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score
     all_scores = dist.all_gather(torch.cat(scores).to(dist.device)).cpu()

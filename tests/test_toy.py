@@ -329,12 +329,11 @@ def test_committed_datasets_are_current_and_disjoint(tmp_path):
     assert not ocr_texts[0] & ocr_texts[1], "an OCR test string also appears in training"
     # GenEval test file: tags in turn (any prefix of 6k lines has k per tag), 32 lines per tag,
     # holding every test prompt of the tag, small tags repeated; metadata follows its prompt
-    tags = [m["tag"] for m in load_prompts(DATA / "geneval", "test")[1]]
-    assert tags == list(toy.GENEVAL_TAGS) * 32
     test, test_meta = load_prompts(DATA / "geneval", "test")
+    assert [m["tag"] for m in test_meta] == list(toy.GENEVAL_TAGS) * 32
     per_tag = {tag: {p for p, m in zip(test, test_meta) if m["tag"] == tag} for tag in toy.GENEVAL_TAGS}
     assert len(per_tag["single_object"]) == 1 and len(per_tag["position"]) == 32, {k: len(v) for k, v in per_tag.items()}
-    assert len({p for p in test}) == sum(len(v) for v in per_tag.values()) < len(test)
+    assert len(set(test)) == sum(len(v) for v in per_tag.values()) < len(test)
 
 
 def test_load_prompts_errors_and_missing_metadata(tmp_path):
