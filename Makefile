@@ -18,7 +18,7 @@ test: .venv/done  ## the whole test suite (CPU, a few minutes)
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
-teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, one after another on 2 threads (geneval 5 min, ocr and aesthetic 14-15 min), into ckpts/
+teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, one after another on 2 threads (geneval 6 min, ocr and aesthetic 14-15 min), into ckpts/
 	mkdir -p runs; for t in geneval ocr aesthetic; do rm -rf runs/teacher-$$t; \
 	  lr=3e-4; steps=210; if [ $$t = geneval ]; then lr=1e-3; steps=90; fi; \
 	  $(PY) teacher_rl.py --task $$t --lr $$lr --steps $$steps --eval_every 30 --save_every 30 \
