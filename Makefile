@@ -32,16 +32,16 @@ teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, o
 	done
 
 demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
-	$(PY) demo.py
+	$(PY) -m study.demo
 
 pretrain: .venv/done  ## the embedded base model, from scratch (38 min on 2 cores)
-	$(PY) pretrain_toy.py --out models/toy-sd3
+	$(PY) -m toy.pretrain --out models/toy-sd3
 
 samples: .venv/done  ## a grid from the embedded base
 	$(PY) sample.py --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
 		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
 
 bench-gpu: .venv/done  ## README's GPU tables: full-size SD3.5-M transformer, random weights, 1 GPU, no download (~8 min)
-	OUT=runs/bench-gpu PY=$(PY) bash assets/bench-gpu/gpu_check.sh
+	OUT=runs/bench-gpu PY=$(PY) bash bench/gpu_check.sh
 
 .PHONY: venv test opd teachers demo pretrain samples bench-gpu

@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from data import Task, load_prompts, load_task
-from evaluate import evaluate_task
+from evaluate import EVAL_GUIDANCE, evaluate_task
 from harness import Dist, StudentConfig, StudentTrainer, check_same_base, parse_config, step_seed
 from model import FlowModel, TextEmbeds
 from rewards import make_reward
@@ -389,7 +389,7 @@ def main(argv=None):
                 for teacher in teachers:
                     task = teacher.task
                     res = evaluate_task(model, task, rewards[task.name], dist, "student", cfg.eval_prompts,
-                                        cfg.eval_steps, 4.5,
+                                        cfg.eval_steps, EVAL_GUIDANCE,
                                         grid_path=f"{run.path}/samples/step{step + 1:05d}_{task.name}.png")
                     metrics.update({f"eval/{task.name}/{k}": v for k, v in res.items()})
             metrics["sec/eval"] = time.perf_counter() - t0

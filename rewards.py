@@ -21,7 +21,7 @@ Rewards (section 10; s = scores):
   http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
   jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
   hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
-  toy_geneval, toy_ocr, toy_aesthetic   tiny stand-ins implemented in toy.py
+  toy_geneval, toy_ocr, toy_aesthetic   tiny stand-ins implemented in toy/world.py
 
 Options and environment variables (an option wins over its variable, which wins over the default):
   pickscore   model (PICKSCORE_MODEL, yuvalkirstain/PickScore_v1),
@@ -607,15 +607,15 @@ def _imagereward(device, dtype, model="ImageReward-v1.0"):
     return imagereward
 
 
-# -------------------- toy rewards (toy.py): pure functions with the standard signature, no device or options ---
+# -------------------- toy rewards (toy/world.py): pure functions with the standard signature, no device or options ---
 
 
 def _toy(name, function_name):
     @register(name)
     def factory(device, dtype, **options):
         assert not options, f"reward {name!r} takes no options, got {options}"
-        import toy
-        return getattr(toy, function_name)
+        from toy import world
+        return getattr(world, function_name)
     return factory
 
 

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from data import load_prompts, load_task
-from evaluate import evaluate_task
+from evaluate import EVAL_GUIDANCE, evaluate_task
 from harness import Dist, StudentConfig, StudentTrainer, parse_config, step_seed
 from model import FlowModel, default_model_path
 from rewards import make_reward
@@ -220,7 +220,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             with trainer.ema_weights():
                 res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
-                                    4.5, grid_path=f"{run.path}/samples/step{step + 1:05d}.png")
+                                    EVAL_GUIDANCE, grid_path=f"{run.path}/samples/step{step + 1:05d}.png")
             metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
         run.log(metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

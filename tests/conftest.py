@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A saved tiny SD3 pipeline folder (random weights), loadable like an SD3.5 folder."""
-    from model import build_tiny_pipeline
+    from toy.pipeline import build_tiny_pipeline
     path = tmp_path_factory.mktemp("tiny") / "pipe"
     build_tiny_pipeline(seed=0).save_pretrained(path)
     return str(path)

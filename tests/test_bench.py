@@ -1,4 +1,4 @@
-"""bench.py: the FLOP formula against FlopCounterMode, NFE counts against a hand count, and the whole
+"""bench/opd_round.py: the FLOP formula against FlopCounterMode, NFE counts against a hand count, and the whole
 benchmark end to end (tiny model, every optional measurement, a half-precision lever, GRPO steps)."""
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from bench import opd_round as bench
 from harness import Dist
 from model import LORA_TARGETS, FlowModel
 
@@ -152,4 +152,7 @@ def test_levers_change_speed_not_the_gradient(teachers):
         grads[name] = torch.cat([p.grad.flatten() for p in s.trainer.params])
         s.trainer.opt.zero_grad(set_to_none=True)
     for name, g in grads.items():
-        torch.testing.assert_close(g, grads["baseline"], rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order: agreement to 1e-5 of the gradient's norm (elementwise rtol fails
+        # on single tiny coordinates on some CPUs)
+        rel = ((g - grads["baseline"]).norm() / grads["baseline"].norm()).item()
+        assert rel < 1e-5, (name, rel)

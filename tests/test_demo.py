@@ -1,4 +1,4 @@
-"""demo.py: equal compute for the baselines, the mixed prompt set and its per-prompt reward routing,
+"""study/demo.py: equal compute for the baselines, the mixed prompt set and its per-prompt reward routing,
 early errors, and `--quick` end to end on a tiny model, then resumed with nothing left to do.
 
 `pytest tests/test_demo.py` selects these; the end-to-end test takes ~1.5 min on 2 CPU cores."""
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import demo
+from study import demo
 from data import load_prompts, load_task, write_mixed_dataset
 
 
@@ -85,4 +85,4 @@ def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_di
     printed = capfd.readouterr().out
     assert all(f"[skip] {name}" in printed for name in runs) and "[skip] variance" in printed
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")} == logs
-    assert Path(out / "commands.txt").read_text().count("teacher_rl.py") == 7
+    assert Path(out / "commands.txt").read_text().count("-m teacher_rl ") == 7

@@ -1,4 +1,4 @@
-"""evaluate.py and plots.py: the normalised average and the time sum against hand computations, the
+"""evaluate.py, study/table.py and study/plots.py: the normalised average and the time sum against hand computations, the
 table format, written figures, deterministic per-prompt seeding, the cache, and 1 vs 2 ranks."""
 import json
 import os
@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import evaluate
-import plots
+from study import plots
+from study import table as table_cli
 from data import Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,8 @@ def test_minmax_average_against_a_hand_computation():
              [0.6, 10.0, 5.0],
              [0.5, 20.0, 5.0]]
     # column 0: (0, 1, 0.75); column 1: (1, 0, 0.5); column 2 is constant and left out
-    assert evaluate.minmax_average(table) == pytest.approx([0.5, 0.5, 0.625])
-    assert evaluate.minmax_average([[1.0, 2.0], [1.0, 2.0]]) == [None, None]
+    assert table_cli.minmax_average(table) == pytest.approx([0.5, 0.5, 0.625])
+    assert table_cli.minmax_average([[1.0, 2.0], [1.0, 2.0]]) == [None, None]
 
 
 def _write_run(path: Path, records, task=None):
@@ -41,12 +42,12 @@ def test_training_time_sums_sec_fields_without_eval_and_chains(tmp_path):
     ], task="ocr")
     b = _write_run(tmp_path / "b", [{"step": 0, "sec/rollout": 6.0, "sec/teacher": 6.0, "sec/optimizer": 12.0}])
     assert plots.run_seconds(a) == pytest.approx(150.0)
-    assert evaluate.chain_minutes([a, b]) == pytest.approx({a: 2.5, b: 0.4})
+    assert table_cli.chain_minutes([a, b]) == pytest.approx({a: 2.5, b: 0.4})
     assert [r["step"] for r in plots.read_metrics(a)] == [0, 1]
 
 
 def test_table_format():
-    md = evaluate.format_table(["base", "opd"], ["geneval strict", "ocr reward"], [[0.5, 0.25], [0.75, 0.125]],
+    md = table_cli.format_table(["base", "opd"], ["geneval strict", "ocr reward"], [[0.5, 0.25], [0.75, 0.125]],
                                [None, 12.25], [0.5, None])
     assert md == ("| model | time (min) | geneval strict | ocr reward | avg (min-max norm.) |\n"
                   "|---|---:|---:|---:|---:|\n"
@@ -57,12 +58,12 @@ def test_table_format():
 def test_parse_models_resolves_run_directories_and_rejects_bad_specs(tmp_path):
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint" / "adapter_config.json").write_text("{}")
-    spec = evaluate.parse_models([f"s=base+{tmp_path / 'run'}", "b=base"])
+    spec = table_cli.parse_models([f"s=base+{tmp_path / 'run'}", "b=base"])
     assert spec[0].adapter == str(tmp_path / "run" / "checkpoint") and spec[1].adapter is None
     for bad, message in [(["nobase"], "NAME=BASE"), (["x=base", "x=base"], "twice"),
                          ([f"x=base+{tmp_path}"], "neither a PEFT")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            evaluate.parse_models(bad)
+            table_cli.parse_models(bad)
 
 
 def _is_png(path) -> bool:
@@ -191,14 +192,14 @@ def cli_inputs(tiny_pipe_dir, tmp_path_factory):
 def test_cli_writes_table_json_curves_and_grids_and_reuses_its_cache(tiny_pipe_dir, tmp_path, cli_inputs,
                                                                     monkeypatch):
     adapter, runs = cli_inputs
-    table = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
+    table = table_cli.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
     models = {m["name"]: m for m in table["models"]}
     assert models["tuned"]["train_minutes"] == pytest.approx(2.0) and models["base"]["train_minutes"] is None
     for m in models.values():  # GenEval reports its eval key (strict), the others their reward
         assert m["columns"] == {"geneval": m["scores"]["geneval"]["strict"],
                                 "aesthetic": m["scores"]["aesthetic"]["reward"]}
     values = [[m["columns"]["geneval"], m["columns"]["aesthetic"]] for m in table["models"]]
-    assert [m["avg_minmax"] for m in table["models"]] == evaluate.minmax_average(values)
+    assert [m["avg_minmax"] for m in table["models"]] == table_cli.minmax_average(values)
     md = (tmp_path / "table.md").read_text()
     assert "| model | time (min) | geneval strict | aesthetic reward | avg (min-max norm.) |" in md
     assert "| tuned | 2 |" in md and "| base | - |" in md
@@ -207,8 +208,8 @@ def test_cli_writes_table_json_curves_and_grids_and_reuses_its_cache(tiny_pipe_d
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached model was evaluated again")
-    monkeypatch.setattr(evaluate, "evaluate_task", fail)
-    again = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
+    monkeypatch.setattr(table_cli, "evaluate_task", fail)
+    again = table_cli.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
     assert again == table
 
 
@@ -218,14 +219,14 @@ def test_cli_errors_before_loading_anything(tiny_pipe_dir, tmp_path, cli_inputs)
                            (["--datasets", "nope=/x"], "not in --tasks"),
                            (["--time", f"tuned={tmp_path}"], "no metrics.jsonl")]:
         with pytest.raises(SystemExit, match=message):
-            evaluate.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"), *extra])
+            table_cli.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"), *extra])
 
 
 def test_two_ranks_give_the_same_table_as_one(tiny_pipe_dir, tmp_path, cli_inputs):
     adapter, runs = cli_inputs
-    one = evaluate.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "one"))
+    one = table_cli.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "one"))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "evaluate.py"), *_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "two")],
+                    "-m", "study.table", *_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "two")],
                    check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     two = json.loads((tmp_path / "two" / "table.json").read_text())
     for m1, m2 in zip(one["models"], two["models"]):

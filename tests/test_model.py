@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from model import STUDENT, FlowModel, TinySD3Config, build_tiny_pipeline
+from model import STUDENT, FlowModel
+from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 
 def _x(model, b=2, seed=0):

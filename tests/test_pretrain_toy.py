@@ -1,4 +1,4 @@
-"""pretrain_toy.py: a tiny run saves a pipeline that model.py loads, resume after a kill is exact,
+"""toy/pretrain.py: a tiny run saves a pipeline that model.py loads, resume after a kill is exact,
 a second stage (--init) keeps the first stage's VAE, and --task_weights shapes the batches."""
 import json
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pretrain_toy
-import toy
+from toy import pretrain as pretrain_toy
+from toy import world as toy
 from model import FlowModel
 
 TINY = ["--vae_steps", "2", "--batch", "4", "--layers", "1", "--heads", "2", "--head_dim", "8",
@@ -24,7 +24,7 @@ def test_tiny_run_saves_a_pipeline_that_model_py_loads(tmp_path):
     model = FlowModel.load(str(tmp_path / "m"))
     assert model.transformer.config.num_layers == 1 and model.vae.config.latent_channels == 4
     info = json.loads((tmp_path / "m" / "PRETRAIN.json").read_text())
-    assert info["command"].startswith("python pretrain_toy.py") and info["config"]["steps"] == 2
+    assert info["command"].startswith("python -m toy.pretrain") and info["config"]["steps"] == 2
     assert len((tmp_path / "m" / "pretrain_metrics.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "m.tmp").exists()
 

@@ -113,7 +113,8 @@ def test_missing_or_empty_prompt_file(tiny_pipe_dir, tmp_path):
 
 
 def test_init_lora_from_another_base_and_foreign_output_dir(tiny_pipe_dir, tmp_path):
-    from model import FlowModel, TinySD3Config, build_tiny_pipeline
+    from model import FlowModel
+    from toy.pipeline import TinySD3Config, build_tiny_pipeline
     other = FlowModel(build_tiny_pipeline(TinySD3Config(), seed=1))  # same shapes, other weights
     other.add_student_lora(rank=4, alpha=8)
     other.save_student(tmp_path / "foreign")

@@ -1,4 +1,4 @@
-"""toy.py: ground-truth renders score high (also blurred and noisy), junk scores low, each GenEval
+"""toy/world.py: ground-truth renders score high (also blurred and noisy), junk scores low, each GenEval
 clause, every glyph and the aesthetic ordering pinned by hand-made images, deterministic data files."""
 import json
 from pathlib import Path
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rewards
-import toy
+from toy import world as toy
 from data import load_prompts, load_task
-from toy import (CHARSET, GENEVAL_SPACE, IMAGE_SIZE, TASKS, aesthetic_reward, detect_objects, draw_scene,
+from toy.world import (CHARSET, GENEVAL_SPACE, IMAGE_SIZE, TASKS, aesthetic_reward, detect_objects, draw_scene,
                  draw_text, geneval_reward, ocr_reward, read_text, render, render_ideal_aesthetic, sample_batch,
                  write_datasets)
 

@@ -1,9 +1,8 @@
 """One student pass of the SD3.5-M transformer (random weights, bf16, LoRA r 32, 6 rows at 512 px): forward
 with and without the LoRA, fp32 vs bf16 LoRA weights, forward + backward, and a torch.profiler table of
-one forward + backward. Run from the repository root: python assets/bench-gpu/prof.py (CPU: 2 layers)."""
-import sys, time, torch
-sys.path.insert(0, ".")
-import bench
+one forward + backward. Run from the repository root: python -m bench.prof (CPU: 2 layers)."""
+import time, torch
+from bench import opd_round as bench
 from model import FlowModel, STUDENT
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 layers, H, B, T = (24, 512, 6, 128) if dev == "cuda" else (2, 64, 2, 8)

@@ -65,10 +65,11 @@ import torch
 
 import opd
 from data import load_prompts, load_task
-from evaluate import evaluate_task
+from evaluate import EVAL_GUIDANCE, evaluate_task
 from harness import Dist, StudentTrainer, parse_config
-from model import LORA_TARGETS, STUDENT, FlowModel, TinySD3Config, build_tiny_pipeline
+from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout
+from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -463,7 +464,7 @@ def evaluation(s: Setup, cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     t0 = opd.clock(dist.device)
     for teacher in s.teachers:
         evaluate_task(s.model, teacher.task, s.rewards[teacher.task.name], dist, STUDENT, cfg.eval_prompts,
-                      cfg.eval_steps, 4.5)
+                      cfg.eval_steps, EVAL_GUIDANCE)
     sec = opd.clock(dist.device) - t0
     net = meter.take()
     images = sum(min(cfg.eval_prompts, len(load_prompts(t.task.dataset, "test")[0])) // dist.world for t in s.teachers)

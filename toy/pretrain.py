@@ -1,6 +1,6 @@
-"""Pretrain the embedded tiny text-to-image base model on the toy world (toy.py), from scratch, on CPU.
+"""Pretrain the embedded tiny text-to-image base model on the toy world (toy/world.py), from scratch, on CPU.
 
-Builds an SD3-architecture pipeline (model.build_tiny_pipeline: SD3Transformer2DModel, AutoencoderKL,
+Builds an SD3-architecture pipeline (toy.pipeline.build_tiny_pipeline: SD3Transformer2DModel, AutoencoderKL,
 two CLIP text encoders and a T5 encoder, all tiny) and trains it in two phases:
   A. the VAE (32x32 RGB -> 16x16x8 latents) on toy renders: L1 + a small KL term;
   B. the transformer and the text encoders jointly with the rectified-flow loss of paper section 2,
@@ -23,9 +23,9 @@ global RNG (the T5 encoder's dropout draws from it); each batch is a pure functi
 
 Run (CPU, 37 min on 2 cores: 800 VAE steps at 1.4/s + 3,200 flow steps at ~0.51 s; see README;
 it checkpoints and `--resume` continues exactly):
-    python pretrain_toy.py --out models/toy-sd3
-    python pretrain_toy.py --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
-    python pretrain_toy.py --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
+    python -m toy.pretrain --out models/toy-sd3
+    python -m toy.pretrain --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
+    python -m toy.pretrain --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import toy
+from toy import world
 from data import TOY_DATA, load_prompts
 from harness import atomic_replace_dir, parse_config
-from model import TinySD3Config, build_tiny_pipeline
+from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 
 @dataclass
@@ -77,24 +77,24 @@ def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
     """Whole words of the toy prompts (the T5 tokenizer keeps them as single tokens)."""
     rng = np.random.default_rng(seed)
     words = set()
-    for task in toy.TASKS:
-        for _ in range(n // len(toy.TASKS)):
-            prompt, _ = toy.sample_scene(task, rng)
+    for task in world.TASKS:
+        for _ in range(n // len(world.TASKS)):
+            prompt, _ = world.sample_scene(task, rng)
             words.update(w for w in prompt.replace('"', " ").split() if w.isalpha() and w.islower())
     return sorted(words)
 
 
 def held_out_prompts() -> set[str]:
-    return {p for task in toy.TASKS for p in load_prompts(TOY_DATA / task, "test")[0]}
+    return {p for task in world.TASKS for p in load_prompts(TOY_DATA / task, "test")[0]}
 
 
 def task_shares(spec: str) -> tuple[str, ...]:
-    """"geneval=1,ocr=2" -> ("geneval", "ocr", "ocr"): toy.sample_batch draws tasks uniformly from it."""
+    """"geneval=1,ocr=2" -> ("geneval", "ocr", "ocr"): world.sample_batch draws tasks uniformly from it."""
     shares = []
     for item in spec.split(","):
         name, _, weight = item.partition("=")
-        if name not in toy.TASKS or not weight.isdigit():
-            raise SystemExit(f"error: --task_weights {spec!r}: expected task=integer with tasks in {toy.TASKS}")
+        if name not in world.TASKS or not weight.isdigit():
+            raise SystemExit(f"error: --task_weights {spec!r}: expected task=integer with tasks in {world.TASKS}")
         shares += [name] * int(weight)
     if not shares:
         raise SystemExit(f"error: --task_weights {spec!r} gives every task weight 0")
@@ -104,7 +104,7 @@ def task_shares(spec: str) -> tuple[str, ...]:
 def batch_at(cfg, step: int, exclude: set[str]):
     """The training batch of `step`, a pure function of (seed, step) so resume is exact."""
     rng = np.random.default_rng([cfg.seed, step])
-    images, prompts, _ = toy.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights), exclude_prompts=exclude)
+    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights), exclude_prompts=exclude)
     drop = rng.random(cfg.batch) < cfg.caption_dropout
     return images, ["" if d else p for p, d in zip(prompts, drop)], rng
 
@@ -142,7 +142,7 @@ def main(argv=None):
     exclude = held_out_prompts()
     tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
                          clip_dim=cfg.text_dim // 2, clip_max_len=24, t5_max_len=24,
-                         latent_channels=cfg.latent_channels, image_size=toy.IMAGE_SIZE,
+                         latent_channels=cfg.latent_channels, image_size=world.IMAGE_SIZE,
                          words=tuple(vocabulary()))
     if cfg.init and not (Path(cfg.init) / "model_index.json").exists():
         raise SystemExit(f"error: --init {cfg.init}: not a pipeline folder (no model_index.json)")
@@ -236,7 +236,7 @@ def main(argv=None):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    command = "python pretrain_toy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m toy.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
     (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
     shutil.copy(metrics, tmp / "pretrain_metrics.jsonl")  # loss and seconds of every flow step
     atomic_replace_dir(tmp, out)

@@ -51,7 +51,7 @@ from data import load_task, write_mixed_dataset
 from harness import check_same_base, config_dict, parse_config
 from model import default_model_path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
 
 
 @dataclass
@@ -131,11 +131,11 @@ def check(cfg: DemoConfig) -> None:
 
 # ---------------------------------------------------------------------- the mixed prompt set
 # ---------------------------------------------------------------------- running the scripts
-def launch(cfg: DemoConfig, script: str, args: list[str]) -> None:
-    """Run a script in a fresh process (torchrun with cfg.nproc processes when > 1); log the command."""
+def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
+    """Run `python -m module` in a fresh process (torchrun with cfg.nproc processes when > 1); log the command."""
     launcher = [sys.executable] if cfg.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
-    cmd = [*launcher, str(ROOT / script), *args]
+    cmd = [*launcher, "-m", module, *args]
     print("\n$ " + shlex.join(cmd), flush=True)
     with open(Path(cfg.out) / "commands.txt", "a") as f:
         f.write(f"OMP_NUM_THREADS={cfg.threads} " + shlex.join(cmd) + "\n")
@@ -164,27 +164,27 @@ def finished(run: Path, steps: int) -> bool:
     return saved.is_file() and json.loads(saved.read_text()).get("step", 0) >= steps
 
 
-def train(cfg: DemoConfig, script: str, name: str, steps: int, args: list[str]) -> Path:
-    """Run `script` into OUT/name unless it is finished; --resume continues an interrupted run."""
+def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) -> Path:
+    """Run `module` into OUT/name unless it is finished; --resume continues an interrupted run."""
     run = Path(cfg.out) / name
     if finished(run, steps):
         print(f"[skip] {name}: {steps} steps done", flush=True)
         return run
     every = max(1, steps // cfg.evals_per_run)
-    launch(cfg, script, [*args, "--model", cfg.model, "--steps", str(steps), "--num_steps", str(cfg.num_steps),
+    launch(cfg, module, [*args, "--model", cfg.model, "--steps", str(steps), "--num_steps", str(cfg.num_steps),
                          "--eval_every", str(every), "--save_every", str(every), "--eval_prompts",
                          str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps), "--out", str(run), "--resume"])
-    assert finished(run, steps), f"{script} ended without a checkpoint of {steps} steps in {run}"
+    assert finished(run, steps), f"{module} ended without a checkpoint of {steps} steps in {run}"
     return run
 
 
 def grpo(cfg: DemoConfig, name: str, steps: int, *args: str) -> Path:
-    return train(cfg, "teacher_rl.py", name, steps, [*args, "--batch", str(cfg.teacher_batch),
+    return train(cfg, "teacher_rl", name, steps, [*args, "--batch", str(cfg.teacher_batch),
                                                      "--group_size", str(cfg.group_size)])
 
 
 def distil(cfg: DemoConfig, name: str, steps: int, teachers: list[Path], *args: str) -> Path:
-    return train(cfg, "opd.py", name, steps, ["--teachers", *[str(t / "checkpoint") for t in teachers],
+    return train(cfg, "opd", name, steps, ["--teachers", *[str(t / "checkpoint") for t in teachers],
                                               "--prompts_per_batch", str(cfg.opd_prompts), *args])
 
 
@@ -204,7 +204,7 @@ def gradient_variance(cfg: DemoConfig, teachers: list[Path]) -> dict:
             str(cfg.opd_prompts), "--num_steps", str(cfg.num_steps)]
     print("\n$ opd.main(" + shlex.join(args) + ")", flush=True)
     with open(Path(cfg.out) / "commands.txt", "a") as f:
-        f.write(f"OMP_NUM_THREADS={cfg.threads} {shlex.join([sys.executable, str(ROOT / 'opd.py'), *args])}\n")
+        f.write(f"OMP_NUM_THREADS={cfg.threads} {shlex.join([sys.executable, '-m', 'opd', *args])}\n")
     torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as scratch:  # the measurement trains nothing: its run directory is dropped
         result = {**setting, **opd.main([*args, "--out", scratch])}
@@ -254,11 +254,11 @@ def main(argv=None) -> dict:
               "opd": f"{cfg.model}+{opd_run}"}
     times = {**{f"teacher-{t.name}": [r] for t, r in zip(tasks, teachers)}, "joint-grpo": [joint],
              "cascade-grpo": cascade, "opd": [*teachers, opd_run]}
-    launch(cfg, "evaluate.py", ["--models", *[f"{k}={v}" for k, v in models.items()],
+    launch(cfg, "study.table", ["--models", *[f"{k}={v}" for k, v in models.items()],
                                 "--time", *[f"{k}={'+'.join(map(str, v))}" for k, v in times.items()],
                                 "--tasks", *cfg.tasks, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
-    from plots import plot_ablation
+    from study.plots import plot_ablation
     a = cfg.ablation_noise
     plot_ablation([(f"closed form vs PPO-style (a = {a})", {"closed form": str(sde), "PPO-style": str(ppo)}),
                    ("ODE vs SDE (closed form)", {"ODE (a = 0)": str(opd_run), f"SDE (a = {a})": str(sde)})],

@@ -52,8 +52,8 @@ Departures from the paper's rewards (section 10), each because the toy world has
     lesson as the OCR text's fixed place); GenEval's relations only compare centres, so slots suffice.
 
 Run (CPU, seconds):
-  python toy.py --write-datasets            # regenerate data/toy/<task>/ (prompts, metadata, task.json)
-  python toy.py --grid toy_grid.png         # PNG grid of ground-truth renders with captions
+  python -m toy.world --write-datasets        # regenerate data/toy/<task>/ (prompts, metadata, task.json)
+  python -m toy.world --grid toy_grid.png    # PNG grid of ground-truth renders with captions
   python -m pytest tests/test_toy.py -q
 """
 import argparse
@@ -564,7 +564,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
     args = parser.parse_args()
-    assert args.write_datasets or args.grid, "nothing to do: pass --write-datasets and/or --grid PATH"
+    if not (args.write_datasets or args.grid):
+        parser.error("nothing to do: pass --write-datasets and/or --grid PATH")
     if args.write_datasets:
         for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
             print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")

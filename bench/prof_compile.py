@@ -1,10 +1,9 @@
 """One student pass of the SD3.5-M transformer (random weights, bf16, LoRA r 32, 512 px), forward and
 forward + backward at 6 and 24 rows, eager vs FlowModel.compile_blocks (regional torch.compile); MFU
 against a bf16 matmul rate measured in the same run. Run from the repository root:
-python assets/bench-gpu/prof_compile.py"""
-import sys, time, torch
-sys.path.insert(0, ".")
-import bench
+python -m bench.prof_compile"""
+import time, torch
+from bench import opd_round as bench
 from model import FlowModel, STUDENT
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 layers, H, T = (24, 512, 128) if dev == "cuda" else (2, 64, 8)

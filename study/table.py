@@ -1,0 +1,259 @@
+"""The paper's Table 1 in miniature (section 9): evaluate several models on several tasks with the
+protocol of evaluate.py, and write, under --out:
+    table.md           per task the reported metric (GenEval: strict accuracy, the task's eval_key;
+                       others: reward), training wall-clock, min-max normalised average
+    table.json         the same for machines, with every metric, the time per run and the protocol;
+                       also the mean of each per-image term the reward reports (e.g. toy_aesthetic/align)
+    curves.png         reward against training wall-clock of every run (study.plots.plot_curves, Fig. 3)
+    samples/NAME.png   one grid per model: the first --grid_prompts test prompts of every task
+    cache/NAME.json    per-model results, reused on a rerun while the weights and protocol are unchanged
+
+Normalised average (Table 1's last column): every task column is min-max normalised over the compared
+models, n_mc = (v_mc - min_m' v_m'c) / (max_m' v_m'c - min_m' v_m'c), then averaged over columns.
+
+Departures from the paper
+1. A column where all models score the same separates none of them; it is left out of the average
+   (the paper never meets this case), and the average is "-" when every column is left out.
+2. Time is the training wall-clock read from the runs' metrics.jsonl (study.plots: sec/* of each step
+   summed without sec/eval), in minutes; `--time NAME=RUN+RUN` sums a chain run one after another
+   on one machine (the paper adds the teachers' time, trained in parallel, as "85.8 + 11.3").
+
+Run:
+    python -m study.table --models base=models/toy-sd3 opd=models/toy-sd3+runs/opd --out runs/eval   # CPU
+    torchrun --standalone --nproc_per_node=2 -m study.table --models base=models/toy-sd3 \\
+        geneval=models/toy-sd3+runs/demo/teacher-geneval opd=models/toy-sd3+runs/demo/opd \\
+        --time geneval=runs/demo/teacher-geneval \\
+               opd=runs/demo/teacher-geneval+runs/demo/teacher-ocr+runs/demo/teacher-aesthetic+runs/demo/opd \\
+        --tasks geneval ocr aesthetic --out runs/demo/results
+    python -m study.table --models sd35=stabilityai/stable-diffusion-3.5-medium \\
+        student=stabilityai/stable-diffusion-3.5-medium+DiffusionOPD/Student/lora --tasks geneval \\
+        --datasets geneval=dataset/geneval --prompts 2212 --batch 16       # 1 GPU, SD3.5-M
+    (dataset/geneval/task.json: {"reward": "geneval=1", "eval_key": "strict"}; see data.py)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import Task, load_prompts, load_task
+from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task
+from harness import Dist, check_same_base, config_dict, parse_config
+from model import FlowModel
+from rewards import make_reward
+
+
+# ---------------------------------------------------------------------- Table 1
+def minmax_average(table: list[list[float]]) -> list[float | None]:
+    """Rows = models, columns = tasks: avg_m = mean_c (v_mc - min_c) / (max_c - min_c) over the
+    columns that separate the models (max_c > min_c); None where no column does (departure 1)."""
+    assert table and all(len(row) == len(table[0]) for row in table), f"ragged table {table}"
+    columns = [c for c in range(len(table[0])) if max(r[c] for r in table) > min(r[c] for r in table)]
+    if not columns:
+        return [None] * len(table)
+    lo = {c: min(r[c] for r in table) for c in columns}
+    hi = {c: max(r[c] for r in table) for c in columns}
+    return [sum((row[c] - lo[c]) / (hi[c] - lo[c]) for c in columns) / len(columns) for row in table]
+
+
+def format_table(names: list[str], metrics: list[str], values: list[list[float]], minutes: list[float | None],
+                 averages: list[float | None]) -> str:
+    """Markdown rows shaped like the paper's Table 1: model | time | one column per task | avg."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    lines = ["| model | time (min) | " + " | ".join(metrics) + " | avg (min-max norm.) |",
+             "|---|---:|" + "---:|" * len(metrics) + "---:|"]
+    for name, row, minute, avg in zip(names, values, minutes, averages):
+        lines.append(f"| {name} | {num(minute, '.3g')} | " + " | ".join(num(v, '.3f') for v in row)
+                     + f" | {num(avg, '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def chain_minutes(runs: list[str]) -> dict[str, float]:
+    """Training minutes of each run of a chain (plots.run_seconds: sec/* summed, sec/eval left out)."""
+    from study.plots import run_seconds
+    return {run: run_seconds(run) / 60 for run in runs}
+
+
+# ---------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    name: str
+    base: str                   # diffusers pipeline folder or hub id
+    adapter: str | None         # PEFT LoRA folder (a run directory resolves to its checkpoint/)
+
+
+def resolve_adapter(path: str) -> str:
+    """A PEFT LoRA folder, or a teacher_rl.py / opd.py run directory -> its checkpoint/ folder."""
+    p = Path(path)
+    for folder in (p, p / "checkpoint"):
+        if (folder / "adapter_config.json").is_file():
+            return str(folder)
+    raise FileNotFoundError(f"adapter {path} is neither a PEFT LoRA folder nor a run directory with "
+                            "checkpoint/adapter_config.json")
+
+
+def parse_models(items: list[str]) -> list[ModelSpec]:
+    """["NAME=BASE[+ADAPTER]", ...] -> specs; adapters resolved, names unique."""
+    specs = []
+    for item in items:
+        name, eq, value = item.partition("=")
+        base, _, adapter = value.partition("+")
+        if not eq or not name or not base:
+            raise ValueError(f"--models expects NAME=BASE[+ADAPTER], got {item!r}")
+        if any(s.name == name for s in specs):
+            raise ValueError(f"--models: name {name!r} given twice")
+        specs.append(ModelSpec(name, base, resolve_adapter(adapter) if adapter else None))
+    return specs
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cache_key(spec: ModelSpec, cfg) -> dict:
+    """What a cached result depends on: the weights (adapter file hash) and the protocol."""
+    return {"base": spec.base, "adapter": spec.adapter,
+            "adapter_sha256": _sha256(Path(spec.adapter) / "adapter_model.safetensors") if spec.adapter else None,
+            "prompts": cfg.prompts, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed}
+
+
+# ---------------------------------------------------------------------- command line
+@dataclass
+class EvalConfig:
+    """Evaluate models on tasks: Table 1 (Markdown + JSON), reward curves and sample grids."""
+    models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER]; ADAPTER: PEFT folder or run dir
+    tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
+    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> (its task.json)
+    time: list[str] = field(default_factory=list)       # NAME=RUN[+RUN...]: training time, chain summed
+    curves: list[str] = field(default_factory=list)     # NAME=RUN[+RUN...] to plot; default: the --time chains
+    out: str = "runs/eval"
+    prompts: int = 64                   # first test prompts of each task
+    steps: int = EVAL_STEPS             # ODE steps (paper: 40)
+    guidance: float = EVAL_GUIDANCE     # CFG (paper: 4.5)
+    seed: int = 0                       # prompt i uses seed + i
+    batch: int = 32                     # images per forward, per rank
+    grid_prompts: int = 8               # per task in each model's sample grid
+    device: str = "auto"
+
+
+def validate(cfg: EvalConfig):
+    """Every bad input fails here with a one-line error, before any model loads."""
+    from study.plots import parse_named, read_metrics
+    try:
+        models = parse_models(cfg.models)
+        if not models:
+            raise ValueError("no models given (--models NAME=BASE[+ADAPTER] ...)")
+        datasets = {k: v[0] for k, v in parse_named(cfg.datasets, "--datasets").items()}
+        unknown = sorted(set(datasets) - set(cfg.tasks))
+        if unknown:
+            raise ValueError(f"--datasets names tasks {unknown} not in --tasks {cfg.tasks}")
+        tasks = [load_task(name, datasets.get(name, "")) for name in cfg.tasks]
+        for task in tasks:
+            load_prompts(task.dataset, "test")
+        times = parse_named(cfg.time, "--time")
+        stray = sorted(set(times) - {m.name for m in models})
+        if stray:
+            raise ValueError(f"--time names {stray} that are not models ({[m.name for m in models]})")
+        curves = parse_named(cfg.curves, "--curves") if cfg.curves else times
+        for run in {r for chain in list(times.values()) + list(curves.values()) for r in chain}:
+            read_metrics(run)
+        return models, tasks, times, curves
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict, cfg: EvalConfig, dist,
+                   loaded: dict) -> dict:
+    """{task: evaluate_task result} for one model, from cache/NAME.json where the key still matches;
+    rank 0 writes samples/NAME.png when anything was (re)evaluated or the grid is missing."""
+    from study.plots import save_sample_grid
+    out = Path(cfg.out)
+    cache_file, grid_file = out / "cache" / f"{spec.name}.json", out / "samples" / f"{spec.name}.png"
+    key = cache_key(spec, cfg)
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    old = cached.get("tasks", {}) if cached.get("key") == key else {}
+    results = {t.name: old[t.name] for t in tasks
+               if t.name in old and (old[t.name]["dataset"], old[t.name]["reward"]) == (t.dataset, t.reward)}
+    todo = [task for task in tasks if task.name not in results]
+    if not todo and grid_file.is_file():
+        return {t: r["result"] for t, r in results.items()}
+    if spec.base not in loaded:
+        loaded[spec.base] = FlowModel.load(spec.base, device=dist.device)
+    model, adapter = loaded[spec.base], None
+    if spec.adapter:
+        check_same_base(spec.adapter, model)
+        adapter = f"model{index}"
+        if not model.has_adapter(adapter):
+            model.load_lora(spec.adapter, adapter)
+    for task in todo:
+        res = evaluate_task(model, task, rewards[task.name], dist, adapter, cfg.prompts, cfg.steps,
+                            cfg.guidance, cfg.seed, cfg.batch)
+        results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res}
+        if dist.is_main:
+            print(f"{spec.name} on {task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+    if dist.is_main:
+        rows = {}
+        for task in tasks:
+            prompts, _ = load_prompts(task.dataset, "test")
+            idx = list(range(min(cfg.grid_prompts, len(prompts))))
+            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, cfg.guidance, cfg.seed, adapter),
+                               [prompts[i] for i in idx])
+        save_sample_grid(rows, str(grid_file), f"{spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else "")
+                         + f"  (ODE {cfg.steps} steps, CFG {cfg.guidance}, prompt i seeded {cfg.seed} + i)")
+        cache_file.write_text(json.dumps({"key": key, "tasks": results}, indent=2))
+    dist.barrier()
+    return {t: r["result"] for t, r in results.items()}
+
+
+def main(argv=None) -> dict:
+    from study.plots import plot_curves
+    cfg = parse_config(EvalConfig, argv)
+    models, tasks, times, curves = validate(cfg)
+    dist = Dist(cfg.device)
+    out = Path(cfg.out)
+    if dist.is_main:
+        for sub in ("cache", "samples"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=2))
+    dist.barrier()
+    rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
+    try:
+        scores = {spec.name: evaluate_model(spec, i, tasks, rewards, cfg, dist, loaded) for i, spec in enumerate(models)}
+    except (ValueError, FileNotFoundError) as e:  # e.g. an adapter trained on another base
+        raise SystemExit(f"error: {e}") from None
+
+    # ---- Table 1: the task's eval key (GenEval: strict) or its reward; time; normalised average
+    metrics = [f"{t.name} {t.eval_key or 'reward'}" for t in tasks]
+    values = [[scores[m.name][t.name][t.eval_key or "reward"] for t in tasks] for m in models]
+    averages = minmax_average(values)
+    parts = {m.name: chain_minutes(times[m.name]) for m in models if m.name in times}
+    minutes = [sum(parts[m.name].values()) if m.name in parts else None for m in models]
+    table = {
+        "protocol": {"sampler": "ODE", "steps": cfg.steps, "guidance": cfg.guidance, "prompts": cfg.prompts,
+                     "seed": cfg.seed, "seeding": "prompt i uses seed + i"},
+        "tasks": [{"name": t.name, "metric": t.eval_key or "reward", "dataset": t.dataset, "reward": t.reward}
+                  for t in tasks],
+        "models": [{"name": m.name, "base": m.base, "adapter": m.adapter, "scores": scores[m.name],
+                    "columns": dict(zip([t.name for t in tasks], row)), "avg_minmax": avg,
+                    "train_minutes": minute, "train_minutes_per_run": parts.get(m.name)}
+                   for m, row, avg, minute in zip(models, values, averages, minutes)],
+    }
+    if dist.is_main:
+        md = format_table([m.name for m in models], metrics, values, minutes, averages)
+        (out / "table.md").write_text(
+            f"Evaluation: ODE {cfg.steps} steps, CFG {cfg.guidance}, first {cfg.prompts} test prompts per task, "
+            f"prompt i seeded {cfg.seed} + i.\n\n{md}\n"
+            "time: training wall-clock in minutes from the runs' metrics.jsonl (sec/* without sec/eval), "
+            "chained runs summed.\navg: each task column min-max normalised over the models above, then averaged.\n")
+        (out / "table.json").write_text(json.dumps(table, indent=2))
+        if curves:
+            plot_curves(curves, [t.name for t in tasks], str(out / "curves.png"))
+        print(md + f"wrote {out}/table.md, table.json" + (", curves.png" if curves else "") + ", samples/*.png")
+    dist.close()
+    return table
+
+
+if __name__ == "__main__":
+    main()
