@@ -6,7 +6,9 @@ A task is a prompt folder plus the reward that judges it:
     <dataset>/task.json                          optional: {"reward", "guidance", "eval_key"}
 task.json is this project's addition; it lets `--task geneval` pick the dataset's reward and the
 teacher's guidance scale without flags. Real Flow-GRPO datasets work without it (pass --reward).
-The embedded toy tasks live in data/toy/<task>/ (written by `python toy.py --write-datasets`).
+The embedded toy tasks live in data/toy/<task>/ (written by `python -m toy.world --write-datasets`).
+A dataset path inside the repository is stored relative to it (model.portable_path), so saved runs
+and teachers work in any clone.
 
 Run: a library.
 """
@@ -16,7 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-TOY_DATA = Path(__file__).resolve().parent / "data" / "toy"
+from model import REPO, portable_path, repo_path
+
+TOY_DATA = "data/toy"  # the embedded toy tasks, inside the repository
 
 
 @dataclass
@@ -29,11 +33,14 @@ class Task:
 
 
 def load_task(name: str, dataset: str = "", reward: str = "", guidance: float | None = None) -> Task:
-    """Resolve a task: its dataset (default data/toy/<name>), reward and guidance (default task.json)."""
-    folder = Path(dataset) if dataset else TOY_DATA / name
+    """Resolve a task: its dataset (default data/toy/<name>), reward and guidance (default task.json).
+    Task.dataset holds the folder as it is stored (model.portable_path); load_prompts resolves it."""
+    dataset = dataset or f"{TOY_DATA}/{name}"
+    folder = Path(repo_path(dataset))
     if not folder.is_dir():
-        known = sorted(p.name for p in TOY_DATA.iterdir() if p.is_dir()) if TOY_DATA.is_dir() else []
-        raise FileNotFoundError(f"task {name!r}: dataset folder {folder} does not exist "
+        toy = REPO / TOY_DATA
+        known = sorted(p.name for p in toy.iterdir() if p.is_dir()) if toy.is_dir() else []
+        raise FileNotFoundError(f"task {name!r}: dataset folder {dataset} does not exist "
                                 f"(pass --dataset DIR; embedded toy tasks: {known})")
     spec = json.loads((folder / "task.json").read_text()) if (folder / "task.json").is_file() else {}
     if reward and reward != spec.get("reward"):
@@ -41,14 +48,14 @@ def load_task(name: str, dataset: str = "", reward: str = "", guidance: float | 
     reward = reward or spec.get("reward", "")
     if not reward:
         raise ValueError(f"task {name!r}: no reward given and {folder}/task.json names none (pass --reward)")
-    return Task(name, str(folder), reward, spec.get("guidance", 4.5) if guidance is None else guidance,
+    return Task(name, portable_path(dataset), reward, spec.get("guidance", 4.5) if guidance is None else guidance,
                 spec.get("eval_key", ""))
 
 
 def load_prompts(folder, split):
     """(prompts, metadatas) from <folder>/<split>.txt and, if present, <split>_metadata.jsonl
-    (Flow-GRPO layout); without a metadata file every metadata is {}."""
-    folder = Path(folder)
+    (Flow-GRPO layout); without a metadata file every metadata is {}. `folder` may be stored form."""
+    folder = Path(repo_path(str(folder)))
     if not folder.is_dir():
         raise FileNotFoundError(f"prompt folder {folder} does not exist")
     path = folder / f"{split}.txt"

@@ -1,9 +1,11 @@
-"""The training-run harness shared by pretrain_toy.py, teacher_rl.py and opd.py.
+"""The training-run harness shared by teacher_rl.py, opd.py and toy/pretrain.py.
 
 One place for what every training script needs and none of them is about: a commented config
-dataclass read from the command line, the distributed helper (plain `python` or `torchrun`, gloo on
-CPU, NCCL on CUDA), the run directory (resolved config, one JSONL metrics line per step, atomic
-checkpoints, exact resume) and the EMA of the trainable weights (paper section 7).
+dataclass read from the command line, the recipe in force (the paper's, or the toy world's), the
+distributed helper (plain `python` or `torchrun`, gloo on CPU, NCCL on CUDA), the run directory
+(resolved config, one JSONL metrics line per step, checkpoints that survive a kill at any instant,
+exact resume), the EMA of the trainable weights (paper section 7) and the update that never lets a
+non-finite loss or gradient reach the weights.
 
 Departures from the reference code
 1. Gradients of the trainable weights are averaged across ranks with one all-reduce after the
@@ -11,22 +13,34 @@ Departures from the reference code
    student, teachers and base share one backbone and are called several times per step.
 2. All randomness of a step derives from (seed, step, global sample index), so resuming needs no
    RNG state and any rollout can be regenerated; the run is identical on 1 or N ranks.
+3. A step whose loss or gradient norm is not finite is skipped (no optimizer, EMA or checkpoint
+   change) and logged as `skipped_nonfinite`; `max_skipped_steps` in a row stop the run. The
+   reference code steps the optimizer whatever the gradient is.
+4. Checkpoints carry a manifest (checkpoint.json: step, size and SHA-256 of every file) written
+   last; --resume uses the newest checkpoint whose files match it and never deletes that one.
 
 Run: a library. `python teacher_rl.py --help` lists a script's config.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import sys
 import types
 import typing
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from safetensors.torch import load_file, save_file
+
+from evaluate import EVAL_STEPS
+from model import is_toy_model
 
 
 # ---------------------------------------------------------------------- config from the CLI
@@ -38,13 +52,9 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def parse_config(cls, argv=None):
-    """Build dataclass `cls` from `--key value` / `--key=value` (hyphens or underscores).
-
-    Types are checked by argparse from the annotations; an unknown key is an error; bool fields
-    accept a bare `--flag`; list fields take several values (`--teachers a b c`).
-    """
-    ap = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
+def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0],
+                                 argument_default=argparse.SUPPRESS if suppress else None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -52,17 +62,71 @@ def parse_config(cls, argv=None):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+        kw = {} if suppress else {"default": default}
         if tp is bool:
-            ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=default)
+            ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, help=f"default {default}", **kw)
         elif typing.get_origin(tp) in (list, tuple):
-            ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+", default=default)
+            ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+", help=f"default {default}", **kw)
         else:
-            ap.add_argument(*names, dest=f.name, type=tp, default=default, help=f"default {default!r}")
-    return cls(**vars(ap.parse_args(argv)))
+            ap.add_argument(*names, dest=f.name, type=tp, help=f"default {default!r}", **kw)
+    return ap
+
+
+def parse_config(cls, argv=None):
+    """Build dataclass `cls` from `--key value` / `--key=value` (hyphens or underscores).
+
+    Types are checked by argparse from the annotations; an unknown key is an error; bool fields
+    accept a bare `--flag`; list fields take several values (`--teachers a b c`).
+    """
+    return cls(**vars(_parser(cls, suppress=False).parse_args(argv)))
+
+
+def given_keys(cls, argv=None) -> set[str]:
+    """The config keys set on the command line (a recipe never overrides those)."""
+    return set(vars(_parser(cls, suppress=True).parse_args(argv)))
 
 
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def require(ok: bool, message: str) -> None:
+    """A user-input check: ValueError(message) unless ok (scripts turn it into a one-line error)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def require_positive(cfg, *names: str) -> None:
+    for name in names:
+        require(getattr(cfg, name) > 0, f"--{name} must be > 0, got {getattr(cfg, name)}")
+
+
+# ---------------------------------------------------------------------- the recipe in force
+def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
+    """Resolve cfg.recipe ("auto": "toy" on the embedded toy base, else "paper") and, for "toy", set the
+    toy-scale values of toy/recipe.py that the command line did not set. Returns {key: (paper value,
+    toy value, reason)} of what was changed; cfg.recipe holds the resolved name (saved in config.json)."""
+    require(cfg.recipe in ("auto", "paper", "toy"), f"--recipe must be auto, paper or toy, got {cfg.recipe!r}")
+    if cfg.recipe == "auto":
+        cfg.recipe = "toy" if is_toy_model(model) else "paper"
+    if cfg.recipe == "paper":
+        return {}
+    from toy.recipe import TOY_RECIPE  # the toy world is imported only when its recipe is in force
+    changed = {}
+    for key, (value, reason) in TOY_RECIPE[script].items():
+        if key not in given and getattr(cfg, key) != value:
+            changed[key] = (getattr(cfg, key), value, reason)
+            setattr(cfg, key, value)
+    return changed
+
+
+def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
+    """The lines printed at start: which recipe is in force and every value it changed, with why."""
+    if cfg.recipe == "paper":
+        return "recipe: the paper's (every default as in paper sections 7-8)"
+    lines = [f"recipe: toy (toy/recipe.py; --recipe paper for the paper's values), {len(changed)} values differ:"]
+    lines += [f"  {key} = {toy!r} (paper {paper!r}): {reason}" for key, (paper, toy, reason) in changed.items()]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- distributed
@@ -73,10 +137,17 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu (or auto)")
         if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+            index = int(device[5:]) if device.startswith("cuda:") else self.local_rank
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
         else:
             self.device = torch.device("cpu")
         if self.world > 1 and not tdist.is_initialized():
@@ -154,30 +225,91 @@ class EMA:
             s.copy_(tmp)
 
 
-# ---------------------------------------------------------------------- run directory
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder `tmp` to `final`, never leaving a half-written `final`."""
+# ---------------------------------------------------------------------- checkpoints on disk
+MANIFEST = "checkpoint.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Seal a fully written checkpoint folder: every file fsynced, then checkpoint.json (step, size and
+    SHA-256 of each file) written to a temporary name and renamed into place, last."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for p in files:
+        _fsync(p)
+    manifest = {"step": step, "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
+                                                                           "sha256": _sha256(p)} for p in files}}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+
+
+def read_manifest(folder: Path) -> tuple[int | None, str]:
+    """(step, "") for a complete checkpoint whose files all match its manifest; (None, why) if not."""
+    if not (folder / MANIFEST).is_file():
+        return None, f"{folder.name}/ has no {MANIFEST} (its writing was interrupted)"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except json.JSONDecodeError:
+        return None, f"{folder.name}/{MANIFEST} is not valid JSON"
+    for name, want in manifest["files"].items():
+        p = folder / name
+        if not p.is_file():
+            return None, f"{folder.name}/{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return None, f"{folder.name}/{name} has {p.stat().st_size} bytes where its manifest says {want['bytes']}"
+        if _sha256(p) != want["sha256"]:
+            return None, f"{folder.name}/{name} does not match its SHA-256 in {MANIFEST}"
+    return manifest["step"], ""
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder `tmp` to `final`: final -> final.old, tmp -> final, remove old.
+    A kill between the two renames leaves tmp and old complete; RunDir.create recovers from that."""
     old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- run directory
 class RunDir:
-    """out/config.json, out/metrics.jsonl, out/checkpoint/ (atomic), out/samples/*.png.
+    """out/config.json, out/metrics.jsonl, out/checkpoint/ (sealed by a manifest), out/samples/*.png.
 
     A run directory belongs to one config: reusing it for a different one is an error, reusing it
-    without --resume is an error, and --resume continues from out/checkpoint exactly.
+    without --resume is an error, and --resume continues from the newest complete checkpoint exactly.
+    The constructor only checks (before any model loads, writing nothing); `create` writes.
     """
 
-    # keys that may differ between a run and its resumption
-    RESUMABLE = ("resume", "steps")
+    RESUMABLE = ("resume", "steps", "out", "device")   # keys that may differ between a run and its resumption
+    SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # where save() leaves complete checkpoints
 
     def __init__(self, out: str, cfg, dist: Dist):
         self.path, self.dist = Path(out), dist
         self.cfg = config_dict(cfg)
+        self.resume_from: Path | None = None
+        self.start = 0
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
@@ -190,42 +322,70 @@ class RunDir:
                                  "choose another --out")
             if not self.cfg.get("resume"):
                 raise ValueError(f"output directory {out} already holds this run; pass --resume to continue it")
-        elif self.path.exists() and any(self.path.iterdir()) and not (self.path / "checkpoint").exists():
+            self._find_checkpoint()
+        elif self.path.exists() and any(self.path.iterdir()):
             raise ValueError(f"output directory {out} is not empty and holds no run; choose another --out")
-        dist.barrier()
-        if dist.is_main:
-            (self.path / "samples").mkdir(parents=True, exist_ok=True)
-            cfg_file.write_text(json.dumps(self.cfg, indent=2))
-        dist.barrier()
+
+    def _find_checkpoint(self) -> None:
+        """The newest complete checkpoint among the slots save() writes, or an error if only damaged
+        ones exist (none at all: the run restarts from step 0)."""
+        found, problems = {}, []
+        for slot in self.SLOTS:
+            if (self.path / slot).is_dir():
+                step, why = read_manifest(self.path / slot)
+                if step is None:
+                    problems.append(why)
+                else:
+                    found[slot] = step
+        if found:
+            best = max(found, key=lambda s: (found[s], s == "checkpoint"))
+            self.resume_from, self.start = self.path / best, found[best]
+        elif (self.path / "checkpoint").is_dir():
+            raise ValueError(f"{self.path} has no complete checkpoint to resume ({'; '.join(problems)}): restore "
+                             f"{self.path}/checkpoint from a copy, or start over with another --out")
 
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint"
 
-    def start_step(self) -> int:
-        """0 for a new run; the saved step for --resume (metrics past it are dropped)."""
-        state = self.checkpoint / "trainer_state.pt"
-        if not self.cfg.get("resume"):
-            return 0
-        # a run killed before its first checkpoint restarts from 0 and drops its earlier metrics
-        step = torch.load(state, map_location="cpu", weights_only=True)["step"] if state.exists() else 0
+    def create(self) -> None:
+        """Write the run directory (rank 0): config.json, samples/; on resume, the newest complete
+        checkpoint moved to checkpoint/ (never deleted), incomplete or older ones removed, and the
+        metrics of steps past it dropped."""
         self.dist.barrier()
-        if self.dist.is_main and (self.path / "metrics.jsonl").exists():
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
-            kept = [ln for ln in lines if json.loads(ln).get("step", -1) < step]
-            (self.path / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        if self.dist.is_main:
+            (self.path / "samples").mkdir(parents=True, exist_ok=True)
+            (self.path / "config.json").write_text(json.dumps(self.cfg, indent=2))
+            if self.resume_from is not None and self.resume_from != self.checkpoint:
+                if self.checkpoint.is_dir():  # older, or damaged: kept aside, not deleted
+                    shutil.rmtree(self.path / "checkpoint.damaged", ignore_errors=True)
+                    os.replace(self.checkpoint, self.path / "checkpoint.damaged")
+                os.replace(self.resume_from, self.checkpoint)
+                self.resume_from = self.checkpoint
+            for slot in ("checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(self.path / slot, ignore_errors=True)
+            metrics = self.path / "metrics.jsonl"
+            if metrics.exists():
+                kept = []
+                for line in metrics.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", -1) < self.start:
+                            kept.append(line)
+                    except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                        pass
+                metrics.write_text("".join(ln + "\n" for ln in kept))
+        self.resume_from = self.checkpoint if self.start > 0 else None
         self.dist.barrier()
-        return step
 
     def log(self, metrics: dict) -> None:
         if self.dist.is_main:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def save(self, step: int, model, optimizer, ema: EMA, extra_config: dict) -> None:
-        """checkpoint/: the EMA student as a PEFT folder (the copy to use), plus the raw weights,
-        EMA shadow and optimizer state needed to resume; written to a temp folder, then renamed."""
-        from safetensors.torch import save_file
+    def save(self, step: int, model, optimizer, ema: EMA, extra_config: dict, state: dict) -> None:
+        """checkpoint/: the EMA student as a PEFT folder (the copy to use), plus the raw weights, EMA
+        shadow and optimizer state needed to resume; written to checkpoint.tmp/, sealed by its
+        manifest, then moved into place (publish_dir). Safe against a kill at any instant."""
         if self.dist.is_main:
             tmp = self.path / "checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -238,13 +398,14 @@ class RunDir:
                       tmp / "raw_weights.safetensors")
             save_file({f"p{i}": s.contiguous().cpu() for i, s in enumerate(ema.shadow)},
                       tmp / "ema_weights.safetensors")
-            torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
-            atomic_replace_dir(tmp, self.checkpoint)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, tmp / "trainer_state.pt")
+            write_manifest(tmp, step)
+            publish_dir(tmp, self.checkpoint)
         self.dist.barrier()
 
-    def load(self, optimizer, ema: EMA) -> None:
-        """Restore raw weights, EMA shadow and optimizer state from checkpoint/ (for --resume)."""
-        from safetensors.torch import load_file
+    def load(self, optimizer, ema: EMA) -> dict:
+        """Restore raw weights, EMA shadow and optimizer state from checkpoint/ (for --resume);
+        returns the trainer state saved with them."""
         raw = load_file(self.checkpoint / "raw_weights.safetensors")
         shadow = load_file(self.checkpoint / "ema_weights.safetensors")
         with torch.no_grad():
@@ -252,37 +413,56 @@ class RunDir:
                 p.copy_(raw[f"p{i}"])
                 s.copy_(shadow[f"p{i}"])
         state = torch.load(self.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state.pop("optimizer"))
+        return state
 
 
 # ---------------------------------------------------------------------- the trainable student
 @dataclasses.dataclass
 class StudentConfig:
     """Fields every student-training script shares (paper section 7 defaults)."""
-    height: int = 0                     # 0: the model's default resolution
-    width: int = 0
+    recipe: str = "auto"                # paper | toy | auto (toy on the embedded toy base; toy/recipe.py)
+    height: int = 512                   # pixels (paper: 512); 0 = the model's default resolution
+    width: int = 512
     lora_rank: int = 32                 # LoRA r on the 8 attention projections
     lora_alpha: int = 64
     full_finetune: bool = False         # train every transformer weight instead of a LoRA
     lr: float = 3e-4                    # AdamW, betas (0.9, 0.999)
     weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0              # on the gradient of the release's loss scale (see the script)
     ema_decay: float = 0.9              # EMA of the trainable weights: evaluated and saved
-    ema_every: int = 1                  # paper: 8, over thousands of steps; 1 suits ~100-step toy runs
+    ema_every: int = 8                  # optimizer steps between EMA updates
     eval_every: int = 20                # evaluate the EMA weights every this many steps (and at the end)
     eval_prompts: int = 64              # test prompts per task
-    eval_steps: int = 40                # ODE steps at evaluation
+    eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
     save_every: int = 20
+    max_skipped_steps: int = 5          # consecutive non-finite steps (skipped, logged) before the run stops
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
 
 
+def check_student_config(cfg) -> None:
+    """The shared fields' bad values, as one-line errors (before any model loads)."""
+    require_positive(cfg, "lora_rank", "lora_alpha", "lr", "grad_clip", "ema_every", "eval_every", "eval_prompts",
+                     "eval_steps", "save_every", "max_skipped_steps")
+    require(cfg.height >= 0 and cfg.width >= 0, f"--height/--width must be >= 0 (0: the model's own), "
+                                                f"got {cfg.height}x{cfg.width}")
+    require(0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    require(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    require(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+
+
+class NonFiniteError(RuntimeError):
+    """max_skipped_steps consecutive steps had a non-finite loss or gradient."""
+
+
 class StudentTrainer:
     """The trainable weights of a run: a fresh LoRA (or `--init_lora`, or full fine-tuning), AdamW,
-    gradient averaging over ranks + clipping, the EMA copy, the run directory and exact resume."""
+    gradient averaging over ranks + clipping + the non-finite guard, the EMA copy, and the run
+    directory with exact resume. `begin()` writes the run directory, after every model has loaded."""
 
-    def __init__(self, model, cfg, dist: Dist):
-        self.model, self.cfg, self.dist = model, cfg, dist
+    def __init__(self, model, cfg, dist: Dist, run: RunDir | None):
+        self.model, self.cfg, self.dist, self.run = model, cfg, dist, run  # run None: nothing is saved
         if cfg.full_finetune:
             params = model.enable_full_finetune()
         elif getattr(cfg, "init_lora", ""):
@@ -296,25 +476,43 @@ class StudentTrainer:
         # AdamW, betas (0.9, 0.999), paper section 7
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.ema = EMA(params, cfg.ema_decay, cfg.ema_every)
-        self.run = RunDir(cfg.out, cfg, dist)
-        self.start = self.run.start_step()
-        if self.start > 0:
-            check_same_base(str(self.run.checkpoint), model)  # the same --model path may hold new weights
-            self.run.load(self.opt, self.ema)
+        self.skipped = 0   # consecutive non-finite steps so far
+        self.start = run.start if run else 0
+        if run and run.resume_from is not None:
+            check_same_base(str(run.resume_from), model)  # the same --model path may hold new weights
 
-    def update(self, step: int) -> float:
-        """Average gradients over ranks, clip, step, zero, update the EMA. Returns the grad norm."""
+    def begin(self) -> int:
+        """Write the run directory; on --resume restore the checkpoint. Returns the first step to run."""
+        self.run.create()
+        if self.start > 0:
+            self.skipped = self.run.load(self.opt, self.ema).get("skipped", 0)
+        return self.start
+
+    def update(self, step: int, loss: torch.Tensor) -> tuple[float, bool]:
+        """Average gradients over ranks, clip, step, zero, update the EMA; unless the loss (this rank's,
+        any shape) or the gradient norm is not finite on any rank: then nothing changes but the
+        gradients are dropped. Returns (grad norm, skipped)."""
         self.dist.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.opt.step()
+        bad = (~torch.isfinite(loss.detach())).any().to(norm.device, torch.float32) + (~torch.isfinite(norm)).float()
+        skipped = self.dist.sum(bad.reshape(1)).item() > 0
+        if skipped:
+            self.skipped += 1
+        else:
+            self.skipped = 0
+            self.opt.step()
+            self.ema.update(step)
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(step)
-        return norm.item()
+        if self.skipped >= self.cfg.max_skipped_steps:
+            where = f"the last checkpoint in {self.run.checkpoint} is intact" if self.run else "nothing was saved"
+            raise NonFiniteError(
+                f"{self.skipped} consecutive steps (through step {step}) had a non-finite loss or gradient and were "
+                f"skipped, the weights never saw them; {where}: lower --lr or check the rewards, then --resume "
+                f"(or raise --max_skipped_steps)")
+        return norm.item(), skipped
 
     def ema_weights(self):
         """Context: the student's weights are the EMA copy inside (for evaluation)."""
-        import contextlib
-
         @contextlib.contextmanager
         def ctx():
             self.ema.swap()
@@ -325,8 +523,8 @@ class StudentTrainer:
         return ctx()
 
     def save(self, step: int, extra_config: dict) -> None:
-        self.run.save(step, self.model, self.opt, self.ema,
-                      {"base_model": self.cfg.model, **extra_config})
+        self.run.save(step, self.model, self.opt, self.ema, {"base_model": self.cfg.model, **extra_config},
+                      {"skipped": self.skipped})
 
     def mean_over_ranks(self, stats: dict) -> dict:
         """Average per-rank scalar statistics over ranks (max for keys ending in _dev)."""
@@ -350,3 +548,13 @@ def check_same_base(adapter_dir: str, model) -> None:
         if saved and saved != model.fingerprint():
             raise ValueError(f"adapter {adapter_dir} was trained on another base model "
                              f"(fingerprint {saved}, this base {model.fingerprint()})")
+
+
+def fail(error: Exception) -> typing.NoReturn:
+    """End the process with a one-line error (the scripts' bad-input path)."""
+    raise SystemExit(f"error: {error}") from None
+
+
+def print_main(dist: Dist, *lines: str) -> None:
+    if dist.is_main:
+        print(*lines, sep="\n", file=sys.stderr, flush=True)

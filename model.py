@@ -43,10 +43,41 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The 8 attention projections of the released recipe (paper section 7).
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-TOY_MODEL = Path(__file__).resolve().parent / "models" / "toy-sd3"  # the embedded default base
-STUDENT = "student"  # adapter names must not be substrings of "lora_" (peft pitfall)
+REPO = Path(__file__).resolve().parent     # the repository root
+TOY_MODEL = "models/toy-sd3"               # the embedded default base, a path inside the repository
+MAX_SEQUENCE_LENGTH = 128                  # T5 tokens per prompt: the release's and Flow-GRPO's (section 7)
+STUDENT = "student"                        # the trainable adapter's name
 PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = (
     "adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
+
+
+# ---------------------------------------------------------------------- paths written for reuse
+def repo_path(path: str) -> str:
+    """Where a path points: as given when it exists (absolute, or relative to the working directory),
+    else relative to the repository root (the embedded model, data and teachers, and every path this
+    project stored relative to the repository); else as given (a hub id, or a missing path)."""
+    if not path or Path(path).exists() or Path(path).is_absolute():
+        return path
+    return str(REPO / path) if (REPO / path).exists() else path
+
+
+def portable_path(path: str) -> str:
+    """How a path is written into a file meant for reuse (run_config.json, adapter_config.json,
+    config.json): a path inside the repository relative to the repository, any other path as given.
+    A checkout's absolute path in a shipped file would break every other machine."""
+    resolved = Path(repo_path(path))
+    if not resolved.exists():
+        return path
+    try:
+        return resolved.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path
+
+
+def is_toy_model(path: str) -> bool:
+    """Whether `path` is the embedded toy base (the scripts then apply the toy recipe, toy/recipe.py)."""
+    resolved = Path(repo_path(path))
+    return resolved.exists() and resolved.resolve() == (REPO / TOY_MODEL).resolve()
 
 
 @dataclass
@@ -66,14 +97,9 @@ class TextEmbeds:
         return TextEmbeds(torch.cat([e.seq for e in items]), torch.cat([e.pooled for e in items]))
 
 
-def default_model_path() -> str:
-    """The embedded tiny text-to-image model shipped in the repo (see pretrain_toy.py)."""
-    return str(TOY_MODEL)
-
-
-def _check_model_path(path: str) -> None:
-    """Fail fast on a model path that is neither a readable SD3 folder nor a hub id."""
-    p = Path(path)
+def check_model_path(path: str) -> None:
+    """Fail fast on a model path that is neither a readable SD3 folder nor a hub id (before loading)."""
+    p = Path(repo_path(path))
     looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
     if looks_local:
         if not p.is_dir():
@@ -86,6 +112,42 @@ def _check_model_path(path: str) -> None:
         if not cls.startswith("StableDiffusion3"):
             raise ValueError(f"{path!r} holds a {cls or 'unknown'} pipeline; only SD3-family pipelines "
                              "(StableDiffusion3Pipeline) are supported")
+
+
+def resolution_rule(path: str) -> tuple[int, int] | None:
+    """(divisor, default size in px) of an SD3 pipeline folder, read from its configs without loading
+    it: height and width must be multiples of VAE factor x patch size. None for a hub id."""
+    p = Path(repo_path(path))
+    if not (p / "transformer" / "config.json").is_file() or not (p / "vae" / "config.json").is_file():
+        return None
+    tr = json.loads((p / "transformer" / "config.json").read_text())
+    vae_scale = 2 ** (len(json.loads((p / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    return vae_scale * tr["patch_size"], tr["sample_size"] * vae_scale
+
+
+def check_resolution(height: int, width: int, divisor: int) -> None:
+    if height % divisor or width % divisor:
+        raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = {divisor}: "
+                         f"pass --height/--width as multiples of {divisor}")
+
+
+def check_lora_folder(folder: str) -> None:
+    """Fail fast on a LoRA folder that would fail to load: missing files, unreadable config, damaged
+    (e.g. truncated) safetensors. Reads headers only."""
+    from safetensors import safe_open
+    p = Path(folder)
+    for f in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if not (p / f).is_file():
+            raise FileNotFoundError(f"LoRA folder {folder} has no {f} (expected a PEFT adapter folder)")
+    try:
+        json.loads((p / PEFT_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LoRA folder {folder}: {PEFT_CONFIG} is not valid JSON ({e}); re-save or re-download it") from None
+    try:
+        with safe_open(str(p / PEFT_WEIGHTS), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"LoRA folder {folder}: {PEFT_WEIGHTS} is damaged ({e}); re-save or re-download it") from None
 
 
 class FlowModel:
@@ -101,8 +163,8 @@ class FlowModel:
             raise ValueError(f"{name}: transformer is {type(pipe.transformer).__name__}, expected SD3Transformer2DModel")
         self.pipe, self.name, self.device, self.dtype = pipe, name, torch.device(device), dtype
         self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.max_sequence_length = max_sequence_length or min(256, pipe.tokenizer_3.model_max_length
-                                                              if pipe.tokenizer_3 is not None else 256)
+        self.max_sequence_length = max_sequence_length or min(MAX_SEQUENCE_LENGTH, pipe.tokenizer_3.model_max_length
+                                                              if pipe.tokenizer_3 is not None else MAX_SEQUENCE_LENGTH)
         pipe.set_progress_bar_config(disable=True)
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
@@ -122,13 +184,15 @@ class FlowModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str, device="cpu", dtype=torch.float32, max_sequence_length=None) -> "FlowModel":
-        """Load an SD3-family pipeline from a local folder or a hub id (offline-safe)."""
-        _check_model_path(path)
+        """Load an SD3-family pipeline from a local folder or a hub id (offline-safe). A relative path
+        that is not under the working directory is looked up in the repository (`repo_path`)."""
+        check_model_path(path)
         from diffusers import StableDiffusion3Pipeline
-        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, local_files_only=local_only)
+        local = repo_path(path)
+        local_only = Path(local).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32, local_files_only=local_only)
         model = cls(pipe, device, dtype, max_sequence_length, name=path)
-        model.path = path
+        model.path = portable_path(path)  # what saved adapters name as their base
         return model
 
     @property
@@ -138,9 +202,7 @@ class FlowModel:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image size, with a clear error for bad sizes."""
-        step = self.vae_scale * self.transformer.config.patch_size
-        if height % step or width % step:
-            raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = {step}")
+        check_resolution(height, width, self.vae_scale * self.transformer.config.patch_size)
         return (self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
     def default_resolution(self) -> int:
@@ -162,17 +224,24 @@ class FlowModel:
         return TextEmbeds(self._neg.seq.expand(batch, -1, -1), self._neg.pooled.expand(batch, -1))
 
     # ------------------------------------------------------------------ the velocity field
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, guidance: float) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, guidance: float,
+                 detach_uncond: bool = False) -> torch.Tensor:
         """Guided velocity  v = v_u + w (v_c - v_u)  (paper section 2), uncond and cond in one forward.
 
         x: (B, C, h, w) latents; t: scalar or (B,) times in [0, 1]; embeds: B prompts. w = 1 runs
         the conditional half only. Differentiable: call under torch.no_grad() for rollouts.
+        detach_uncond: v = sg(v_u) + w (v_c - sg(v_u)), Flow-GRPO's training forward (section 8a): the
+        gradient is w grad v_c; v_u then runs in its own forward without a graph (half the backward).
         """
         B = x.shape[0]
         assert len(embeds) == B, f"{len(embeds)} prompt embeddings for {B} latents"
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(B)
         if guidance == 1.0:
             return self._forward(x, t, embeds)
+        if detach_uncond and torch.is_grad_enabled():
+            with torch.no_grad():
+                v_uncond = self._forward(x, t, self.negative(B))
+            return v_uncond + guidance * (self._forward(x, t, embeds) - v_uncond)
         both = TextEmbeds.cat([self.negative(B), embeds])
         v_uncond, v_cond = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
@@ -245,10 +314,8 @@ class FlowModel:
         """
         from peft import LoraConfig, set_peft_model_state_dict
         from safetensors.torch import load_file
+        check_lora_folder(folder)
         folder_p = Path(folder)
-        for f in (PEFT_CONFIG, PEFT_WEIGHTS):
-            if not (folder_p / f).is_file():
-                raise FileNotFoundError(f"LoRA folder {folder!r} has no {f} (expected a PEFT adapter folder)")
         cfg = LoraConfig.from_pretrained(folder)
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
         tr = self.transformer if name == STUDENT else self._frozen

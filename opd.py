@@ -7,15 +7,21 @@ batch's task gives its transition mean, and the student's mean is recomputed wit
     SDE (a > 0):  L = E_x [ sum_j ||mu_S(x_j) - mu_T(x_j)||^2 / (2 sbar_j^2) ]     (Eqs. 10-11)
     ODE (a = 0):  L = E_x [ sum_j 1/2 ||mu_S(x_j) - mu_T(x_j)||^2 ]                   (Eq. 12)
 
-Reduction: sum over latent dims (a true KL), sum over trained steps j (Eq. 4), mean over samples.
 Routing (Algorithm 1): each round has one sampling batch per task, in round-robin order; the batch's
-prompts come from that task's dataset and only that task's teacher supervises it; the losses of the
-whole round are accumulated and ONE optimizer step is taken, so every rollout is on-policy.
+prompts come from that task's dataset and only that task's teacher supervises it; the gradients of
+the whole round are accumulated and ONE optimizer step is taken, so every rollout is on-policy.
+
+Scale. The logged `loss` is the true L above: summed over latent dims d and trained steps, averaged
+over samples. The optimizer sees the release's scale: each step's loss averaged over dims, then
+averaged over trained steps, samples and task batches, i.e. L / (d K) with K trained steps. So lr and
+grad_clip mean what the paper's mean.
 
 Teachers are frozen LoRA adapters on the student's own backbone (one copy of the base weights), or
-full SD3-family checkpoints; each is a local folder or a hub reference owner/repo[/subfolder]. A teacher trained by teacher_rl.py carries its task, dataset and
-guidance in run_config.json; `--teacher_task/--teacher_dataset/--teacher_cfg/--teacher_reward`
-set or override them (`--teacher_cfg geneval=1.0`).
+full SD3-family checkpoints; each is a local folder or a hub reference owner/repo[/subfolder]. A
+teacher trained by teacher_rl.py carries its task, dataset and guidance in run_config.json;
+`--teacher_task/--teacher_dataset/--teacher_cfg/--teacher_reward` set or override them
+(`--teacher_cfg geneval=1.0`; a folder of Flow-GRPO's or the DiffusionOPD release needs
+`--teacher_task` and `--model`, its adapter_config names no base).
 
 `--estimator ppo` trains with the PPO-style estimator of the same objective (Eqs. 16-23): the
 loss rho_j KL_j with rho_j = pi_theta(x_{j+1}|x_j) / pi_old(x_{j+1}|x_j), whose on-policy gradient
@@ -23,25 +29,33 @@ is grad KL_j + KL_j grad log pi_theta(x_{j+1}|x_j): the same expectation plus a 
 term. `--variance_rollouts R` measures the gradient variance of both estimators over R rollouts at
 fixed parameters and prints their ratio, then exits.
 
+The defaults are the paper's recipe (section 7); on the embedded toy model the toy recipe
+(toy/recipe.py) changes a few values, printed at start and saved in config.json.
+
 Departures from the reference code (DiffusionOPD release)
 1. The SDE KL divides by the exact transition variance sbar_j^2 = s_j^2 (-Delta_j) of Eq. 10; the
    authors' code (from Flow-GRPO) divides by s_j^2, which reweights step j by (-Delta_j).
 2. Teacher targets for all trained steps of a batch are computed in batched forwards
-   (`teacher_chunk` rows at a time) instead of one forward per timestep.
-3. Losses are summed over latent dims (a KL, not a per-dim average); AdamW makes the scale moot.
-4. Half precision is `--dtype bfloat16` transformer weights with the LoRA, optimizer and loss in
-   float32 (no loss scaling needed), not the release's fp16 mixed precision; the default is float32.
-   `python bench.py` measures it and the other speed levers (see bench.py).
+   (`teacher_chunk` rows at a time) instead of one forward per timestep; the student's forward and
+   backward likewise take `train_chunk` rows at a time (0: all of a batch's trained steps at once).
+3. Half precision is bfloat16 transformer weights (`--dtype auto`: bfloat16 on CUDA, float32 on CPU)
+   with the LoRA, optimizer and loss in float32 (no loss scaling needed), not the release's fp16
+   mixed precision. `python -m bench.opd_round` measures it and the other speed levers.
+4. The ODE loss keeps Eq. 12's factor 1/2 inside the release's per-dim mean; whether the release
+   keeps it was not checked (a factor 2 in the gradient changes only how often the clip acts).
+5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
+   `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
 
 Run:
     torchrun --standalone --nproc_per_node=2 opd.py --teachers ckpts/*        # CPU, toy world
     python opd.py --teachers ckpts/* --noise_level 0.7 --estimator ppo --out runs/opd-ppo
     python opd.py --teachers ckpts/* --noise_level 0.7 --variance_rollouts 16
-    torchrun --nproc_per_node=8 opd.py --teachers ckpts/* --height 512 --width 512 \\
-        --prompts_per_batch 24 --teacher_cfg geneval=1.0 --dtype bfloat16   # SD3.5-M, paper recipe
+    torchrun --nproc_per_node=8 opd.py --teachers ckpts/geneval ckpts/ocr ckpts/aesthetic \\
+        --teacher_cfg geneval=1.0                      # SD3.5-M, the paper's recipe (512 px, bf16)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -53,12 +67,14 @@ from tqdm import tqdm
 
 from data import Task, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Dist, StudentConfig, StudentTrainer, check_same_base, parse_config, step_seed
-from model import FlowModel, TextEmbeds
+from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_same_base,
+                     check_student_config, describe_recipe, fail, given_keys, parse_config, print_main, require,
+                     require_positive, step_seed)
+from model import FlowModel, TextEmbeds, check_lora_folder, check_model_path, check_resolution, resolution_rule
 from rewards import make_reward
-from sample import gaussian_kl, gaussian_logprob, rollout, sde_step
+from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype (bench.py measures both)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype (bench/opd_round.py measures both)
 
 
 @dataclass
@@ -74,18 +90,18 @@ class OPDConfig(StudentConfig):
     out: str = "runs/opd"
     seed: int = 0
     steps: int = 60                     # rounds = optimizer steps
-    prompts_per_batch: int = 16         # prompts of one task per round, over all ranks
+    prompts_per_batch: int = 24         # prompts of one task per round over all ranks (paper: 3 per GPU x 8)
     num_steps: int = 10                 # sampling steps N
     noise_level: float = 0.0            # a: 0 = ODE (default), > 0 = SDE
-    guidance: float = 4.5               # student CFG (rollout and training)
-    train_steps: list[int] = field(default_factory=list)  # which steps j to train; default all
+    guidance: float = 4.5               # student CFG (rollout and training; uncond branch not detached)
+    timestep_fraction: float = 0.99     # train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)
+    train_steps: list[int] = field(default_factory=list)  # which steps j to train; overrides the fraction
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
-    dtype: str = "float32"              # transformer weights: float32, bfloat16 (LoRA trains in float32)
+    dtype: str = "auto"                 # transformer weights: auto (bf16 on CUDA), float32, bfloat16
     compile: bool = False               # torch.compile the transformer blocks (FlowModel.compile_blocks)
     variance_rollouts: int = 0          # > 0: measure gradient variance of both estimators, then exit
-    lr: float = 1e-3                    # toy recipe (paper: 3e-4 on SD3.5-M)
 
 
 @dataclass
@@ -93,6 +109,15 @@ class Teacher:
     task: Task
     adapter: str | None                 # adapter name on the student's backbone, or None
     model: FlowModel | None = None      # a separate full checkpoint, when not an adapter
+
+
+def trained_steps(cfg: OPDConfig) -> list[int]:
+    """The steps j whose transitions are trained: --train_steps, else 0 .. int(fraction N) - 1."""
+    return cfg.train_steps or list(range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
+
+
+def weights_dtype(cfg: OPDConfig, dist: Dist) -> torch.dtype:
+    return DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if dist.device.type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------------- the two estimators
@@ -138,7 +163,7 @@ def fetch_teacher(ref: str) -> str:
     if Path(ref).is_dir():
         return ref
     parts = ref.split("/")
-    if len(parts) < 2 or Path(ref).is_absolute() or ref.startswith("."):
+    if len(parts) < 2 or Path(ref).is_absolute() or ref.startswith(".") or Path(ref).exists():
         raise FileNotFoundError(f"teacher {ref} does not exist (expected a PEFT LoRA folder, an SD3 pipeline "
                                 "folder or a hub id owner/repo[/subfolder])")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
@@ -160,6 +185,11 @@ def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
         raise ValueError(f"--teacher_task names {len(cfg.teacher_task)} tasks for {len(cfg.teachers)} teachers")
     datasets, cfgs = _kv(cfg.teacher_dataset, "teacher_dataset"), _kv(cfg.teacher_cfg, "teacher_cfg")
     rewards = _kv(cfg.teacher_reward, "teacher_reward")
+    for name, w in cfgs.items():
+        try:
+            float(w)
+        except ValueError:
+            raise ValueError(f"--teacher_cfg {name}={w}: the guidance must be a number") from None
     specs, bases, fingerprints = [], set(), set()
     for i, ref in enumerate(cfg.teachers):
         path = fetch_teacher(ref)
@@ -175,10 +205,13 @@ def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
                          float(cfgs[name]) if name in cfgs else saved.get("guidance"))
         task.eval_key = saved.get("eval_key", task.eval_key)
         if kind == "lora":
+            check_lora_folder(path)
             base = saved.get("base_model") or json.loads((p / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path", "")
-            bases.add(base)
+                "base_model_name_or_path")
+            bases.add(base or "")  # Flow-GRPO's and the release's adapters name no base (null)
             fingerprints.add(saved.get("base_fingerprint"))
+        else:
+            check_model_path(path)
         specs.append({"path": path, "kind": kind, "task": task})
     names = [s["task"].name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -194,7 +227,8 @@ def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
     if not base:
         bases.discard("")
         if len(bases) != 1:
-            raise ValueError(f"teachers name bases {sorted(bases) or 'none'}: pass --model")
+            raise ValueError(f"the teachers name {'bases ' + str(sorted(bases)) if bases else 'no base model'}: "
+                             "pass --model (e.g. stabilityai/stable-diffusion-3.5-medium)")
         base = bases.pop()
     return base, specs
 
@@ -214,11 +248,29 @@ def load_teachers(model: FlowModel, specs, dist) -> list[Teacher]:
 
 
 # ---------------------------------------------------------------------- one task batch
-def clock(device: torch.device) -> float:
-    """time.perf_counter() once the device's queued work is done: exact phase timers on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def no_phase(name: str):
+    """The default phase hook: nothing. `Phases` (or a benchmark's hook) times each phase instead."""
+    return contextlib.nullcontext()
+
+
+class Phases:
+    """Seconds spent in each named phase: `with phases("rollout"): ...` (exact on CUDA: synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sec = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.sec[name] = self.sec.get(name, 0.0) + self._clock() - t0
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
 
 def teacher_means(teacher: Teacher, model: FlowModel, prompts, embeds: TextEmbeds, x, t, t_next,
@@ -232,55 +284,51 @@ def teacher_means(teacher: Teacher, model: FlowModel, prompts, embeds: TextEmbed
         for lo in range(0, x.shape[0], chunk):
             sl = slice(lo, lo + chunk)
             v = net.velocity(x[sl], t[sl], emb[sl], teacher.task.guidance)
-            out.append(sde_step(x[sl], v, t[sl], t_next[sl], noise_level, t_guard, torch.zeros_like(v))[1])
+            out.append(transition_mean(x[sl], v, t[sl], t_next[sl], noise_level, t_guard))
     return torch.cat(out)
 
 
-def batch_loss(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seeds, train_steps, backward_scale):
-    """Roll out the student, get teacher targets, backpropagate the loss of one task batch.
+def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seeds, train_steps, scale: float,
+                   phase=no_phase):
+    """One task batch of Algorithm 1: roll out the student, get the teacher's targets at its states,
+    and accumulate the gradient of the batch's loss into .grad, scaled by `scale` (1 / tasks: the round's
+    mean; the mean over ranks is Dist.average_gradients'). Returns the true loss per sample, summed
+    over trained steps (B,)."""
+    with phase("rollout"):
+        embeds = model.encode_prompts(prompts)
+        traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
+                       cfg.height or None, cfg.width or None, adapter="student", decode=False)
 
-    Returns per-sample loss summed over trained steps (B,) and seconds per phase.
-    """
-    timer = {}
-    t0 = clock(model.device)
-    embeds = model.encode_prompts(prompts)
-    traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
-                   cfg.height or None, cfg.width or None, adapter="student", decode=False)
-    timer["rollout"] = clock(model.device) - t0
+    with phase("teacher"):
+        B, K = len(seeds), len(train_steps)
+        js = torch.tensor(train_steps)
+        # rows ordered (step k, sample b): x (K*B, C, h, w)
+        x = traj.latents[:, js].transpose(0, 1).flatten(0, 1).to(model.device)
+        x_next = traj.latents[:, js + 1].transpose(0, 1).flatten(0, 1).to(model.device)
+        t = traj.t[js].repeat_interleave(B).to(model.device)
+        t_next = traj.t[js + 1].repeat_interleave(B).to(model.device)
+        sbar = traj.sbar[js].repeat_interleave(B).to(model.device)
+        rows_embeds = TextEmbeds(embeds.seq.repeat(K, 1, 1), embeds.pooled.repeat(K, 1))
+        t_guard = traj.t[1].item()
+        mean_t = teacher_means(teacher, model, list(prompts) * K, rows_embeds, x, t, t_next, cfg.noise_level,
+                               t_guard, cfg.teacher_chunk)
 
-    t0 = clock(model.device)
-    B, K = len(seeds), len(train_steps)
-    js = torch.tensor(train_steps)
-    # rows ordered (step k, sample b): x (K*B, C, h, w)
-    x = traj.latents[:, js].transpose(0, 1).flatten(0, 1).to(model.device)
-    x_next = traj.latents[:, js + 1].transpose(0, 1).flatten(0, 1).to(model.device)
-    t = traj.t[js].repeat_interleave(B).to(model.device)
-    t_next = traj.t[js + 1].repeat_interleave(B).to(model.device)
-    sbar = traj.std[js].repeat_interleave(B).to(model.device)
-    rows_embeds = TextEmbeds(embeds.seq.repeat(K, 1, 1), embeds.pooled.repeat(K, 1))
-    rows_prompts = list(prompts) * K
-    t_guard = traj.t[1].item()
-    mean_t = teacher_means(teacher, model, rows_prompts, rows_embeds, x, t, t_next, cfg.noise_level, t_guard,
-                           cfg.teacher_chunk)
-    timer["teacher"] = clock(model.device) - t0
-
-    t0 = clock(model.device)
-    ode = cfg.noise_level == 0
-    chunk = cfg.train_chunk or x.shape[0]
-    per_row = []
-    for lo in range(0, x.shape[0], chunk):
-        sl = slice(lo, lo + chunk)
-        v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance)
-        mean_s = sde_step(x[sl], v, t[sl], t_next[sl], cfg.noise_level, t_guard, torch.zeros_like(v))[1]
-        if cfg.estimator == "ppo":
-            loss = ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl])
-        else:
-            loss = closed_form_loss(mean_s, mean_t[sl], sbar[sl], ode)
-        # L = (1/B) sum_b sum_j loss_{j,b}; backward_scale spreads the mean over ranks and tasks
-        (loss.sum() * backward_scale / B).backward()
-        per_row.append(loss.detach())
-    timer["train"] = clock(model.device) - t0
-    return torch.cat(per_row).view(K, B).sum(0), timer
+    with phase("train"):
+        d = x[0].numel()
+        chunk = cfg.train_chunk or x.shape[0]
+        per_row = []
+        for lo in range(0, x.shape[0], chunk):
+            sl = slice(lo, lo + chunk)
+            v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance)
+            mean_s = transition_mean(x[sl], v, t[sl], t_next[sl], cfg.noise_level, t_guard)
+            if cfg.estimator == "ppo":
+                loss = ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl])
+            else:
+                loss = closed_form_loss(mean_s, mean_t[sl], sbar[sl], cfg.noise_level == 0)
+            # the release's scale: mean over dims, trained steps and samples (module docstring, "Scale")
+            ((loss / d).sum() * scale / (K * B)).backward()
+            per_row.append(loss.detach())
+    return torch.cat(per_row).view(K, B).sum(0)
 
 
 def round_batches(cfg: OPDConfig, teachers, step: int, dist: Dist, prompts_by_task):
@@ -298,12 +346,12 @@ def round_batches(cfg: OPDConfig, teachers, step: int, dist: Dist, prompts_by_ta
 def gradient_variance(cfg, model, teachers, trainer, prompts_by_task, dist):
     """Per-coordinate gradient variance (summed) of both estimators over R rollouts, same rollouts."""
     grads = {"closed_form": [], "ppo": []}
-    steps = cfg.train_steps or list(range(cfg.num_steps))
+    steps = trained_steps(cfg)
     for r in tqdm(range(cfg.variance_rollouts), desc="variance", disable=not dist.is_main):
         for est in grads:
             cfg.estimator = est
             for teacher, prompts, seeds in round_batches(cfg, teachers, 10**6 + r, dist, prompts_by_task):
-                batch_loss(cfg, model, teacher, prompts, seeds, steps, 1.0 / (dist.world * len(teachers)))
+                batch_gradient(cfg, model, teacher, prompts, seeds, steps, 1.0 / len(teachers))
             dist.average_gradients(trainer.params)
             grads[est].append(torch.cat([p.grad.flatten() for p in trainer.params]).cpu())
             trainer.opt.zero_grad(set_to_none=True)
@@ -317,45 +365,60 @@ def gradient_variance(cfg, model, teachers, trainer, prompts_by_task, dist):
     return out
 
 
-def validate(cfg: OPDConfig, dist: Dist):
-    """Every bad input fails here with a one-line error, before any compute."""
+def validate(cfg: OPDConfig, dist: Dist, given: set[str] = frozenset()):
+    """Every bad input fails here with a one-line error, before any model loads and before anything
+    is written. Applies the recipe (the paper's, or the toy one on the toy base) to cfg."""
     try:
         base, specs = resolve_teachers(cfg)
+        cfg.model = cfg.model or base
+        changed = apply_recipe(cfg, given, cfg.model, "opd")
+        check_student_config(cfg)
+        require_positive(cfg, "prompts_per_batch", "num_steps")
+        require(cfg.noise_level >= 0, f"--noise_level must be >= 0, got {cfg.noise_level}")
+        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+        require(cfg.teacher_chunk >= 0 and cfg.train_chunk >= 0, "--teacher_chunk/--train_chunk must be >= 0")
+        require(cfg.dtype in ("auto", *DTYPES), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+        require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
+                "full fine-tuning trains the transformer's own weights: keep --dtype float32")
+        require(cfg.estimator in ("closed_form", "ppo"), f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
+        require(not ((cfg.estimator == "ppo" or cfg.variance_rollouts) and cfg.noise_level <= 0),
+                "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
+        bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
+        require(not bad, f"--train_steps {bad} outside 0..{cfg.num_steps - 1}")
+        check_model_path(cfg.model)
+        rule = resolution_rule(cfg.model)
+        if rule and (cfg.height or cfg.width):
+            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
         dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)")
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-        if cfg.dtype != "float32" and cfg.full_finetune:
-            raise ValueError("full fine-tuning trains the transformer's own weights: keep --dtype float32")
-        if cfg.estimator not in ("closed_form", "ppo"):
-            raise ValueError(f"estimator must be closed_form or ppo, got {cfg.estimator!r}")
-        if (cfg.estimator == "ppo" or cfg.variance_rollouts) and cfg.noise_level <= 0:
-            raise ValueError("the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
-        bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
-        if bad:
-            raise ValueError(f"train_steps {bad} outside 0..{cfg.num_steps - 1}")
+        run = None if cfg.variance_rollouts else RunDir(cfg.out, cfg, dist)
         rewards = {s["task"].name: make_reward(s["task"].reward, device=dist.device) for s in specs}
-        return base, specs, prompts_by_task, rewards
+        print_main(dist, describe_recipe(cfg, changed))
+        return specs, prompts_by_task, rewards, run
     except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
 
 
 def main(argv=None):
     cfg = parse_config(OPDConfig, argv)
-    dist = Dist(cfg.device)
-    base, specs, prompts_by_task, rewards = validate(cfg, dist)
-    cfg.model = base
     try:
-        model = FlowModel.load(base, device=dist.device, dtype=DTYPES[cfg.dtype])
-        trainer = StudentTrainer(model, cfg, dist)  # before the teachers: full FT moves them to a frozen copy
+        dist = Dist(cfg.device)
+    except ValueError as e:
+        fail(e)
+    specs, prompts_by_task, rewards, run = validate(cfg, dist, given_keys(OPDConfig, argv))
+    try:
+        model = FlowModel.load(cfg.model, device=dist.device, dtype=weights_dtype(cfg, dist))
+        model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
+        # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy
+        trainer = StudentTrainer(model, cfg, dist, run)
         teachers = load_teachers(model, specs, dist)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
     if cfg.compile:
         model.compile_blocks()
-    train_steps = cfg.train_steps or list(range(cfg.num_steps))
+    train_steps = trained_steps(cfg)
     if cfg.variance_rollouts:
         res = gradient_variance(cfg, model, teachers, trainer, prompts_by_task, dist)
         if dist.is_main:
@@ -364,23 +427,27 @@ def main(argv=None):
                   f"over {cfg.variance_rollouts} rollouts (a = {cfg.noise_level})")
         dist.close()
         return res
-    run = trainer.run
+    start = trainer.begin()  # the run directory is written only now, after every model has loaded
     saved = {"tasks": [t.task.name for t in teachers], "teachers": cfg.teachers, "guidance": cfg.guidance}
-    bar = tqdm(range(trainer.start, cfg.steps), desc="opd", disable=not dist.is_main,
-               initial=trainer.start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="opd", disable=not dist.is_main, initial=start, total=cfg.steps)
     for step in bar:
-        metrics, timer = {"step": step}, {"rollout": 0.0, "teacher": 0.0, "train": 0.0}
-        # ---- one round: one batch per task, losses accumulated, then a single optimizer step
+        metrics, phases = {"step": step}, Phases(dist.device)
+        # ---- one round: one batch per task, gradients accumulated, then a single optimizer step
+        losses = []
         for teacher, prompts, seeds in round_batches(cfg, teachers, step, dist, prompts_by_task):
-            loss, t = batch_loss(cfg, model, teacher, prompts, seeds, train_steps,
-                                 1.0 / (dist.world * len(teachers)))
+            loss = batch_gradient(cfg, model, teacher, prompts, seeds, train_steps,
+                                  1.0 / len(teachers), phases)
+            losses.append(loss)
             metrics[f"loss/{teacher.task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
-            timer = {k: timer[k] + t[k] for k in timer}
-        t0 = clock(dist.device)
-        metrics["grad_norm"] = trainer.update(step)
-        timer["optimizer"] = clock(dist.device) - t0
+        with phases("optimizer"):
+            try:
+                metrics["grad_norm"], skipped = trainer.update(step, torch.cat(losses))
+            except NonFiniteError as e:
+                run.log({**metrics, "skipped_nonfinite": 1})
+                fail(e)
+        metrics["skipped_nonfinite"] = int(skipped)
         metrics["loss"] = float(np.mean([metrics[f"loss/{t.task.name}"] for t in teachers]))
-        metrics.update({f"sec/{k}": v for k, v in timer.items()})
+        metrics.update({f"sec/{k}": v for k, v in phases.sec.items()})
         # ---- evaluate the EMA student on every task with the 40-step ODE; checkpoint
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:

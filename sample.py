@@ -10,7 +10,7 @@ Notation (paper -> code)
     a                   noise_level         a = 0 is the deterministic ODE sampler
     s_j                 s                   diffusion coefficient a sqrt(t / (1 - t))
     mu(x_j)             mean
-    sbar_j              std                 transition std; sbar_j^2 = s_j^2 (-Delta_j)
+    sbar_j              sbar                transition std; sbar_j^2 = s_j^2 (-Delta_j)
     log p(x_{j+1}|x_j)  logp_sum            summed over all latent dims (a true log-density)
 
 Departures from the reference code (Flow-GRPO)
@@ -50,39 +50,65 @@ def time_grid(scheduler, num_steps: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- one transition
-def sde_step(x, v, t, t_next, noise_level: float, t_guard: float, noise=None):
-    """One step of the Flow-GRPO SDE (Eqs. 5-9); noise_level a = 0 gives the Euler ODE step.
+def _diffusion_coefficient(t, noise_level: float, t_guard: float):
+    # s_j = a sqrt(t_j / (1 - t_j)), with 1 - t_1 in the denominator at t_j = 1           (Eq. 5)
+    return noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, torch.full_like(t, t_guard), t)))
+
+
+def _as_column(t, x):
+    """A float or (B,) tensor of times as (B, 1, ..., 1) in x's dtype and device."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def transition_mean(x, v, t, t_next, noise_level: float, t_guard: float):
+    """mu(x_j) of the Gaussian transition p(x_{j+1} | x_j) = N(mu, sbar^2 I) (Eq. 7), the quantity both
+    OPD losses compare; a = 0 gives the Euler ODE step x + v Delta.
 
     x, v: (B, ...) state and velocity at time t; t, t_next: floats or (B,) tensors.
     t_guard: the grid's t_1, used in place of t in (1 - t) when t = 1 (the t = 1 guard).
+    """
+    t = _as_column(t, x)
+    dt = _as_column(t_next, x).reshape_as(t) - t  # Delta_j < 0
+    s = _diffusion_coefficient(t, noise_level, t_guard)
+    # mu = x (1 + s^2 / (2 t) Delta) + v (1 + s^2 (1 - t) / (2 t)) Delta                  (Eq. 7)
+    return x * (1 + s**2 / (2 * t) * dt) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
+
+
+def transition_std(t, t_next, noise_level: float, t_guard: float, batch: int | None = None):
+    """sbar_j = s_j sqrt(-Delta_j), the transition's standard deviation (Eq. 8); 0 for the ODE.
+    t, t_next: floats or (B,) tensors; returns (B,) (a float time is expanded to `batch` rows)."""
+    t = torch.as_tensor(t, dtype=torch.float64).flatten()
+    t_next = torch.as_tensor(t_next, dtype=t.dtype, device=t.device).flatten()
+    # sbar = s sqrt(-Delta)                                                               (Eq. 8)
+    sbar = _diffusion_coefficient(t, noise_level, t_guard) * torch.sqrt(t - t_next)
+    return sbar.expand(batch) if batch is not None and sbar.numel() == 1 else sbar
+
+
+def sde_step(x, v, t, t_next, noise_level: float, t_guard: float, noise=None):
+    """One step of the Flow-GRPO SDE (Eqs. 5-9); noise_level a = 0 gives the Euler ODE step.
+
     noise: (B, ...) standard normal draws; required when noise_level > 0.
-    Returns (x_next, mean, std): std is (B,) and 0 for the ODE.
+    Returns (x_next, mean, sbar): mean = transition_mean(...), sbar (B,) = transition_std(...).
     """
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.dim() - 1))
-    t_next = torch.as_tensor(t_next, dtype=x.dtype, device=x.device).reshape_as(t)
-    dt = t_next - t  # Delta_j < 0
-    # s_j = a sqrt(t_j / (1 - t_j)), with 1 - t_1 in the denominator at t_j = 1
-    s = noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, torch.full_like(t, t_guard), t)))
-    # mu = x (1 + s^2 / (2 t) dt) + v (1 + s^2 (1 - t) / (2 t)) dt          (Eq. 7)
-    mean = x * (1 + s**2 / (2 * t) * dt) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
-    # sbar = s sqrt(-dt)                                                    (Eq. 8)
-    std = s * torch.sqrt(-dt)
+    mean = transition_mean(x, v, t, t_next, noise_level, t_guard)
+    sbar = transition_std(t, t_next, noise_level, t_guard, x.shape[0]).to(x.device, x.dtype)
     if noise_level == 0:
-        return mean, mean, std.flatten().expand(x.shape[0])
+        return mean, mean, sbar
     assert noise is not None and noise.shape == x.shape, "the SDE step needs standard-normal noise of x's shape"
-    # x_{j+1} = mu + sbar eps                                               (Eq. 9)
-    return mean + std * noise, mean, std.flatten().expand(x.shape[0])
+    # x_{j+1} = mu + sbar eps                                                             (Eq. 9)
+    return mean + _as_column(sbar, x) * noise, mean, sbar
 
 
-def gaussian_logprob(x_next, mean, std):
-    """log N(x_next; mean, std^2 I) per sample, summed over all dims, and its per-dim mean.
+def gaussian_logprob(x_next, mean, sbar):
+    """log N(x_next; mean, sbar^2 I) per sample, summed over all dims, and its per-dim mean.
 
-    Returns (logp_sum, logp_mean_per_dim), each (B,). std: (B,), must be > 0 (no density for the ODE).
+    Returns (logp_sum, logp_mean_per_dim), each (B,). sbar: (B,), must be > 0 (no density for the ODE).
     """
-    assert (std > 0).all(), "the ODE step (noise level 0) has no transition density"
-    std = std.reshape(-1, *[1] * (x_next.dim() - 1))
+    assert (sbar > 0).all(), "the ODE step (noise level 0) has no transition density"
+    sbar = _as_column(sbar, x_next)
     # log p = -(x - mu)^2 / (2 sbar^2) - log sbar - log(2 pi) / 2, per dim
-    per_dim = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    per_dim = -((x_next - mean) ** 2) / (2 * sbar**2) - torch.log(sbar) - 0.5 * math.log(2 * math.pi)
     logp_sum = per_dim.flatten(1).sum(1)
     return logp_sum, logp_sum / per_dim[0].numel()
 
@@ -103,7 +129,7 @@ class Trajectory:
     latents: torch.Tensor    # (B, N+1, C, h, w): x_0 (noise) ... x_N (clean)
     t: torch.Tensor          # (N+1,): the grid t_0 = 1 ... t_N = 0
     logp_sum: torch.Tensor   # (B, N): log p(x_{j+1} | x_j) summed over dims; NaN-free, 0 for the ODE
-    std: torch.Tensor        # (N,): sbar_j of each step
+    sbar: torch.Tensor       # (N,): sbar_j, the transition std of each step (0 for the ODE)
     seeds: list[int]
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
 
@@ -136,18 +162,18 @@ def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: 
     t = time_grid(model.pipe.scheduler, num_steps)
     x, noise = make_noise(seeds, shape, num_steps, noise_level)
     x = x.to(model.device)
-    latents, logps, stds = [x], [], []
+    latents, logps, sbars = [x], [], []
     with model.adapter(adapter):
         for j in range(num_steps):
             v = model.velocity(x, t[j], embeds, guidance)
             eps = noise[:, j].to(model.device) if noise is not None else None
-            x_next, mean, std = sde_step(x, v, t[j].item(), t[j + 1].item(), noise_level, t[1].item(), eps)
-            logps.append(gaussian_logprob(x_next, mean, std)[0] if noise_level > 0 else torch.zeros(len(seeds)))
-            stds.append(std[0])
+            x_next, mean, sbar = sde_step(x, v, t[j].item(), t[j + 1].item(), noise_level, t[1].item(), eps)
+            logps.append(gaussian_logprob(x_next, mean, sbar)[0] if noise_level > 0 else torch.zeros(len(seeds)))
+            sbars.append(sbar[0])
             x = x_next
             latents.append(x)
     images = model.decode(x) if decode else None
-    return Trajectory(torch.stack(latents, 1), t, torch.stack(logps, 1).cpu(), torch.stack(stds).cpu(),
+    return Trajectory(torch.stack(latents, 1), t, torch.stack(logps, 1).cpu(), torch.stack(sbars).cpu(),
                       list(seeds), images)
 
 
@@ -169,9 +195,11 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: i
 
 def main(argv=None):
     import argparse
-    from model import FlowModel, default_model_path
+    from pathlib import Path
+
+    from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
-    ap.add_argument("--model", default=default_model_path(), help="pipeline folder or hub id")
+    ap.add_argument("--model", default=TOY_MODEL, help="pipeline folder or hub id (default: the embedded toy model)")
     ap.add_argument("--lora", default=None, help="PEFT LoRA folder to apply")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--n-per-prompt", type=int, default=1)
@@ -185,13 +213,37 @@ def main(argv=None):
     ap.add_argument("--out", default="grid.png")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    try:  # every input checked before the model loads
+        for name in ("n_per_prompt", "steps", "scale"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.noise_level < 0:
+            raise ValueError("--noise-level must be >= 0")
+        out = Path(args.out)
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out {args.out}: the grid is written as PNG; give a path ending in .png")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out {args.out}: folder {out.parent} does not exist")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+        check_model_path(args.model)
+        if args.lora:
+            check_lora_folder(args.lora)
+        rule = resolution_rule(args.model)
+        if rule and (args.height or args.width):
+            check_resolution(args.height or rule[1], args.width or rule[1], rule[0])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     model = FlowModel.load(args.model, device=args.device)
     adapter = None
     if args.lora:
-        adapter = "lora"
+        adapter = "adapter"
         model.load_lora(args.lora, adapter)
     prompts = [p for p in args.prompt for _ in range(args.n_per_prompt)]
-    model.latent_shape(args.height or model.default_resolution(), args.width or model.default_resolution())
+    try:
+        model.latent_shape(args.height or model.default_resolution(), args.width or model.default_resolution())
+    except ValueError as e:  # a hub model: its sizes are known only now
+        raise SystemExit(f"error: {e}") from None
     traj = rollout(model, model.encode_prompts(prompts), [args.seed + i for i in range(len(prompts))],
                    args.steps, args.cfg, args.noise_level, args.height, args.width, adapter=adapter)
     save_grid(traj.images, args.out, nrow=args.n_per_prompt if args.n_per_prompt > 1 else None, scale=args.scale)

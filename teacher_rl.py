@@ -1,4 +1,4 @@
-"""Stage 1: train a teacher with Flow-GRPO (paper sections 3, 4 and 8).
+"""Stage 1: train a teacher with Flow-GRPO (paper sections 3, 4 and 8a).
 
 Per step: the student LoRA samples G images per prompt with the SDE sampler (noise level a), the
 rewards are gathered over all ranks, advantages are normalised within each prompt's group, and the
@@ -17,6 +17,13 @@ Notation (paper -> code)
 Loss of one sample at one trained step j (minimised; averaged over samples and steps):
     L = max(-A rho_j, -A clip(rho_j, 1 - eps, 1 + eps)) + beta KL_j / d
     KL_j = ||mu_theta(x_j) - mu_ref(x_j)||^2 / (2 sbar_j^2)          (Eqs. 10-11, exact sbar_j^2)
+In the training forward the CFG uncond branch is detached, v = sg(v_u) + w (v_c - sg(v_u)), as in
+Flow-GRPO (`--cfg_detach_uncond false` lets the gradient through v_u too).
+
+The defaults are Flow-GRPO's SD3.5-M recipe (section 8a; its config/grpo.py geneval_sd3): a = 0.7,
+10 steps, 48 prompts x 24 images per step in two optimizer steps, global std, int(0.99 x 10) = 9
+trained steps, beta 0.04, clip 1e-4, lr 3e-4, EMA 0.9 every 8, 512 px. On the embedded toy model the
+toy recipe (toy/recipe.py) changes a few values, printed at start and saved in config.json.
 
 Departures from Flow-GRPO
 1. `ratio_logp = "mean_per_dim"` (default) builds the PPO ratio from the per-dim mean log-density,
@@ -24,19 +31,24 @@ Departures from Flow-GRPO
    log-density. The name says which one is in use; both are logged.
 2. The KL to the reference uses the exact transition variance sbar_j^2 = s_j^2 (-Delta_j); Flow-GRPO
    divides by s_j^2. It is divided by the number of latent dims d, so beta keeps Flow-GRPO's scale.
-3. Every rollout of a step is made by the current weights and each step takes one optimizer step,
-   so the ratio is exactly 1 on the first pass (`ratio_dev` logs max |rho - 1|, a sanity metric);
-   `updates_per_rollout` > 1 splits the batch into several optimizer steps (then rho != 1).
+3. Every rollout of a step is made by the current weights; `updates_per_rollout` splits the step's
+   images into that many optimizer steps (then rho != 1 after the first). `ratio_dev` logs max
+   |rho - 1| of the first update, a sanity metric. Flow-GRPO samples its minibatches in shuffled order
+   per GPU; here update u trains the step's global images [u B/U, (u+1) B/U) on any number of ranks
+   (`update_layout`), so 1 and N ranks make the same updates.
 4. Groups whose rewards are all equal get zero advantage and contribute nothing; their fraction is
-   logged (`zero_std_groups`) rather than padded away.
+   logged (`zero_std_groups`) rather than padded away. Flow-GRPO's PerPromptStatTracker groups by
+   prompt text over the whole epoch; here a group is the G images of one sampled prompt.
+5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
+   `max_skipped_steps` in a row (harness.StudentTrainer.update).
 
 Run:
     python teacher_rl.py --task geneval --lr 1e-3 --steps 90 --out runs/teacher-geneval  # CPU, toy world
-    make teachers        # the three shipped toy teachers, their flags and times: README, Results
+    make teachers        # the three shipped toy teachers
     torchrun --standalone --nproc_per_node=2 teacher_rl.py --task ocr --out runs/ocr
     torchrun --nproc_per_node=8 teacher_rl.py --model stabilityai/stable-diffusion-3.5-medium \\
-        --task ocr --dataset dataset/ocr --reward ocr=1 --height 512 --width 512 --out runs/ocr
-    python teacher_rl.py --task geneval --reward toy_geneval=1,toy_ocr=1,toy_aesthetic=1 ...  # joint
+        --task ocr --dataset dataset/ocr --reward ocr=1 --out runs/ocr        # SD3.5-M, Flow-GRPO's recipe
+    python teacher_rl.py --task mixed --out runs/joint     # joint multi-task baseline (data/toy/mixed)
 """
 from __future__ import annotations
 
@@ -49,40 +61,40 @@ from tqdm import tqdm
 
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Dist, StudentConfig, StudentTrainer, parse_config, step_seed
-from model import FlowModel, default_model_path
+from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_student_config,
+                     describe_recipe, fail, given_keys, parse_config, print_main, require, require_positive, step_seed)
+from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
 from rewards import make_reward
-from sample import gaussian_kl, gaussian_logprob, rollout, sde_step
+from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 
 
 @dataclass
 class TeacherConfig(StudentConfig):
     """Flow-GRPO teacher training (one task, or several weighted rewards for the joint baseline).
     Fields shared with opd.py (LoRA, AdamW, EMA, evaluation, checkpoints) are in harness.StudentConfig."""
-    model: str = default_model_path()   # base pipeline folder or hub id
+    model: str = TOY_MODEL              # base pipeline folder or hub id
     task: str = "geneval"               # task name; dataset defaults to data/toy/<task>
     dataset: str = ""                   # Flow-GRPO prompt folder (train.txt, test.txt, metadata)
     reward: str = ""                    # "name=w,name=w"; default: the dataset's task.json
     out: str = ""                       # run directory; default runs/teacher-<task>
     init_lora: str = ""                 # start from this adapter (cascade baseline)
     seed: int = 0
-    steps: int = 60                     # optimizer steps
-    batch: int = 32                     # images per step over all ranks = prompts x group_size
-    group_size: int = 8                 # G images per prompt
-    rollout_batch: int = 32             # images per forward pass during rollouts (per rank)
-    train_batch: int = 32               # images per forward/backward during training (per rank)
+    steps: int = 60                     # rollout steps (x updates_per_rollout optimizer steps)
+    batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
+    group_size: int = 24                # G images per prompt
+    rollout_batch: int = 9              # images per forward pass during rollouts (per rank)
+    train_batch: int = 9                # images per forward/backward during training (per rank)
     num_steps: int = 10                 # sampling steps N
     noise_level: float = 0.7            # a in Eq. 5
     guidance: float = 4.5               # CFG during rollouts and training
-    timestep_fraction: float = 0.6      # train the first round(fraction * N) steps
-    per_group_std: bool = True          # False: divide by the std over the whole batch
+    cfg_detach_uncond: bool = True      # Flow-GRPO: v = sg(v_u) + w (v_c - sg(v_u)) when training
+    timestep_fraction: float = 0.99     # train the first int(fraction * N) steps
+    per_group_std: bool = False         # False: divide by the std over the whole batch (Flow-GRPO global_std)
     adv_clip: float = 5.0
     clip_range: float = 1e-4
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
-    kl_beta: float = 0.0                # KL to the base model, per latent dim
-    updates_per_rollout: int = 1
-    eval_every: int = 20
-    save_every: int = 20
+    kl_beta: float = 0.04               # KL to the base model, per latent dim
+    updates_per_rollout: int = 2        # optimizer steps per rollout batch
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):
@@ -102,51 +114,94 @@ def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
 
 
-def validate(cfg: TeacherConfig, dist: Dist):
-    """Every bad input fails here with a one-line error, before any rollout."""
+def grpo_loss(mean, sbar, x_next, logp_old_sum, adv, cfg: TeacherConfig, mean_ref=None):
+    """Per-sample Flow-GRPO loss of one trained step (module docstring): PPO-clip on the ratio of the
+    rollout's log-density (per-dim mean or sum, `ratio_logp`) plus beta KL_j / d against the reference
+    mean (None: no KL term). Returns (loss (b,), ratio (b,), KL_j (b,) or None)."""
+    d = x_next[0].numel()
+    logp_sum, logp_mean = gaussian_logprob(x_next, mean, sbar)
+    new, old = (logp_sum, logp_old_sum) if cfg.ratio_logp == "sum" else (logp_mean, logp_old_sum / d)
+    loss, ratio = ppo_clip_loss(new, old, adv, cfg.clip_range)
+    if mean_ref is None:
+        return loss, ratio, None
+    kl = gaussian_kl(mean, mean_ref, sbar**2)  # (b,), the true KL summed over dims
+    return loss + cfg.kl_beta * kl / d, ratio, kl
+
+
+def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list[int]]:
+    """Which of the step's `batch` images (global index, grouped by prompt) each rank holds, so that
+    optimizer step u trains on global images [u batch/U, (u+1) batch/U) whatever the world size: the
+    run is the same on 1 or N ranks. Returns (order: the global index of each row of an all_gather,
+    mine: this rank's global indices, in its row order)."""
+    per_update = batch // updates
+    share = per_update // dist.world   # this rank's rows of one update
+    order = [u * per_update + r * share + i for r in range(dist.world) for u in range(updates) for i in range(share)]
+    per_rank = batch // dist.world
+    return order, order[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+
+
+def trained_steps(cfg: TeacherConfig) -> int:
+    """Flow-GRPO's int(N x timestep_fraction): the first steps j = 0 .. K - 1 are trained."""
+    return max(1, int(cfg.timestep_fraction * cfg.num_steps))
+
+
+def validate(cfg: TeacherConfig, dist: Dist, given: set[str] = frozenset()):
+    """Every bad input fails here with a one-line error, before any model loads or anything is
+    written. Applies the recipe (the paper's, or the toy one on the toy base) to cfg."""
     try:
-        return _validate(cfg, dist)
+        changed = apply_recipe(cfg, given, cfg.model, "teacher_rl")
+        check_student_config(cfg)
+        require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "noise_level",
+                         "clip_range", "adv_clip", "updates_per_rollout")
+        require(cfg.group_size >= 2, f"--group_size must be >= 2 (advantages compare images of one prompt), "
+                                     f"got {cfg.group_size}")
+        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+        require(cfg.kl_beta >= 0, f"--kl_beta must be >= 0, got {cfg.kl_beta}")
+        require(cfg.batch % cfg.group_size == 0, f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
+        require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
+                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
+                f"of equal shares over {dist.world} ranks")
+        require(cfg.ratio_logp in ("mean_per_dim", "sum"), f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
+        check_model_path(cfg.model)
+        rule = resolution_rule(cfg.model)
+        if rule and (cfg.height or cfg.width):
+            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
+        if cfg.init_lora:
+            check_lora_folder(cfg.init_lora)
+        task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
+        load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
+        run = RunDir(cfg.out, cfg, dist)
+        reward_fn = make_reward(task.reward, device=dist.device)
+        print_main(dist, describe_recipe(cfg, changed))
+        return task, reward_fn, run
     except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _validate(cfg: TeacherConfig, dist: Dist):
-    task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
-    load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
-    reward_fn = make_reward(task.reward, device=dist.device)
-    if cfg.batch % cfg.group_size:
-        raise ValueError(f"group_size {cfg.group_size} does not divide the global batch {cfg.batch}")
-    dist.split(cfg.batch, "batch")
-    per_rank = cfg.batch // dist.world
-    if per_rank % cfg.updates_per_rollout:
-        raise ValueError(f"{per_rank} samples per rank do not split into {cfg.updates_per_rollout} updates")
-    if cfg.ratio_logp not in ("mean_per_dim", "sum"):
-        raise ValueError(f"ratio_logp must be 'mean_per_dim' or 'sum', got {cfg.ratio_logp!r}")
-    if cfg.noise_level <= 0:
-        raise ValueError("GRPO needs a stochastic sampler: noise_level must be > 0")
-    return task, reward_fn
+        fail(e)
 
 
 def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
-    dist = Dist(cfg.device)
-    task, reward_fn = validate(cfg, dist)
+    try:
+        dist = Dist(cfg.device)
+    except ValueError as e:
+        fail(e)
+    task, reward_fn, run = validate(cfg, dist, given_keys(TeacherConfig, argv))
     try:
         model = FlowModel.load(cfg.model, device=dist.device)
-        trainer = StudentTrainer(model, cfg, dist)  # LoRA/full FT, --init_lora, AdamW, EMA, run dir, resume
+        model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
+        trainer = StudentTrainer(model, cfg, dist, run)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    run = trainer.run
+        fail(e)
+    start = trainer.begin()  # the run directory is written only now, after the model has loaded
     train_prompts, train_metas = load_prompts(task.dataset, "train")
-    mine = dist.split(cfg.batch, "batch")
+    order, mine = update_layout(cfg.batch, cfg.updates_per_rollout, dist)
     n_prompts = cfg.batch // cfg.group_size
-    n_train = max(1, round(cfg.timestep_fraction * cfg.num_steps))
+    n_train = trained_steps(cfg)
     saved = {"task": task.name, "dataset": task.dataset, "reward": task.reward, "guidance": task.guidance,
              "eval_key": task.eval_key}
 
-    bar = tqdm(range(trainer.start, cfg.steps), desc=f"grpo {task.name}", disable=not dist.is_main,
-               initial=trainer.start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=f"grpo {task.name}", disable=not dist.is_main,
+               initial=start, total=cfg.steps)
     for step in bar:
         timer = {}
         # ---- rollout: P prompts x G images; sample i of the step uses seed step_seed(seed, step, i)
@@ -155,7 +210,7 @@ def main(argv=None):
         chosen = rng.choice(len(train_prompts), n_prompts, replace=len(train_prompts) < n_prompts)
         idx = np.repeat(chosen, cfg.group_size)[mine]  # groups are contiguous; they may span ranks
         prompts, metas = [train_prompts[i] for i in idx], [train_metas[i] for i in idx]
-        seeds = [step_seed(cfg.seed, step, i) for i in range(mine.start, mine.stop)]
+        seeds = [step_seed(cfg.seed, step, i) for i in mine]
         embeds = model.encode_prompts(prompts)
         trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
                          cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None, adapter="student")
@@ -163,56 +218,62 @@ def main(argv=None):
         latents = torch.cat([t.latents for t in trajs])  # (B, N+1, C, h, w)
         logp_old = torch.cat([t.logp_sum for t in trajs])  # (B, N) summed over dims
         images = torch.cat([t.images for t in trajs])
-        grid_t, std = trajs[0].t, trajs[0].std
+        grid_t, t_guard = trajs[0].t, trajs[0].t[1].item()
         timer["rollout"] = time.perf_counter() - t0
 
         # ---- reward, gathered over ranks; advantages within each group
         t0 = time.perf_counter()
         scores, info = reward_fn(images, prompts, metas)
-        all_scores = dist.all_gather(scores.to(dist.device)).cpu()
+        all_scores = torch.empty(cfg.batch)
+        all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()  # global image order
         adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
         adv = adv_all[mine]
         timer["reward"] = time.perf_counter() - t0
 
-        # ---- loss: PPO-clip on each trained step j, recomputing the mean with gradient
+        # ---- loss: the GRPO loss on each trained step j, recomputing the mean with gradient
         t0 = time.perf_counter()
-        d = latents[0, 0].numel()
         per_update = len(seeds) // cfg.updates_per_rollout
         stats = {"ratio_dev": 0.0, "clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0}
+        skipped_any = False
         for u in range(cfg.updates_per_rollout):
             rows = range(u * per_update, (u + 1) * per_update)
+            losses = []
             for b in range(rows.start, rows.stop, cfg.train_batch):
                 sl = slice(b, min(b + cfg.train_batch, rows.stop))
                 for j in range(n_train):
                     x, x_next = latents[sl, j].to(model.device), latents[sl, j + 1].to(model.device)
-                    v = model.velocity(x, grid_t[j], embeds[sl], cfg.guidance)
-                    _, mean, sbar = sde_step(x, v, grid_t[j].item(), grid_t[j + 1].item(), cfg.noise_level,
-                                             grid_t[1].item(), torch.zeros_like(x))
-                    logp_sum, logp_mean = gaussian_logprob(x_next, mean, sbar)
-                    if cfg.ratio_logp == "sum":
-                        new, old = logp_sum, logp_old[sl, j].to(model.device)
-                    else:
-                        new, old = logp_mean, logp_old[sl, j].to(model.device) / d
-                    loss, ratio = ppo_clip_loss(new, old, adv[sl].to(model.device), cfg.clip_range)
+                    t, t_next = grid_t[j].item(), grid_t[j + 1].item()
+                    v = model.velocity(x, t, embeds[sl], cfg.guidance, detach_uncond=cfg.cfg_detach_uncond)
+                    mean = transition_mean(x, v, t, t_next, cfg.noise_level, t_guard)
+                    sbar = trajs[0].sbar[j].expand(len(x)).to(model.device)
+                    mean_ref = None
                     if cfg.kl_beta > 0:
                         with torch.no_grad(), model.adapter(None):
-                            v_ref = model.velocity(x, grid_t[j], embeds[sl], cfg.guidance)
-                            mean_ref = sde_step(x, v_ref, grid_t[j].item(), grid_t[j + 1].item(),
-                                                cfg.noise_level, grid_t[1].item(), torch.zeros_like(x))[1]
-                        kl = gaussian_kl(mean, mean_ref, sbar**2)  # (b,), true KL summed over dims
-                        loss = loss + cfg.kl_beta * kl / d
-                        stats["kl"] += kl.sum().item() / (len(seeds) * n_train)
+                            v_ref = model.velocity(x, t, embeds[sl], cfg.guidance)
+                            mean_ref = transition_mean(x, v_ref, t, t_next, cfg.noise_level, t_guard)
+                    loss, ratio, kl = grpo_loss(mean, sbar, x_next, logp_old[sl, j].to(model.device),
+                                                adv[sl].to(model.device), cfg, mean_ref)
                     (loss.sum() / (per_update * n_train)).backward()
-                    stats["policy_loss"] += loss.sum().item() / (len(seeds) * n_train)
-                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().sum().item() / (len(seeds) * n_train)
+                    losses.append(loss.detach())
+                    n = len(seeds) * n_train
+                    stats["policy_loss"] += loss.sum().item() / n
+                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().sum().item() / n
+                    if kl is not None:
+                        stats["kl"] += kl.sum().item() / n
                     if u == 0:
                         stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
-            grad_norm = trainer.update(step)
+            try:
+                grad_norm, skipped = trainer.update(step, torch.cat(losses))
+            except NonFiniteError as e:
+                run.log({"step": step, "skipped_nonfinite": 1})
+                fail(e)
+            skipped_any |= skipped
         timer["train"] = time.perf_counter() - t0
 
         # ---- log, evaluate the EMA weights with the ODE, checkpoint
         metrics = {"step": step, "reward_mean": all_scores.mean().item(), "reward_std": all_scores.std().item(),
-                   "zero_std_groups": zero_std, "grad_norm": grad_norm, **trainer.mean_over_ranks(stats),
+                   "zero_std_groups": zero_std, "grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any),
+                   **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
                    **{f"sec/{k}": v for k, v in timer.items()}}
         last = step + 1 == cfg.steps

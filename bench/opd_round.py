@@ -66,7 +66,7 @@ import torch
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Dist, StudentTrainer, parse_config
+from harness import Dist, StudentTrainer, apply_recipe, given_keys, parse_config
 from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
@@ -149,16 +149,23 @@ def mmdit_flops(c: dict, n_img: int, n_txt: int, lora_rank: int = 0) -> tuple[in
     return fwd, bwd
 
 
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: exact phase timers on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """The dense matmul rate of this device in `dtype`, measured now: the MFU denominator."""
     n, reps = (8192, 20) if device.type == "cuda" else (1024, 10)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    t0 = opd.clock(device)
+    t0 = clock(device)
     for _ in range(reps):
         a @ b
-    return 2 * n**3 * reps / (opd.clock(device) - t0) / 1e12
+    return 2 * n**3 * reps / (clock(device) - t0) / 1e12
 
 
 # ---------------------------------------------------------------------- counting network calls
@@ -269,7 +276,7 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
     tmp = tempfile.TemporaryDirectory(prefix="bench-")
     if cfg.sd35m_random:
         model = FlowModel(sd35m_random_pipeline(cfg.layers, cfg.text_len, dist.device), dist.device,
-                          opd.DTYPES[cfg.dtype], cfg.text_len, name="sd35m-random")
+                          opd.weights_dtype(cfg, dist), cfg.text_len, name="sd35m-random")
         # one random LoRA, saved and loaded once per task exactly as opd.py loads trained teachers
         model.add_student_lora(cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1)
         model.save_student(f"{tmp.name}/teacher", {"base_model": "sd35m-random"})
@@ -279,9 +286,10 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
         prompts_by_task = {task.name: load_prompts(task.dataset, "train")[0] for task in tasks}
         rewards = {}
     else:
-        base, specs, prompts_by_task, rewards = opd.validate(cfg, dist)
-        model = FlowModel.load(base, device=dist.device, dtype=opd.DTYPES[cfg.dtype])
-    trainer = StudentTrainer(model, dataclasses.replace(cfg, out=f"{tmp.name}/run"), dist)
+        checked = dataclasses.replace(cfg, out=f"{tmp.name}/run")  # opd.py's checks; its run dir is never written
+        specs, prompts_by_task, rewards, _ = opd.validate(checked, dist)
+        model = FlowModel.load(checked.model, device=dist.device, dtype=opd.weights_dtype(cfg, dist))
+    trainer = StudentTrainer(model, cfg, dist, None)
     teachers = opd.load_teachers(model, specs, dist)
     if cfg.compile:
         model.compile_blocks()
@@ -302,22 +310,20 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     if meter.cuda:  # peak of this variant alone: its own memory + this round's transient peak
         held = torch.cuda.memory_allocated(dist.device)
         torch.cuda.reset_peak_memory_stats(dist.device)
-    train_steps = cfg.train_steps or list(range(cfg.num_steps))
+    train_steps = opd.trained_steps(cfg)
     meter.take()
-    start = opd.clock(dist.device)
-    sec = dict.fromkeys(PHASES, 0.0)
-    images = 0
+    phases = opd.Phases(dist.device)
+    start = clock(dist.device)
+    images, losses = 0, []
     for teacher, prompts, seeds in opd.round_batches(cfg, s.teachers, step, dist, s.prompts_by_task):
-        loss, timer = opd.batch_loss(cfg, s.model, teacher, prompts, seeds, train_steps,
-                                     1.0 / (dist.world * len(s.teachers)))
+        loss = opd.batch_gradient(cfg, s.model, teacher, prompts, seeds, train_steps,
+                                  1.0 / len(s.teachers), phases)
         dist.all_gather(loss.to(dist.device)).mean().item()  # opd.main logs it
-        for k, v in timer.items():
-            sec[k] += v
+        losses.append(loss)
         images += len(prompts)
-    t0 = opd.clock(dist.device)
-    s.trainer.update(step)
-    sec["optimizer"] = opd.clock(dist.device) - t0
-    sec["total"] = opd.clock(dist.device) - start
+    with phases("optimizer"):
+        s.trainer.update(step, torch.cat(losses))
+    sec = {**dict.fromkeys(PHASES, 0.0), **phases.sec, "total": clock(dist.device) - start}
     sec["other"] = sec["total"] - sum(sec[k] for k in PHASES if k != "other")
     net = meter.take()
     out = {"sec": sec, "images": images, "net": net}
@@ -356,6 +362,14 @@ def variants(cfg: BenchConfig, argv: list[str], dist: Dist) -> dict[str, BenchCo
         extra = [f"--{kv}" for kv in alias.get(lever, lever).split(",")]
         assert all("=" in e for e in extra), f"lever {lever!r} is not key=value[,key=value] or {sorted(alias)}"
         out[lever] = parse_config(BenchConfig, argv + extra)
+    for name, c in out.items():  # the recipe opd.py would use (toy on the toy base), before any timing
+        if c.sd35m_random:
+            c.recipe = "paper"
+        else:
+            c.model = c.model or opd.resolve_teachers(c)[0]
+            apply_recipe(c, given_keys(BenchConfig, argv + ([] if name == "baseline" else
+                                                         [f"--{kv}" for kv in alias.get(name, name).split(",")])),
+                         c.model, "opd")
     return out
 
 
@@ -366,13 +380,13 @@ def setups_for(cfgs: dict, dist: Dist, meter: NetMeter) -> dict[str, Setup]:
         key = tuple(getattr(c, k) for k in MODEL_KEYS)
         if key not in by_key:
             before = torch.cuda.memory_allocated(dist.device) if meter.cuda else 0
-            t0 = opd.clock(dist.device)
+            t0 = clock(dist.device)
             by_key[key] = build(c, dist)
             for n in (n for n, other in cfgs.items() if tuple(getattr(other, k) for k in MODEL_KEYS) == key):
                 for _ in range(cfgs[n].warmup):
                     opd_round(by_key[key], cfgs[n], dist, 0, meter)
             by_key[key].own_bytes = torch.cuda.memory_allocated(dist.device) - before if meter.cuda else 0
-            by_key[key].setup_sec = opd.clock(dist.device) - t0
+            by_key[key].setup_sec = clock(dist.device) - t0
         of[name] = by_key[key]
     return of
 
@@ -427,9 +441,9 @@ def cfg_pair(s: Setup, cfg: BenchConfig, dist: Dist) -> dict:
             way()
         for _ in range(cfg.cfg_pair_reps):
             for name, way in ways.items():
-                t0 = opd.clock(dist.device)
+                t0 = clock(dist.device)
                 way()
-                sec[name] += (opd.clock(dist.device) - t0) / cfg.cfg_pair_reps
+                sec[name] += (clock(dist.device) - t0) / cfg.cfg_pair_reps
     return {**sec, "speedup": sec["two_forwards"] / sec["one_forward"]}
 
 
@@ -441,7 +455,7 @@ def overlap(s: Setup, cfg: BenchConfig, dist: Dist) -> dict:
     B, reward = cfg.prompts_per_batch // dist.world, s.rewards[task.name]
     sec = {}
     for how in ("serial", "overlapped", "serial", "overlapped"):  # twice, interleaved; keep the second
-        t0 = opd.clock(dist.device)
+        t0 = clock(dist.device)
         futures = []
         for i in range(cfg.overlap_batches):
             idx = [(i * B + j) % len(prompts) for j in range(B)]
@@ -454,18 +468,18 @@ def overlap(s: Setup, cfg: BenchConfig, dist: Dist) -> dict:
                 futures.append(reward.submit(*args))
         for f in futures:
             f.result()
-        sec[how] = opd.clock(dist.device) - t0
+        sec[how] = clock(dist.device) - t0
     return {**sec, "speedup": sec["serial"] / sec["overlapped"]}
 
 
 def evaluation(s: Setup, cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     """One evaluation of the student on every task, as opd.main runs it every eval_every rounds."""
     meter.take()
-    t0 = opd.clock(dist.device)
+    t0 = clock(dist.device)
     for teacher in s.teachers:
         evaluate_task(s.model, teacher.task, s.rewards[teacher.task.name], dist, STUDENT, cfg.eval_prompts,
                       cfg.eval_steps, EVAL_GUIDANCE)
-    sec = opd.clock(dist.device) - t0
+    sec = clock(dist.device) - t0
     net = meter.take()
     images = sum(min(cfg.eval_prompts, len(load_prompts(t.task.dataset, "test")[0])) // dist.world for t in s.teachers)
     return {"sec": sec, "sec_per_round": sec / cfg.eval_every, "nfe_rows": net.get("student", {}).get("rows", 0),
@@ -480,7 +494,7 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     stamps, log = [], harness.RunDir.log
 
     def stamped(run, metrics):
-        stamps.append((opd.clock(dist.device), metrics, meter.take()))
+        stamps.append((clock(dist.device), metrics, meter.take()))
         log(run, metrics)
 
     assert cfg.warmup >= 1, "GRPO steps are timed between metrics lines: --warmup must be >= 1"

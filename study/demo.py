@@ -49,7 +49,7 @@ from pathlib import Path
 
 from data import load_task, write_mixed_dataset
 from harness import check_same_base, config_dict, parse_config
-from model import default_model_path
+from model import TOY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
 
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as mod
 @dataclass
 class DemoConfig:
     """The toy study: teachers, OPD, joint and cascade GRPO baselines, Fig. 6 ablations, Table 1 and figures."""
-    model: str = default_model_path()   # base pipeline folder (the embedded toy model)
+    model: str = TOY_MODEL              # base pipeline folder (the embedded toy model)
     out: str = "runs/demo"
     quick: bool = False                 # tiny step counts (QuickDemoConfig) that exercise every stage
     nproc: int = 2                      # processes per training / evaluation command (torchrun when > 1)
@@ -171,7 +171,7 @@ def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) 
         print(f"[skip] {name}: {steps} steps done", flush=True)
         return run
     every = max(1, steps // cfg.evals_per_run)
-    launch(cfg, module, [*args, "--model", cfg.model, "--steps", str(steps), "--num_steps", str(cfg.num_steps),
+    launch(cfg, module, [*args, "--model", cfg.model, "--recipe", "toy", "--steps", str(steps), "--num_steps", str(cfg.num_steps),
                          "--eval_every", str(every), "--save_every", str(every), "--eval_prompts",
                          str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps), "--out", str(run), "--resume"])
     assert finished(run, steps), f"{module} ended without a checkpoint of {steps} steps in {run}"
@@ -200,7 +200,7 @@ def gradient_variance(cfg: DemoConfig, teachers: list[Path]) -> dict:
         print(f"[skip] variance: {path} holds it", flush=True)
         return json.loads(path.read_text())
     args = ["--teachers", *[str(t / "checkpoint") for t in teachers], "--model", cfg.model, "--noise_level",
-            str(cfg.ablation_noise), "--variance_rollouts", str(cfg.variance_rollouts), "--prompts_per_batch",
+            str(cfg.ablation_noise), "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", "toy", "--prompts_per_batch",
             str(cfg.opd_prompts), "--num_steps", str(cfg.num_steps)]
     print("\n$ opd.main(" + shlex.join(args) + ")", flush=True)
     with open(Path(cfg.out) / "commands.txt", "a") as f:

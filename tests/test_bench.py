@@ -66,7 +66,7 @@ def test_nfe_count_of_one_round_equals_hand_count(teachers, teacher_chunk, train
     cfg = bench.parse_config(bench.BenchConfig, [
         "--teachers", *teachers, "--prompts_per_batch", str(B), "--num_steps", str(N), "--guidance", "3.0",
         "--train_steps", *map(str, js), "--teacher_chunk", str(teacher_chunk), "--train_chunk", str(train_chunk),
-        "--lora_rank", "4", "--lora_alpha", "8", "--device", "cpu"])
+        "--lora_rank", "4", "--lora_alpha", "8", "--device", "cpu", "--height", "0", "--width", "0"])
     dist = Dist("cpu")
     s = bench.build(cfg, dist)
     with bench.NetMeter(dist.device) as meter:
@@ -96,6 +96,7 @@ def test_bench_end_to_end_writes_the_documented_json(teachers, tmp_path):
     report = bench.main([
         "--teachers", *teachers, "--prompts_per_batch", "2", "--num_steps", "2", "--rounds", "1",
         "--warmup", "1", "--lora_rank", "4", "--lora_alpha", "8", "--device", "cpu", "--eval_prompts", "2",
+        "--height", "0", "--width", "0", "--train_steps", "0", "1",
         "--eval_steps", "2", "--overlap_batches", "2", "--cfg_pair_reps", "1", "--grpo_steps", "1",
         "--grpo_batch", "4", "--grpo_group_size", "2",
         "--levers", "teacher_per_step", "dtype=bfloat16", "train_chunk=2,grad_checkpointing=true",
@@ -117,7 +118,10 @@ def test_bench_end_to_end_writes_the_documented_json(teachers, tmp_path):
     assert saved["variants"]["teacher_per_step"]["nfe"]["teacher"]["calls"] == 2 * 2  # one per trained step
     assert saved["variants"]["baseline"]["nfe"]["teacher"]["calls"] == 2
     assert set(saved["grpo"]["sec"]) >= {"rollout", "reward", "train", "other", "total"}
-    assert saved["grpo"]["nfe"]["student"]["rows"] == 2 * 4 * 2  # 2 steps x 4 images x CFG pair
+    # student without grad: the rollout (2 steps x 4 images x CFG pair) and the detached uncond half of the
+    # training forward (int(0.99 x 2) = 1 trained step x 4 images); base: the KL reference (1 x 4 x CFG pair)
+    assert saved["grpo"]["nfe"]["student"]["rows"] == 2 * 4 * 2 + 1 * 4
+    assert saved["grpo"]["nfe"]["base"]["rows"] == 1 * 4 * 2 and saved["grpo"]["nfe"]["train"]["rows"] == 1 * 4
 
 
 def test_sd35m_random_builds_the_published_config_and_runs_on_cpu(tmp_path):
@@ -137,7 +141,7 @@ def test_levers_change_speed_not_the_gradient(teachers):
     does too, to rtol 1e-4, but compiling takes a minute on CPU: checked by hand, not here)."""
     import opd
     argv = ["--teachers", *teachers, "--prompts_per_batch", "2", "--num_steps", "3", "--lora_rank", "4",
-            "--lora_alpha", "8", "--device", "cpu"]
+            "--lora_alpha", "8", "--device", "cpu", "--height", "0", "--width", "0"]
     levers = ["--levers", "teacher_per_step", "train_per_step", "grad_checkpointing=true"]
     dist = Dist("cpu")
     cfgs = bench.variants(bench.parse_config(bench.BenchConfig, argv + levers), argv + levers, dist)
@@ -147,7 +151,7 @@ def test_levers_change_speed_not_the_gradient(teachers):
     for name, cfg in cfgs.items():
         bench.configure(s.model, cfg)
         teacher, prompts, seeds = next(opd.round_batches(cfg, s.teachers, 0, dist, s.prompts_by_task))
-        loss, _ = opd.batch_loss(cfg, s.model, teacher, prompts, seeds, [0, 1, 2], 1.0)
+        loss = opd.batch_gradient(cfg, s.model, teacher, prompts, seeds, [0, 1, 2], 1.0)
         assert loss.abs().sum() > 0
         grads[name] = torch.cat([p.grad.flatten() for p in s.trainer.params])
         s.trainer.opt.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ def test_parse_config_types_hyphens_lists_and_unknown_keys():
 
 
 def test_run_dir_refuses_other_runs_and_accepts_fields_added_later(tmp_path):
-    RunDir(str(tmp_path / "r"), Cfg(lr=0.2), Dist("cpu"))
+    RunDir(str(tmp_path / "r"), Cfg(lr=0.2), Dist("cpu")).create()
     with pytest.raises(ValueError, match="different run"):
         RunDir(str(tmp_path / "r"), Cfg(lr=0.3, resume=True), Dist("cpu"))
     with pytest.raises(ValueError, match="--resume"):

@@ -89,12 +89,12 @@ def teachers(tiny_pipe_dir, tmp_path_factory):
 def _args(teachers, out, *extra):
     return ["--teachers", *teachers, "--out", str(out), "--prompts_per_batch", "4", "--num_steps", "3",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2",
-            "--eval_steps", "2", "--ema_every", "1", "--lr", "1e-3", *extra]
+            "--eval_steps", "2", "--ema_every", "1", "--lr", "1e-3", "--height", "0", "--width", "0", *extra]
 
 
 def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(tiny_pipe_dir, teachers):
     from data import load_prompts
-    cfg = opd.parse_config(opd.OPDConfig, _args(teachers, "/tmp/unused"))
+    cfg = opd.parse_config(opd.OPDConfig, _args(teachers, "unused"))
     base, specs = opd.resolve_teachers(cfg)
     assert base == tiny_pipe_dir and [s["task"].name for s in specs] == ["geneval", "ocr"]
     from model import FlowModel
@@ -113,7 +113,7 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
         for k, v in sd.items():
             named[k.removeprefix("base_model.model.").replace(".weight", ".student.weight")].copy_(v)
     cfg.guidance = 2.0  # the teachers' guidance, so that identical weights give identical means
-    losses = {t.task.name: opd.batch_loss(cfg, model, t, p, s, [0, 1, 2], 1.0)[0] for t, p, s in batches}
+    losses = {t.task.name: opd.batch_gradient(cfg, model, t, p, s, [0, 1, 2], 1.0) for t, p, s in batches}
     assert losses["ocr"].abs().max() < 1e-8 and losses["geneval"].min() > 1e-6
     teacher_params = [p for n, p in named.items() if ".teacher_" in n]
     assert teacher_params and all(p.grad is None for p in teacher_params)
@@ -124,12 +124,14 @@ def test_two_ranks_make_the_same_update_as_one(teachers, tmp_path):
     opd.main(_args(teachers, tmp_path / "one", "--steps", "2"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "opd.py"), *_args(teachers, tmp_path / "two", "--steps", "2")],
+                    "opd.py", *_args(teachers, tmp_path / "two", "--steps", "2")],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     one = load_file(tmp_path / "one" / "checkpoint" / "raw_weights.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "raw_weights.safetensors")
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-3)
+    # compared as a whole: a coordinate whose gradient is ~Adam's eps amplifies float-order noise; a gradient
+    # off by the world size (as before the mean over ranks was fixed) gives ~1e-4 here
+    diff = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm() / torch.cat([one[k].flatten() for k in one]).norm()
+    assert diff < 1e-6, diff
     m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss/ocr"] for m in m1] == pytest.approx([m["loss/ocr"] for m in m2], rel=1e-4)

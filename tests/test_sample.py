@@ -91,7 +91,7 @@ def test_rollout_shapes_and_determinism(tiny_model, noise_level):
     tr1 = rollout(tiny_model, embeds, [0, 1, 2], **kw)
     tr2 = rollout(tiny_model, embeds[1:], [1, 2], **kw)
     assert tr1.latents.shape == (3, 5, 8, 16, 16) and tr1.t.shape == (5,)
-    assert tr1.logp_sum.shape == (3, 4) and tr1.std.shape == (4,) and tr1.images.shape == (3, 3, 32, 32)
+    assert tr1.logp_sum.shape == (3, 4) and tr1.sbar.shape == (4,) and tr1.images.shape == (3, 3, 32, 32)
     assert 0 <= tr1.images.min() and tr1.images.max() <= 1
     torch.testing.assert_close(tr1.latents[1:], tr2.latents, atol=1e-5, rtol=1e-5)  # sample i depends on seed i only
     assert not torch.allclose(tr1.latents[0, -1], tr1.latents[1, -1])
@@ -103,7 +103,7 @@ def test_rollout_shapes_and_determinism(tiny_model, noise_level):
                                 torch.zeros_like(v))
         torch.testing.assert_close(tr1.logp_sum[:, j], gaussian_logprob(tr1.latents[:, j + 1], mean, std)[0])
     else:
-        assert (tr1.std == 0).all()
+        assert (tr1.sbar == 0).all()
 
 
 def test_sample_cli_writes_grid(tiny_pipe_dir, tmp_path):

@@ -53,7 +53,8 @@ def _args(model, out, *extra):
     return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2",
-            "--eval_steps", "2", "--ema_every", "1", "--kl_beta", "0.01", "--timestep_fraction", "0.67", *extra]
+            "--eval_steps", "2", "--ema_every", "1", "--kl_beta", "0.01", "--timestep_fraction", "0.67",
+            "--height", "0", "--width", "0", *extra]
 
 
 def _weights(out):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from toy import world
 from data import TOY_DATA, load_prompts
-from harness import atomic_replace_dir, parse_config
+from harness import parse_config, publish_dir
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 
@@ -85,7 +85,7 @@ def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
 
 
 def held_out_prompts() -> set[str]:
-    return {p for task in world.TASKS for p in load_prompts(TOY_DATA / task, "test")[0]}
+    return {p for task in world.TASKS for p in load_prompts(f"{TOY_DATA}/{task}", "test")[0]}
 
 
 def task_shares(spec: str) -> tuple[str, ...]:
@@ -239,7 +239,7 @@ def main(argv=None):
     command = "python -m toy.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
     (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
     shutil.copy(metrics, tmp / "pretrain_metrics.jsonl")  # loss and seconds of every flow step
-    atomic_replace_dir(tmp, out)
+    publish_dir(tmp, out)
     print(f"saved {out}")
 
 
