@@ -34,7 +34,8 @@ def eval_images(model, prompts: list[str], idx: list[int], steps: int, guidance:
 def _info_key(info: dict, key: str) -> str:
     """`key` itself, or the composed reward's prefixed "<reward>/<key>"."""
     found = [k for k in info if k == key or k.endswith("/" + key)]
-    assert len(found) == 1, f"reward info has no unique {key!r} entry: {sorted(info)}"
+    if len(found) != 1:
+        raise ValueError(f"reward info has no unique {key!r} entry: {sorted(info)}")
     return found[0]
 
 
@@ -49,7 +50,8 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     prompts, metas = load_prompts(task.dataset, "test")
     n = min(n_prompts, len(prompts))
     n -= n % dist.world  # every rank evaluates the same number of prompts
-    assert n > 0, f"{task.name}: fewer test prompts than ranks"
+    if n <= 0:
+        raise ValueError(f"{task.name}: fewer test prompts than ranks")
     mine = range(*dist.split(n, "evaluation prompts").indices(n))
     scores, keyed, images, terms = [], [], [], {}
     for lo in range(mine.start, mine.stop, batch):

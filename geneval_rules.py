@@ -2,7 +2,7 @@
 
 `geneval_score(detections, metadata)` -> (Flow-GRPO's partial credit, GenEval's strict all-clauses
 accuracy) for one image, from detections {"class", "color", "box", "score"}. Two detectors feed it:
-rewards.py's Mask2Former + CLIP colour reward (`geneval`) and toy.py's pixel detector (`toy_geneval`).
+rewards.py's Mask2Former + CLIP colour reward (`geneval`) and toy/world.py's pixel detector (`toy_geneval`).
 Paper section 10: thresholds 0.3 (0.9 for counting), at most 16 objects, position margin 0.1; a count
 clause earns 1 - |n_req - n_found| / n_req.
 """
@@ -55,12 +55,13 @@ def geneval_score(detections, metadata, *, threshold=0.3, counting_threshold=0.9
     partial: Flow-GRPO's training reward, the mean of per-clause credits (see the module docstring).
     strict:  GenEval's accuracy: every include and exclude clause holds.
     """
-    assert "tag" in metadata and "include" in metadata, f"GenEval metadata needs 'tag' and 'include': {metadata}"
+    if "tag" not in metadata or "include" not in metadata:
+        raise ValueError(f"GenEval metadata needs 'tag' and 'include': {metadata}")
     objects = _kept_objects(detections, metadata["tag"], threshold, counting_threshold, max_objects)
 
     def colors_of(found, clause):
-        assert all(d.get("color") in COLORS for d in found), \
-            f"detections of {clause['class']!r} need a 'color' in {COLORS}: {found}"
+        if not all(d.get("color") in COLORS for d in found):
+            raise ValueError(f"detections of {clause['class']!r} need a 'color' in {COLORS}: {found}")
         return sum(d["color"] == clause["color"] for d in found)
 
     def relation_holds(found, clause, groups):

@@ -382,10 +382,12 @@ class RunDir:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-    def save(self, step: int, model, optimizer, ema: EMA, extra_config: dict, state: dict) -> None:
+    def save(self, step: int, model, optimizer, ema: EMA, extra_config: dict, state: dict,
+             tensors: dict[str, list[torch.Tensor]]) -> None:
         """checkpoint/: the EMA student as a PEFT folder (the copy to use), plus the raw weights, EMA
-        shadow and optimizer state needed to resume; written to checkpoint.tmp/, sealed by its
-        manifest, then moved into place (publish_dir). Safe against a kill at any instant."""
+        shadow, optimizer state and any other `tensors` (e.g. NFT's old policy) needed to resume;
+        written to checkpoint.tmp/, sealed by its manifest, then moved into place (publish_dir).
+        Safe against a kill at any instant."""
         if self.dist.is_main:
             tmp = self.path / "checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -398,20 +400,27 @@ class RunDir:
                       tmp / "raw_weights.safetensors")
             save_file({f"p{i}": s.contiguous().cpu() for i, s in enumerate(ema.shadow)},
                       tmp / "ema_weights.safetensors")
+            for name, values in tensors.items():
+                save_file({f"p{i}": v.detach().contiguous().cpu() for i, v in enumerate(values)},
+                          tmp / f"{name}_weights.safetensors")
             torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, tmp / "trainer_state.pt")
             write_manifest(tmp, step)
             publish_dir(tmp, self.checkpoint)
         self.dist.barrier()
 
-    def load(self, optimizer, ema: EMA) -> dict:
-        """Restore raw weights, EMA shadow and optimizer state from checkpoint/ (for --resume);
-        returns the trainer state saved with them."""
+    def load(self, optimizer, ema: EMA, tensors: dict[str, list[torch.Tensor]]) -> dict:
+        """Restore raw weights, EMA shadow, optimizer state and `tensors` from checkpoint/ (for
+        --resume); returns the trainer state saved with them."""
         raw = load_file(self.checkpoint / "raw_weights.safetensors")
         shadow = load_file(self.checkpoint / "ema_weights.safetensors")
         with torch.no_grad():
             for i, (p, s) in enumerate(zip(ema.params, ema.shadow)):
                 p.copy_(raw[f"p{i}"])
                 s.copy_(shadow[f"p{i}"])
+            for name, values in tensors.items():
+                saved = load_file(self.checkpoint / f"{name}_weights.safetensors")
+                for i, v in enumerate(values):
+                    v.copy_(saved[f"p{i}"])
         state = torch.load(self.checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state.pop("optimizer"))
         return state
@@ -477,6 +486,7 @@ class StudentTrainer:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.ema = EMA(params, cfg.ema_decay, cfg.ema_every)
         self.skipped = 0   # consecutive non-finite steps so far
+        self.tensors: dict[str, list[torch.Tensor]] = {}  # more state a resume needs (NFT's old policy)
         self.start = run.start if run else 0
         if run and run.resume_from is not None:
             check_same_base(str(run.resume_from), model)  # the same --model path may hold new weights
@@ -485,7 +495,7 @@ class StudentTrainer:
         """Write the run directory; on --resume restore the checkpoint. Returns the first step to run."""
         self.run.create()
         if self.start > 0:
-            self.skipped = self.run.load(self.opt, self.ema).get("skipped", 0)
+            self.skipped = self.run.load(self.opt, self.ema, self.tensors).get("skipped", 0)
         return self.start
 
     def update(self, step: int, loss: torch.Tensor) -> tuple[float, bool]:
@@ -524,7 +534,7 @@ class StudentTrainer:
 
     def save(self, step: int, extra_config: dict) -> None:
         self.run.save(step, self.model, self.opt, self.ema, {"base_model": self.cfg.model, **extra_config},
-                      {"skipped": self.skipped})
+                      {"skipped": self.skipped}, self.tensors)
 
     def mean_over_ranks(self, stats: dict) -> dict:
         """Average per-rank scalar statistics over ranks (max for keys ending in _dev)."""

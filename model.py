@@ -234,7 +234,8 @@ class FlowModel:
         gradient is w grad v_c; v_u then runs in its own forward without a graph (half the backward).
         """
         B = x.shape[0]
-        assert len(embeds) == B, f"{len(embeds)} prompt embeddings for {B} latents"
+        if len(embeds) != B:
+            raise ValueError(f"{len(embeds)} prompt embeddings for {B} latents")
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(B)
         if guidance == 1.0:
             return self._forward(x, t, embeds)
@@ -279,6 +280,28 @@ class FlowModel:
         self.transformer.set_adapter(STUDENT)
         return self.trainable_parameters()
 
+    def add_frozen_copy(self, name: str) -> list[torch.nn.Parameter]:
+        """A second, frozen LoRA adapter `name` holding a copy of the student's weights (DiffusionNFT's
+        "old" policy, paper section 8c). Returns its parameters, ordered like trainable_parameters()."""
+        import copy
+        if self._full_finetune:
+            raise ValueError("a frozen copy of the student is a LoRA adapter: not available with --full_finetune")
+        cfg = copy.deepcopy(self.transformer.peft_config[STUDENT])
+        cfg.inference_mode = True
+        self.transformer.add_adapter(cfg, adapter_name=name)
+        self._cast_lora(name)
+        named = dict(self.transformer.named_parameters())
+        copies = []
+        with torch.no_grad():
+            for n, p in self.transformer.named_parameters():
+                if f".{STUDENT}." in n:
+                    q = named[n.replace(f".{STUDENT}.", f".{name}.")]
+                    q.copy_(p).requires_grad_(False)
+                    copies.append(q)
+        self.transformer.set_adapter(STUDENT)
+        self.trainable_parameters()  # set_adapter toggles requires_grad: the student stays trainable
+        return copies
+
     def compile_blocks(self) -> None:
         """torch.compile every transformer block in place (regional compilation): quick to compile,
         one graph per block kind x adapter x grad mode x batch shape, and adapters still switch."""
@@ -295,6 +318,11 @@ class FlowModel:
         self.transformer.requires_grad_(True)
         self._full_finetune = True
         return self.trainable_parameters()
+
+    def transformers(self) -> list[torch.nn.Module]:
+        """Every transformer module `velocity` may call: the live one, and with full fine-tuning also
+        the frozen copy that holds the base and the teachers."""
+        return [self.transformer] + ([self._frozen] if self._frozen is not self.transformer else [])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Only the student's weights: the student LoRA, or every transformer weight when full FT."""

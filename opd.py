@@ -66,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from data import Task, load_prompts, load_task
-from evaluate import EVAL_GUIDANCE, evaluate_task
+from evaluate import evaluate_task
 from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_same_base,
                      check_student_config, describe_recipe, fail, given_keys, parse_config, print_main, require,
                      require_positive, step_seed)
@@ -456,7 +456,7 @@ def main(argv=None):
                 for teacher in teachers:
                     task = teacher.task
                     res = evaluate_task(model, task, rewards[task.name], dist, "student", cfg.eval_prompts,
-                                        cfg.eval_steps, EVAL_GUIDANCE,
+                                        cfg.eval_steps, cfg.guidance,
                                         grid_path=f"{run.path}/samples/step{step + 1:05d}_{task.name}.png")
                     metrics.update({f"eval/{task.name}/{k}": v for k, v in res.items()})
             metrics["sec/eval"] = time.perf_counter() - t0

@@ -163,7 +163,7 @@ class ComposedReward:
     """r = sum_k w_k r_k; info[name] holds r_k, info[f"{name}/{key}"] the k-th reward's own info.
 
     A prompt whose metadata lists "rewards" (names of components) is scored by those only: mixed
-    multi-task prompt sets (demo.py's joint baseline) route each prompt to its own task's reward."""
+    multi-task prompt sets (the multi-task baselines) route each prompt to its own task's reward."""
 
     def __init__(self, weights, fns):
         self.weights, self.fns = weights, fns
@@ -175,7 +175,8 @@ class ComposedReward:
         # scored by those components only, r_i = sum_{k in rewards_i} w_k r_k(x_i); other prompts by all.
         # Every component is called, on its (possibly empty) share, so info has the same keys every call.
         unknown = {name for m in metadata for name in m.get("rewards", ())} - set(self.fns)
-        assert not unknown, f"metadata route prompts to rewards {sorted(unknown)} that are not in {sorted(self.fns)}"
+        if unknown:
+            raise ValueError(f"metadata route prompts to rewards {sorted(unknown)} that are not in {sorted(self.fns)}")
         rows = {name: [i for i, m in enumerate(metadata) if name in m.get("rewards", self.fns)] for name in self.fns}
         futures = {name: self._component_pool.submit(fn, images[rows[name]], [prompts[i] for i in rows[name]],
                                                      [metadata[i] for i in rows[name]])
@@ -186,10 +187,11 @@ class ComposedReward:
             scores, extra = future.result()
             idx = torch.tensor(rows[name], dtype=torch.long)
             for key, value in {name: scores, **extra}.items():
-                assert (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device.type == "cpu"
-                        and value.shape == (len(idx),)), \
-                    (f"reward {name!r} must return float32 CPU tensors of shape ({len(idx)},); {key!r} is a "
-                     f"{type(value).__name__} {getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
+                if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device.type == "cpu"
+                        and value.shape == (len(idx),)):
+                    raise TypeError(f"reward {name!r} must return float32 CPU tensors of shape ({len(idx)},); {key!r} is a "
+                                    f"{type(value).__name__} {getattr(value, 'dtype', '')} "
+                                    f"{tuple(getattr(value, 'shape', ()))}")
                 # info entries are 0 on the prompts a component does not score
                 full = torch.zeros(len(prompts), dtype=torch.float32).index_copy_(0, idx, value)
                 info[name if key == name else f"{name}/{key}"] = full
@@ -208,10 +210,10 @@ class ComposedReward:
 
 def _uint8_images(images, prompts, metadata):
     """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy, as the reference scorers quantise."""
-    assert images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point(), \
-        f"images must be a float (B, 3, H, W) tensor in [0, 1], got {images.dtype} {tuple(images.shape)}"
-    assert len(images) == len(prompts) == len(metadata), \
-        f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
+    if not (images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point()):
+        raise ValueError(f"images must be a float (B, 3, H, W) tensor in [0, 1], got {images.dtype} {tuple(images.shape)}")
+    if not (len(images) == len(prompts) == len(metadata)):
+        raise ValueError(f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
     return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -374,7 +376,8 @@ def ocr_score(recognised, target):
 
 def _ocr_reader(engine, device):
     """A callable: (H, W, 3) uint8 RGB array -> all recognised text."""
-    assert engine in ("auto", "easyocr", "paddleocr"), f"ocr engine must be auto, easyocr or paddleocr: {engine!r}"
+    if engine not in ("auto", "easyocr", "paddleocr"):
+        raise ValueError(f"ocr engine must be auto, easyocr or paddleocr: {engine!r}")
     available = [name for name in ("easyocr", "paddleocr") if engine in ("auto", name) and _importable(name)]
     if not available:
         raise ImportError(
@@ -505,7 +508,8 @@ def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wir
     url = _setting(url, "REWARD_SERVER_URL")
     if not url:
         raise ValueError("http reward needs url=... or REWARD_SERVER_URL, e.g. http://127.0.0.1:18085")
-    assert wire in ("pickle", "json"), f"http reward: wire must be 'pickle' or 'json', got {wire!r}"
+    if wire not in ("pickle", "json"):
+        raise ValueError(f"http reward: wire must be 'pickle' or 'json', got {wire!r}")
 
     def post(body):
         request = urllib.request.Request(url, data=body, method="POST", headers={
@@ -613,7 +617,8 @@ def _imagereward(device, dtype, model="ImageReward-v1.0"):
 def _toy(name, function_name):
     @register(name)
     def factory(device, dtype, **options):
-        assert not options, f"reward {name!r} takes no options, got {options}"
+        if options:
+            raise ValueError(f"reward {name!r} takes no options, got {options}")
         from toy import world
         return getattr(world, function_name)
     return factory

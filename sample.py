@@ -95,7 +95,8 @@ def sde_step(x, v, t, t_next, noise_level: float, t_guard: float, noise=None):
     sbar = transition_std(t, t_next, noise_level, t_guard, x.shape[0]).to(x.device, x.dtype)
     if noise_level == 0:
         return mean, mean, sbar
-    assert noise is not None and noise.shape == x.shape, "the SDE step needs standard-normal noise of x's shape"
+    if not (noise is not None and noise.shape == x.shape):
+        raise ValueError("the SDE step needs standard-normal noise of x's shape")
     # x_{j+1} = mu + sbar eps                                                             (Eq. 9)
     return mean + _as_column(sbar, x) * noise, mean, sbar
 
@@ -105,7 +106,8 @@ def gaussian_logprob(x_next, mean, sbar):
 
     Returns (logp_sum, logp_mean_per_dim), each (B,). sbar: (B,), must be > 0 (no density for the ODE).
     """
-    assert (sbar > 0).all(), "the ODE step (noise level 0) has no transition density"
+    if not (sbar > 0).all():
+        raise ValueError("the ODE step (noise level 0) has no transition density")
     sbar = _as_column(sbar, x_next)
     # log p = -(x - mu)^2 / (2 sbar^2) - log sbar - log(2 pi) / 2, per dim
     per_dim = -((x_next - mean) ** 2) / (2 * sbar**2) - torch.log(sbar) - 0.5 * math.log(2 * math.pi)
@@ -132,6 +134,7 @@ class Trajectory:
     sbar: torch.Tensor       # (N,): sbar_j, the transition std of each step (0 for the ODE)
     seeds: list[int]
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    means: torch.Tensor | None = None   # (B, N, C, h, w): mu(x_j) of each step, with keep_means
 
 
 def make_noise(seeds, shape, num_steps: int, noise_level: float):
@@ -150,7 +153,8 @@ def make_noise(seeds, shape, num_steps: int, noise_level: float):
 
 @torch.no_grad()
 def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: float = 0.0,
-            height: int | None = None, width: int | None = None, adapter=None, decode=True) -> Trajectory:
+            height: int | None = None, width: int | None = None, adapter=None, decode=True,
+            keep_means=False) -> Trajectory:
     """Sample N steps from seeded noise under no-grad with `adapter`'s weights (None = base model).
 
     embeds: TextEmbeds for B prompts; seeds: B ints (sample i depends on seeds[i] alone).
@@ -158,11 +162,12 @@ def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: 
     height = height or model.default_resolution()
     width = width or model.default_resolution()
     shape = model.latent_shape(height, width)
-    assert len(seeds) == len(embeds), f"{len(seeds)} seeds for {len(embeds)} prompts"
+    if len(seeds) != len(embeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(embeds)} prompts")
     t = time_grid(model.pipe.scheduler, num_steps)
     x, noise = make_noise(seeds, shape, num_steps, noise_level)
     x = x.to(model.device)
-    latents, logps, sbars = [x], [], []
+    latents, logps, sbars, means = [x], [], [], []
     with model.adapter(adapter):
         for j in range(num_steps):
             v = model.velocity(x, t[j], embeds, guidance)
@@ -170,11 +175,13 @@ def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: 
             x_next, mean, sbar = sde_step(x, v, t[j].item(), t[j + 1].item(), noise_level, t[1].item(), eps)
             logps.append(gaussian_logprob(x_next, mean, sbar)[0] if noise_level > 0 else torch.zeros(len(seeds)))
             sbars.append(sbar[0])
+            if keep_means:
+                means.append(mean)
             x = x_next
             latents.append(x)
     images = model.decode(x) if decode else None
     return Trajectory(torch.stack(latents, 1), t, torch.stack(logps, 1).cpu(), torch.stack(sbars).cpu(),
-                      list(seeds), images)
+                      list(seeds), images, torch.stack(means, 1) if keep_means else None)
 
 
 # ---------------------------------------------------------------------- images

@@ -60,7 +60,7 @@ import torch
 from tqdm import tqdm
 
 from data import load_prompts, load_task
-from evaluate import EVAL_GUIDANCE, evaluate_task
+from evaluate import evaluate_task
 from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_student_config,
                      describe_recipe, fail, given_keys, parse_config, print_main, require, require_positive, step_seed)
 from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
@@ -95,6 +95,8 @@ class TeacherConfig(StudentConfig):
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.04               # KL to the base model, per latent dim
     updates_per_rollout: int = 2        # optimizer steps per rollout batch
+    ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights;
+                                        # its recipe: --clip_range 2e-6 (4e-6 PickScore) --lr 1e-4 --kl_beta 0
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):
@@ -114,14 +116,18 @@ def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
 
 
-def grpo_loss(mean, sbar, x_next, logp_old_sum, adv, cfg: TeacherConfig, mean_ref=None):
-    """Per-sample Flow-GRPO loss of one trained step (module docstring): PPO-clip on the ratio of the
-    rollout's log-density (per-dim mean or sum, `ratio_logp`) plus beta KL_j / d against the reference
-    mean (None: no KL term). Returns (loss (b,), ratio (b,), KL_j (b,) or None)."""
+def grpo_loss(mean, sbar, x_next, logp_old_sum, adv, cfg: TeacherConfig, mean_ref=None, mean_old=None, dt=None):
+    """Per-sample loss of one trained step (module docstring): PPO-clip on the ratio of the rollout's
+    log-density (per-dim mean or sum, `ratio_logp`), or GRPO-Guard's normalised ratio (`ratio_norm`,
+    needs the rollout's mean_old and Delta_j), plus beta KL_j / d against the reference mean (None: no
+    KL term). Returns (loss (b,), ratio (b,), KL_j (b,) or None)."""
     d = x_next[0].numel()
-    logp_sum, logp_mean = gaussian_logprob(x_next, mean, sbar)
-    new, old = (logp_sum, logp_old_sum) if cfg.ratio_logp == "sum" else (logp_mean, logp_old_sum / d)
-    loss, ratio = ppo_clip_loss(new, old, adv, cfg.clip_range)
+    if cfg.ratio_norm:
+        loss, ratio = guard_loss(mean, mean_old, sbar, x_next, logp_old_sum, adv, dt, cfg.clip_range)
+    else:
+        logp_sum, logp_mean = gaussian_logprob(x_next, mean, sbar)
+        new, old = (logp_sum, logp_old_sum) if cfg.ratio_logp == "sum" else (logp_mean, logp_old_sum / d)
+        loss, ratio = ppo_clip_loss(new, old, adv, cfg.clip_range)
     if mean_ref is None:
         return loss, ratio, None
     kl = gaussian_kl(mean, mean_ref, sbar**2)  # (b,), the true KL summed over dims
@@ -138,6 +144,22 @@ def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list
     order = [u * per_update + r * share + i for r in range(dist.world) for u in range(updates) for i in range(share)]
     per_rank = batch // dist.world
     return order, order[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+
+
+def guard_loss(mean, mean_old, sbar, x_next, logp_old_sum, adv, dt, clip_range):
+    """Per-sample GRPO-Guard loss of one trained step (paper section 8b, RatioNorm), from per-dim-mean
+    log-densities, with mean_old the rollout's own transition mean and dt = Delta_j < 0:
+        b_j   = mean_dims (mu_theta - mu_old)^2 / (2 sbar_j^2)        removes the ratio's negative bias
+        rho_j = exp((logp_theta - logp_old + b_j) sbar_j)              equalises its spread across steps
+        L_j   = max(-A rho_j, -A clip(rho_j, 1 - eps, 1 + eps)) / (-Delta_j)
+    On-policy (mu_theta = mu_old) rho_j = 1 exactly. Returns (loss (b,), rho (b,))."""
+    d = x_next[0].numel()
+    _, logp_mean = gaussian_logprob(x_next, mean, sbar)
+    sbar_col = sbar.reshape(-1, *[1] * (mean.dim() - 1))
+    bias = ((mean - mean_old) ** 2 / (2 * sbar_col**2)).flatten(1).mean(1)
+    ratio = torch.exp((logp_mean - logp_old_sum / d + bias) * sbar)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return loss / -torch.as_tensor(dt, dtype=loss.dtype, device=loss.device), ratio
 
 
 def trained_steps(cfg: TeacherConfig) -> int:
@@ -162,6 +184,8 @@ def validate(cfg: TeacherConfig, dist: Dist, given: set[str] = frozenset()):
                 f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
                 f"of equal shares over {dist.world} ranks")
         require(cfg.ratio_logp in ("mean_per_dim", "sum"), f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
+        require(not (cfg.ratio_norm and cfg.ratio_logp != "mean_per_dim"),
+                "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: keep --ratio_logp mean_per_dim")
         check_model_path(cfg.model)
         rule = resolution_rule(cfg.model)
         if rule and (cfg.height or cfg.width):
@@ -213,10 +237,12 @@ def main(argv=None):
         seeds = [step_seed(cfg.seed, step, i) for i in mine]
         embeds = model.encode_prompts(prompts)
         trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
-                         cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None, adapter="student")
+                         cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None, adapter="student",
+                         keep_means=cfg.ratio_norm)
                  for b in range(0, len(seeds), cfg.rollout_batch)]
         latents = torch.cat([t.latents for t in trajs])  # (B, N+1, C, h, w)
         logp_old = torch.cat([t.logp_sum for t in trajs])  # (B, N) summed over dims
+        means_old = torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None  # (B, N, C, h, w)
         images = torch.cat([t.images for t in trajs])
         grid_t, t_guard = trajs[0].t, trajs[0].t[1].item()
         timer["rollout"] = time.perf_counter() - t0
@@ -252,7 +278,8 @@ def main(argv=None):
                             v_ref = model.velocity(x, t, embeds[sl], cfg.guidance)
                             mean_ref = transition_mean(x, v_ref, t, t_next, cfg.noise_level, t_guard)
                     loss, ratio, kl = grpo_loss(mean, sbar, x_next, logp_old[sl, j].to(model.device),
-                                                adv[sl].to(model.device), cfg, mean_ref)
+                                                adv[sl].to(model.device), cfg, mean_ref,
+                                                means_old[sl, j] if cfg.ratio_norm else None, t_next - t)
                     (loss.sum() / (per_update * n_train)).backward()
                     losses.append(loss.detach())
                     n = len(seeds) * n_train
@@ -281,7 +308,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             with trainer.ema_weights():
                 res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
-                                    EVAL_GUIDANCE, grid_path=f"{run.path}/samples/step{step + 1:05d}.png")
+                                    cfg.guidance, grid_path=f"{run.path}/samples/step{step + 1:05d}.png")
             metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
         run.log(metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

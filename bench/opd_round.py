@@ -11,7 +11,7 @@ The round itself is opd.py's (round_batches, batch_loss, StudentTrainer.update),
 
 Measured per variant (mean over the timed rounds, per rank):
     sec/{rollout,teacher,train,optimizer,other,total}   train = student forward + backward
-    nfe/{rollout,teacher,train}/{calls,rows}            every FlowModel._forward call is counted
+    nfe/{rollout,teacher,train}/{calls,rows}            every transformer forward is counted (module hooks)
     encode/{calls,prompts}                              text-encoder calls (once per prompt?)
     net_sec, overhead_ratio, images_per_sec, tflop, tflops, peak_mem_mb (CPU: the process's maxrss),
     setup_sec (build + warm-up of the variant's model: the one-time cost, compilation included)
@@ -36,17 +36,17 @@ Departures / conventions
    random teacher LoRAs (PEFT's init, B = 0: same cost as trained ones) for the three paper tasks.
 
 Run:
-    python bench.py --levers teacher_per_step train_per_step dtype=bfloat16 --grpo_steps 2   # CPU, toy, ckpts/*
-    python bench.py --sd35m-random --layers 2 --height 64 --width 64 --text_len 8 \\
+    python -m bench.opd_round --levers teacher_per_step train_per_step dtype=bfloat16 --grpo_steps 2   # CPU, toy, ckpts/*
+    python -m bench.opd_round --sd35m-random --layers 2 --height 64 --width 64 --text_len 8 \\
         --prompts_per_batch 1 --num_steps 2 --rounds 1                                      # CPU smoke test
     # 1 GPU, SD3.5-M at 512 px, the paper's per-GPU recipe (3 prompts, 10 steps, 9 trained, LoRA r 32);
-    # `make bench-gpu` runs these and the README's other GPU measurements (assets/bench-gpu/gpu_check.sh)
+    # `make bench-gpu` runs these and the README's other GPU measurements (bench/gpu_check.sh)
     R="--sd35m-random --device cuda --dtype bfloat16 --height 512 --width 512 --prompts_per_batch 3
        --train_chunk 3 --train_steps 0 1 2 3 4 5 6 7 8"
-    python bench.py $R --rounds 1 --levers teacher_per_step train_chunk=0,grad_checkpointing=true
-    python bench.py $R --rounds 1 --warmup 0 --train_chunk 0 --grad_checkpointing true --max_batch
-    python bench.py $R --rounds 2 --levers compile=true              # compilation takes minutes (setup_sec)
-    torchrun --nproc_per_node=8 bench.py ...      # per-rank numbers; the world size divides the batch
+    python -m bench.opd_round $R --rounds 1 --levers teacher_per_step train_chunk=0,grad_checkpointing=true
+    python -m bench.opd_round $R --rounds 1 --warmup 0 --train_chunk 0 --grad_checkpointing true --max_batch
+    python -m bench.opd_round $R --rounds 2 --levers compile=true              # compilation takes minutes (setup_sec)
+    torchrun --nproc_per_node=8 -m bench.opd_round ...      # per-rank numbers; the world size divides the batch
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ import resource
 import sys
 import tempfile
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,17 +171,21 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 # ---------------------------------------------------------------------- counting network calls
 class NetMeter:
-    """Counts, times and FLOP-counts every FlowModel._forward call and every backward pass.
+    """Counts, times and FLOP-counts every transformer forward and backward pass, through hooks (public
+    torch API: module forward hooks, a tensor hook and a multi-grad hook; nothing of the model is patched).
 
-    Calls are labelled "train" (grad enabled), "student" (the student adapter), "teacher" (another
-    adapter) or "base" (adapters off, or a separate teacher model).
-    Also counts FlowModel.encode_prompts calls and prompts. Patches the classes while entered.
+    A forward is labelled "train" (grad enabled), "student" (the student adapter active), "teacher"
+    (another adapter) or "base" (adapters off, or a separate teacher model), from the LoRA layers' own
+    state. A backward through a watched transformer runs from its output's gradient (tensor hook) to
+    the last gradient of its trainable weights (multi-grad hook). `watch_model` also counts the model's
+    encode_prompts calls and prompts (a wrapper on the instance, while the meter is entered).
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.records, self.encodes = [], []
         self._lora = weakref.WeakKeyDictionary()  # transformer -> one of its LoRA layers (or None)
+        self._handles, self._open, self._watched, self._grad_hooked = [], {}, set(), set()
 
     def _mark(self):
         if not self.cuda:
@@ -189,9 +194,8 @@ class NetMeter:
         event.record()
         return event
 
-    def _kind_and_rank(self, model: FlowModel):
+    def _kind_and_rank(self, tr):
         from peft.tuners.lora import LoraLayer
-        tr = model._active
         if tr not in self._lora:
             self._lora[tr] = next((m for m in tr.modules() if isinstance(m, LoraLayer)), None)
         layer = self._lora[tr]
@@ -199,37 +203,77 @@ class NetMeter:
             return ("train" if torch.is_grad_enabled() else "base"), 0
         kind = "train" if torch.is_grad_enabled() else "student" if layer.active_adapters == [STUDENT] else "teacher"
         for name in layer.active_adapters:
-            assert set(tr.peft_config[name].target_modules) == set(LORA_TARGETS), \
-                f"mmdit_flops counts LoRA on {LORA_TARGETS}; adapter {name} targets {tr.peft_config[name].target_modules}"
+            if set(tr.peft_config[name].target_modules) != set(LORA_TARGETS):
+                raise ValueError(f"mmdit_flops counts LoRA on {LORA_TARGETS}; adapter {name} targets "
+                                 f"{tr.peft_config[name].target_modules}")
         return kind, sum(layer.r[name] for name in layer.active_adapters)
 
+    # ---- hooks
+    def watch(self, tr) -> None:
+        """Measure every forward and backward of transformer module `tr`."""
+        if id(tr) in self._watched:
+            return
+        self._watched.add(id(tr))
+        self._handles += [tr.register_forward_pre_hook(self._before, with_kwargs=True),
+                          tr.register_forward_hook(self._after, with_kwargs=True)]
+
+    def watch_model(self, model: FlowModel) -> None:
+        for tr in model.transformers():
+            self.watch(tr)
+        encode = model.encode_prompts
+
+        def counted_encode(prompts):
+            self.encodes.append(len(prompts))
+            return encode(prompts)
+        model.encode_prompts = counted_encode  # an instance attribute: removed on exit
+        self._handles.append(types.SimpleNamespace(remove=lambda: vars(model).pop("encode_prompts", None)))
+
+    def watch_next_transformer(self) -> None:
+        """Watch the next SD3 transformer that runs (one built inside a script, e.g. teacher_rl.main):
+        a global forward pre-hook that removes itself once it has found it (that first call is not counted)."""
+        from diffusers import SD3Transformer2DModel
+        holder = {}
+
+        def find(module, args):
+            if isinstance(module, SD3Transformer2DModel):
+                self.watch(module)
+                holder["handle"].remove()
+        holder["handle"] = torch.nn.modules.module.register_module_forward_pre_hook(find)
+        self._handles.append(holder["handle"])
+
+    def _before(self, tr, args, kwargs):
+        x, seq = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        kind, rank = self._kind_and_rank(tr)
+        p = tr.config.patch_size
+        f, b = mmdit_flops(tr.config, x.shape[-2] * x.shape[-1] // p**2, seq.shape[1], rank)
+        self._open[id(tr)] = (kind, x.shape[0], x.shape[0] * f, x.shape[0] * b, self._mark())
+
+    def _after(self, tr, args, kwargs, output):
+        if id(tr) not in self._open:  # a call that began before the transformer was watched
+            return
+        self.records.append((*self._open.pop(id(tr)), self._mark()))
+        out = output[0] if isinstance(output, tuple) else output
+        if out.requires_grad:  # a backward will start at this output's gradient and end at the weights'
+            if id(tr) not in self._grad_hooked:
+                self._grad_hooked.add(id(tr))
+                weights = [p for p in tr.parameters() if p.requires_grad]
+                self._handles.append(torch.autograd.graph.register_multi_grad_hook(weights, self._backward_end))
+            out.register_hook(self._backward_start)
+
+    def _backward_start(self, grad):
+        self._open["backward"] = self._mark()
+
+    def _backward_end(self, grads):
+        if "backward" in self._open:
+            self.records.append(("backward", 0, 0, 0, self._open.pop("backward"), self._mark()))
+
     def __enter__(self):
-        meter, forward, backward, encode = self, FlowModel._forward, torch.Tensor.backward, FlowModel.encode_prompts
-        self._saved = forward, backward, encode
-
-        def counted_forward(model, x, t, embeds):
-            kind, rank = meter._kind_and_rank(model)
-            p = model.transformer.config.patch_size
-            f, b = mmdit_flops(model.transformer.config, x.shape[-2] * x.shape[-1] // p**2, embeds.seq.shape[1], rank)
-            start = meter._mark()
-            out = forward(model, x, t, embeds)
-            meter.records.append((kind, x.shape[0], x.shape[0] * f, x.shape[0] * b, start, meter._mark()))
-            return out
-
-        def counted_backward(tensor, *args, **kwargs):
-            start = meter._mark()
-            backward(tensor, *args, **kwargs)
-            meter.records.append(("backward", 0, 0, 0, start, meter._mark()))
-
-        def counted_encode(model, prompts):
-            meter.encodes.append(len(prompts))
-            return encode(model, prompts)
-
-        FlowModel._forward, torch.Tensor.backward, FlowModel.encode_prompts = counted_forward, counted_backward, counted_encode
         return self
 
     def __exit__(self, *exc):
-        FlowModel._forward, torch.Tensor.backward, FlowModel.encode_prompts = self._saved
+        for h in self._handles:
+            h.remove()
+        self._handles, self._watched, self._grad_hooked = [], set(), set()
 
     def take(self) -> dict:
         """Totals since the last take, by kind: calls, rows, forward/backward FLOPs, seconds."""
@@ -272,7 +316,8 @@ class Setup:
 
 def build(cfg: BenchConfig, dist: Dist) -> Setup:
     """Base model, student LoRA (StudentTrainer), teachers and prompts, as opd.main builds them."""
-    assert not cfg.full_finetune, "bench.py measures the LoRA recipe (mmdit_flops counts a LoRA backward)"
+    if cfg.full_finetune:
+        raise ValueError("bench/opd_round.py measures the LoRA recipe (mmdit_flops counts a LoRA backward)")
     tmp = tempfile.TemporaryDirectory(prefix="bench-")
     if cfg.sd35m_random:
         model = FlowModel(sd35m_random_pipeline(cfg.layers, cfg.text_len, dist.device), dist.device,
@@ -360,7 +405,8 @@ def variants(cfg: BenchConfig, argv: list[str], dist: Dist) -> dict[str, BenchCo
     out = {"baseline": cfg}
     for lever in cfg.levers:
         extra = [f"--{kv}" for kv in alias.get(lever, lever).split(",")]
-        assert all("=" in e for e in extra), f"lever {lever!r} is not key=value[,key=value] or {sorted(alias)}"
+        if not all("=" in e for e in extra):
+            raise ValueError(f"lever {lever!r} is not key=value[,key=value] or {sorted(alias)}")
         out[lever] = parse_config(BenchConfig, argv + extra)
     for name, c in out.items():  # the recipe opd.py would use (toy on the toy base), before any timing
         if c.sd35m_random:
@@ -382,6 +428,8 @@ def setups_for(cfgs: dict, dist: Dist, meter: NetMeter) -> dict[str, Setup]:
             before = torch.cuda.memory_allocated(dist.device) if meter.cuda else 0
             t0 = clock(dist.device)
             by_key[key] = build(c, dist)
+            for model in (by_key[key].model, *(t.model for t in by_key[key].teachers if t.model is not None)):
+                meter.watch_model(model)
             for n in (n for n, other in cfgs.items() if tuple(getattr(other, k) for k in MODEL_KEYS) == key):
                 for _ in range(cfgs[n].warmup):
                     opd_round(by_key[key], cfgs[n], dist, 0, meter)
@@ -434,7 +482,7 @@ def cfg_pair(s: Setup, cfg: BenchConfig, dist: Dist) -> dict:
     embeds = m.encode_prompts(next(iter(s.prompts_by_task.values()))[:B])
     neg = m.negative(B)
     ways = {"one_forward": lambda: m.velocity(x, t, embeds, cfg.guidance),
-            "two_forwards": lambda: [m._forward(x, t, neg), m._forward(x, t, embeds)]}
+            "two_forwards": lambda: [m.velocity(x, t, neg, 1.0), m.velocity(x, t, embeds, 1.0)]}
     sec = dict.fromkeys(ways, 0.0)
     with m.adapter(STUDENT):
         for way in ways.values():  # warm-up
@@ -497,8 +545,10 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
         stamps.append((clock(dist.device), metrics, meter.take()))
         log(run, metrics)
 
-    assert cfg.warmup >= 1, "GRPO steps are timed between metrics lines: --warmup must be >= 1"
-    assert not cfg.sd35m_random, "GRPO steps run teacher_rl.py on a model folder, not --sd35m-random"
+    if cfg.warmup < 1:
+        raise ValueError("GRPO steps are timed between metrics lines: --warmup must be >= 1")
+    if cfg.sd35m_random:
+        raise ValueError("GRPO steps run teacher_rl.py on a model folder, not --sd35m-random")
     total = cfg.warmup + cfg.grpo_steps + 1
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         base, specs = opd.resolve_teachers(cfg)
@@ -510,6 +560,7 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
             eval_every=10**6, eval_prompts=dist.world, eval_steps=2, save_every=10**6, out=f"{tmp}/run").items()]
         harness.RunDir.log = stamped
         try:
+            meter.watch_next_transformer()  # the one teacher_rl.main loads
             teacher_rl.main(argv)
         finally:
             harness.RunDir.log = log
@@ -565,7 +616,9 @@ def main(argv=None):
             for name, c in cfgs.items():
                 gc.collect()
                 torch.cuda.empty_cache()
-                results[name]["max_batch"] = max_batch(build(c, dist), c, dist, meter, peak)
+                alone = build(c, dist)
+                meter.watch_model(alone.model)
+                results[name]["max_batch"] = max_batch(alone, c, dist, meter, peak)
         if cfg.grpo_steps:
             report["grpo"] = grpo(cfg, dist, meter)
     base = results["baseline"]["sec"]["total"]

@@ -18,9 +18,9 @@ def run(label, B):
     x = torch.randn(B, *m.latent_shape(H, H), device=dev); t = torch.full((B,), 0.5, device=dev)
     f, b = bench.mmdit_flops(m.transformer.config, (H // 16) ** 2, emb.seq.shape[1], 32)
     def fwd():
-        with torch.no_grad(): m._forward(x, t, emb)
+        with torch.no_grad(): m.velocity(x, t, emb, 1.0)
     def fwdbwd():
-        m._forward(x, t, emb).float().square().mean().backward()
+        m.velocity(x, t, emb, 1.0).float().square().mean().backward()
     for name, fn, fl in (("fwd", fwd, f * B), ("fwd+bwd", fwdbwd, (f + b) * B)):
         sync(); t0 = time.perf_counter(); fn(); sync(); first = time.perf_counter() - t0
         fn(); sync(); t0 = time.perf_counter()

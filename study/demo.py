@@ -10,18 +10,15 @@ Stages, in order; each skips the work already done, so an interrupted demo conti
   5. ablations  opd.py at a = 0.7 with the closed-form and the PPO-style estimator (Fig. 6), and the
                 gradient-variance ratio of the two estimators (opd.main, --variance_rollouts)
                                                                OUT/opd-sde/, OUT/opd-ppo/, OUT/variance.json
-  6. results    evaluate.py (Table 1, Fig. 3 curves, sample grids) and plots.py (Fig. 6)  OUT/results/
+  6. results    study/table.py (Table 1, Fig. 3 curves, sample grids), study/plots.py (Fig. 6)  OUT/results/
 Every command run is appended to OUT/commands.txt; OUT/plan.json holds each run's steps and compute.
 
 Equal compute: the baselines get the optimizer steps x images of teachers + OPD,
     C = T S_t B + S_o T P       T tasks; teachers: S_t steps of B images; OPD: S_o rounds of T x P images
     joint: round(C / B) steps of B images;  cascade: T stages of round(C / (T B)) steps of B images.
 
-Budget (defaults): <= 60 min on 2 CPU cores; measured 29.7 min for `python demo.py` on this project's
-2-core machine (2026-11-25, nothing else running): GRPO ~3.2-4 s per step of 32 images, the 40-step
-Table 1 evaluation of 7 models x 3 tasks x 64 prompts ~4.5 min, the gradient-variance measurement
-(8 rollouts, one process) ~2.2 min. `--quick` runs every stage with tiny step counts in about 1-2
-minutes (tests/test_demo.py).
+Budget (defaults): <= 60 min on 2 CPU cores; measured times are in docs/study.md. `--quick` runs every
+stage with tiny step counts (tests/test_demo.py).
 
 Departures from the paper
 1. Tiny: teachers see 768 images each (the paper: tens of GPU-hours of SD3.5-M).
@@ -31,9 +28,9 @@ Departures from the paper
 4. Times are training minutes of runs one after another on one machine (evaluate.py departure 2).
 
 Run:
-    python demo.py                                    # the toy study, models/toy-sd3, into runs/demo
-    python demo.py --quick --out runs/demo-quick      # every stage, tiny step counts (CI)
-    python demo.py --teacher_steps 48 --opd_steps 48 --out runs/demo-2x     # every size is a flag
+    python -m study.demo                              # the toy study, models/toy-sd3, into runs/demo
+    python -m study.demo --quick --out runs/demo-quick      # every stage, tiny step counts (CI)
+    python -m study.demo --teacher_steps 48 --opd_steps 48 --out runs/demo-2x     # every size is a flag
 """
 from __future__ import annotations
 
@@ -247,7 +244,7 @@ def main(argv=None) -> dict:
     ppo = distil(cfg, "opd-ppo", runs["opd-ppo"]["steps"], teachers, *noise, "--estimator", "ppo")
     variance = gradient_variance(cfg, teachers)
 
-    # ---- 6. Table 1, Fig. 3 curves, sample grids (evaluate.py); Fig. 6 (plots.py)
+    # ---- 6. Table 1, Fig. 3 curves, sample grids (study/table.py); Fig. 6 (study/plots.py)
     results = out / "results"
     models = {"base": cfg.model, **{f"teacher-{t.name}": f"{cfg.model}+{r}" for t, r in zip(tasks, teachers)},
               "joint-grpo": f"{cfg.model}+{joint}", "cascade-grpo": f"{cfg.model}+{cascade[-1]}",

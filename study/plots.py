@@ -16,10 +16,10 @@ Departures from the paper
    once, with its last record: the model at the end holds the work of that record only.
 
 Run (regenerates the figures from logs, no model needed):
-    python plots.py curves --tasks geneval ocr aesthetic --out curves.png \\
+    python -m study.plots curves --tasks geneval ocr aesthetic --out curves.png \\
         --runs "opd=runs/demo/teacher-geneval+runs/demo/teacher-ocr+runs/demo/teacher-aesthetic+runs/demo/opd" \\
                joint=runs/demo/joint
-    python plots.py ablation --tasks geneval ocr aesthetic --variance runs/demo/variance.json --out ablation.png \\
+    python -m study.plots ablation --tasks geneval ocr aesthetic --variance runs/demo/variance.json --out ablation.png \\
         --panel "closed form vs PPO-style (a = 0.7)" "closed form=runs/demo/opd-sde" "PPO-style=runs/demo/opd-ppo" \\
         --panel "ODE vs SDE (closed form)" "ODE (a = 0)=runs/demo/opd" "SDE (a = 0.7)=runs/demo/opd-sde"
 """
@@ -46,7 +46,8 @@ def read_metrics(run: str) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            assert "step" in record, f"{path}: a record without 'step': {line[:200]}"
+            if "step" not in record:
+                raise ValueError(f"{path}: a record without 'step': {line[:200]}")
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
@@ -142,7 +143,8 @@ def plot_ablation(panels: list[tuple[str, dict[str, str]]], tasks: list[str], pa
         for name, run in runs.items():
             points = [(rec["step"] + 1, mean_eval_reward(rec, tasks)) for rec in read_metrics(run)]
             points = [(x, y) for x, y in points if y is not None]
-            assert points, f"run {run} logged no evaluation of all tasks {tasks} (is it an opd.py run?)"
+            if not points:
+                raise ValueError(f"run {run} logged no evaluation of all tasks {tasks} (is it an opd.py run?)")
             ax.plot(*zip(*points), marker="o", ms=3, label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer steps (rounds)")
@@ -200,7 +202,7 @@ def main(argv=None):
     ablation = sub.add_parser("ablation", help="OPD ablations against optimizer steps (Fig. 6)")
     ablation.add_argument("--panel", nargs="+", action="append", required=True, metavar="TITLE NAME=RUN",
                           help="a panel title, then its runs; repeat for several panels")
-    ablation.add_argument("--variance", help="JSON of the gradient-variance measurement (demo.py writes it)")
+    ablation.add_argument("--variance", help="JSON of the gradient-variance measurement (study/demo.py writes it)")
     for p in (curves, ablation):
         p.add_argument("--tasks", nargs="+", default=["geneval", "ocr", "aesthetic"])
         p.add_argument("--out", required=True, help="PNG path")

@@ -48,7 +48,8 @@ from rewards import make_reward
 def minmax_average(table: list[list[float]]) -> list[float | None]:
     """Rows = models, columns = tasks: avg_m = mean_c (v_mc - min_c) / (max_c - min_c) over the
     columns that separate the models (max_c > min_c); None where no column does (departure 1)."""
-    assert table and all(len(row) == len(table[0]) for row in table), f"ragged table {table}"
+    if not (table and all(len(row) == len(table[0]) for row in table)):
+        raise ValueError(f"ragged table {table}")
     columns = [c for c in range(len(table[0])) if max(r[c] for r in table) > min(r[c] for r in table)]
     if not columns:
         return [None] * len(table)

@@ -70,6 +70,7 @@ def test_nfe_count_of_one_round_equals_hand_count(teachers, teacher_chunk, train
     dist = Dist("cpu")
     s = bench.build(cfg, dist)
     with bench.NetMeter(dist.device) as meter:
+        meter.watch_model(s.model)
         bench.opd_round(s, cfg, dist, 0, meter)  # the first round also encodes the cached "" prompt
         net = bench.opd_round(s, cfg, dist, 1, meter)["net"]
     rows = K * B  # (step, sample) rows of one task batch

@@ -287,7 +287,7 @@ def test_geneval_relations_follow_geneval_directions():
 
 
 def test_geneval_needs_colors_where_asked():
-    with pytest.raises(AssertionError, match="color"):
+    with pytest.raises(ValueError, match="color"):
         rewards.geneval_score([det("car", BOX)], COLORS)
 
 
@@ -571,7 +571,7 @@ def test_submit_equals_call_and_copies_images(test_rewards):
 def test_composition_rejects_bad_component_output(monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "listy", lambda device, dtype: lambda i, p, m: ([1.0] * len(p), {}))
     monkeypatch.setattr(rewards, "_LOADED", {})
-    with pytest.raises(AssertionError, match="'listy' must return float32 CPU tensors"):
+    with pytest.raises(TypeError, match="'listy' must return float32 CPU tensors"):
         rewards.make_reward("listy=1")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
 
 

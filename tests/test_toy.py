@@ -359,9 +359,9 @@ def test_load_prompts_errors_and_missing_metadata(tmp_path):
 
 def test_rewards_reject_bad_batches():
     image = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with pytest.raises(AssertionError, match="2 images, 1 prompts"):
+    with pytest.raises(ValueError, match="2 images, 1 prompts"):
         ocr_reward(image, ['"A1"'], [{}])
-    with pytest.raises(AssertionError, match="include"):
+    with pytest.raises(ValueError, match="include"):
         geneval_reward(image, ["a", "b"], [{}, {}])
-    with pytest.raises(AssertionError, match=r"\(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         aesthetic_reward(image[:, 0], ["a", "b"], [{}, {}])

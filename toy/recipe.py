@@ -33,4 +33,12 @@ TOY_RECIPE = {
         "rollout_batch": (32, "CPU: one rollout forward for the whole step (GPU memory sets Flow-GRPO's 9)"),
         "train_batch": (32, "CPU: one training forward for the whole step (GPU memory sets Flow-GRPO's 9)"),
     },
+    "nft": {
+        "height": (0, RES),
+        "width": (0, RES),
+        "batch": (32, "32 images per step (4 prompts x 8) fit a 2-core step of a few seconds (NVlabs: 48 x 24)"),
+        "group_size": (8, "8 images per prompt in a 32-image step (NVlabs: 24)"),
+        "rollout_batch": (32, "CPU: one rollout forward for the whole step (GPU memory sets NVlabs' 9)"),
+        "train_batch": (32, "CPU: one training forward for the whole step (GPU memory sets NVlabs' 9)"),
+    },
 }

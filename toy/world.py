@@ -130,7 +130,8 @@ def shape_mask(shape, width, height):
         return np.ones((height, width), bool)
     if shape == "circle":
         return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    assert shape == "triangle", f"unknown shape {shape!r}; expected one of {SHAPES}"
+    if shape != "triangle":
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     return np.abs(u - 0.5) <= 0.5 * v + 0.5 / width
 
 
@@ -140,7 +141,8 @@ def draw_scene(objects, background=BACKGROUND):
     image[:] = background
     for obj in objects:
         x0, y0, x1, y1 = obj["box"]
-        assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE, f"box {obj['box']} outside the image"
+        if not (0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE):
+            raise ValueError(f"box {obj['box']} outside the image")
         image[y0:y1, x0:x1][shape_mask(obj["class"], x1 - x0, y1 - y0)] = PALETTE[obj["color"]]
     return image
 
@@ -215,7 +217,8 @@ def sample_scene(task, rng):
     elif task == "ocr":
         meta = ocr_metadata(_random_text(rng), rng)
     else:
-        assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
+        if task != "aesthetic":
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         c, s = _random_color(rng), SHAPES[rng.integers(len(SHAPES))]
         meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
                 "color": c, "shape": s}
@@ -228,7 +231,8 @@ def render(task, metadata, rng):
         # the true objects, as detections (score 1) that geneval_rules.geneval_score can check
         objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
                    for clause in metadata["include"] for _ in range(clause["count"])]
-        assert 1 <= len(objects) <= len(GRID_SLOTS), f"{metadata['prompt']!r}: 1-{len(GRID_SLOTS)} objects"
+        if not (1 <= len(objects) <= len(GRID_SLOTS)):
+            raise ValueError(f"{metadata['prompt']!r}: 1-{len(GRID_SLOTS)} objects")
         for _ in range(500):  # random slots until GenEval's own rule, on the true objects, accepts them
             slots = rng.permutation(len(GRID_SLOTS))[:len(objects)]
             boxes = [SINGLE_BOX] if len(objects) == 1 else \
@@ -240,13 +244,15 @@ def render(task, metadata, rng):
         raise AssertionError(f"no layout of {metadata['prompt']!r} satisfies its metadata in 500 tries")
     if task == "ocr":
         text = metadata["text"]
-        assert len(text) == OCR_LENGTH and set(text) <= set(CHARSET), f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}"
+        if not (len(text) == OCR_LENGTH and set(text) <= set(CHARSET)):
+            raise ValueError(f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}")
         width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
         # centred, then shifted by up to OCR_JITTER px each way
         x0, y0 = ((IMAGE_SIZE - width) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1),
                   (IMAGE_SIZE - height) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1))
         return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, OCR_SCALE)
-    assert task == "aesthetic", f"unknown task {task!r}; expected one of {TASKS}"
+    if task != "aesthetic":
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     size = int(rng.integers(6, 21))
     x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - size, size=2))  # 1 px clear of the border
     style = ("black", "dark", "gray", "gradient", "specks")[rng.integers(5)]
@@ -295,7 +301,8 @@ PALETTE_RGB = np.array(list(PALETTE.values()), np.float32) / 255  # (K, 3)
 
 def to_hwc(image):
     """(H, W, 3) float32 numpy array of one (3, H, W) image tensor in [0, 1]."""
-    assert image.ndim == 3 and image.shape[0] == 3, f"expected one (3, H, W) image, got {tuple(image.shape)}"
+    if not (image.ndim == 3 and image.shape[0] == 3):
+        raise ValueError(f"expected one (3, H, W) image, got {tuple(image.shape)}")
     return image.detach().float().cpu().permute(1, 2, 0).numpy()
 
 
@@ -364,9 +371,10 @@ def detect_objects(image):
 
 
 def _check_batch(images, prompts, metadata):
-    assert images.ndim == 4 and images.shape[1] == 3, f"images must be (B, 3, H, W), got {tuple(images.shape)}"
-    assert len(prompts) == len(metadata) == len(images), \
-        f"{len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
+    if not (images.ndim == 4 and images.shape[1] == 3):
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if not (len(prompts) == len(metadata) == len(images)):
+        raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
 
 
 def geneval_reward(images, prompts, metadata):
@@ -374,7 +382,8 @@ def geneval_reward(images, prompts, metadata):
     geneval_rules.geneval_score on detect_objects' detections."""
     _check_batch(images, prompts, metadata)
     for meta in metadata:
-        assert "include" in meta, f"geneval_reward needs GenEval metadata with 'include', got {meta}"
+        if "include" not in meta:
+            raise ValueError(f"geneval_reward needs GenEval metadata with 'include', got {meta}")
     # detect_objects already dropped detections under MIN_CONFIDENCE, so GenEval's thresholds are off
     results = [geneval_score(detect_objects(img), meta, threshold=0.0, counting_threshold=0.0)
                for img, meta in zip(images, metadata)]
