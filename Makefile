@@ -10,9 +10,13 @@ export TRANSFORMERS_VERBOSITY := error
 	.venv/bin/pip install -q -r requirements.txt
 	touch .venv/done
 
+.venv/test-extras: .venv/done requirements-test.txt
+	.venv/bin/pip install -q -r requirements-test.txt
+	touch .venv/test-extras
+
 venv: .venv/done
 
-test: .venv/done  ## the whole test suite (CPU, a few minutes)
+test: .venv/test-extras  ## the whole test suite (CPU, a few minutes), with the optional trackers installed
 	$(PY) -m pytest tests -q
 
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from evaluate import EVAL_STEPS
 from model import is_toy_model
+from reporting import Trackers, command_line, model_card, parse_report_to, push_to_hub
 
 
 # ---------------------------------------------------------------------- config from the CLI
@@ -104,17 +105,20 @@ def require_positive(cfg, *names: str) -> None:
 # ---------------------------------------------------------------------- the recipe in force
 def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
     """Resolve cfg.recipe ("auto": "toy" on the embedded toy base, else "paper") and, for "toy", set the
-    toy-scale values of toy/recipe.py that the command line did not set. Returns {key: (paper value,
-    toy value, reason)} of what was changed; cfg.recipe holds the resolved name (saved in config.json)."""
+    toy-scale values of toy/recipe.py to the keys still at their default that the command line did not
+    set (so applying it twice changes nothing). Returns {key: (paper value, toy value, reason)} of what
+    was changed; cfg.recipe holds the resolved name (saved in config.json)."""
     require(cfg.recipe in ("auto", "paper", "toy"), f"--recipe must be auto, paper or toy, got {cfg.recipe!r}")
     if cfg.recipe == "auto":
         cfg.recipe = "toy" if is_toy_model(model) else "paper"
     if cfg.recipe == "paper":
         return {}
     from toy.recipe import TOY_RECIPE  # the toy world is imported only when its recipe is in force
+    defaults = type(cfg)()
+    kept = set(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     changed = {}
     for key, (value, reason) in TOY_RECIPE[script].items():
-        if key not in given and getattr(cfg, key) != value:
+        if key not in kept and getattr(cfg, key) != value:
             changed[key] = (getattr(cfg, key), value, reason)
             setattr(cfg, key, value)
     return changed
@@ -300,12 +304,16 @@ class RunDir:
     The constructor only checks (before any model loads, writing nothing); `create` writes.
     """
 
-    RESUMABLE = ("resume", "steps", "out", "device")   # keys that may differ between a run and its resumption
+    # keys that may differ between a run and its resumption
+    RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub")
     SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # where save() leaves complete checkpoints
 
-    def __init__(self, out: str, cfg, dist: Dist):
+    def __init__(self, out: str, cfg, dist: Dist, script: str = "", argv: list[str] | None = None):
         self.path, self.dist = Path(out), dist
         self.cfg = config_dict(cfg)
+        self.script, self.command = script, command_line(script, argv) if script else ""
+        self.trackers = Trackers([], self.path, {}, 0, False)  # real ones from create()
+        self.last_eval: dict = {}
         self.resume_from: Path | None = None
         self.start = 0
         if self.path.exists() and not self.path.is_dir():
@@ -375,12 +383,18 @@ class RunDir:
                         pass
                 metrics.write_text("".join(ln + "\n" for ln in kept))
         self.resume_from = self.checkpoint if self.start > 0 else None
+        self.trackers = Trackers(parse_report_to(self.cfg.get("report_to", "none")), self.path, self.cfg, self.start,
+                                 self.dist.is_main)
         self.dist.barrier()
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, images: dict[str, str] | None = None) -> None:
+        """One JSONL line (the ground truth), mirrored with the step's sample grids to the trackers."""
+        if any(k.startswith("eval/") for k in metrics):
+            self.last_eval = metrics
         if self.dist.is_main:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            self.trackers.log(metrics, images)
 
     def save(self, step: int, model, optimizer, ema: EMA, extra_config: dict, state: dict,
              tensors: dict[str, list[torch.Tensor]]) -> None:
@@ -403,6 +417,8 @@ class RunDir:
             for name, values in tensors.items():
                 save_file({f"p{i}": v.detach().contiguous().cpu() for i, v in enumerate(values)},
                           tmp / f"{name}_weights.safetensors")
+            model_card(tmp, self.cfg, json.loads((tmp / "run_config.json").read_text()), self.last_eval,
+                       self.command, self.script)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, tmp / "trainer_state.pt")
             write_manifest(tmp, step)
             publish_dir(tmp, self.checkpoint)
@@ -446,6 +462,9 @@ class StudentConfig:
     eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
     save_every: int = 20
     max_skipped_steps: int = 5          # consecutive non-finite steps (skipped, logged) before the run stops
+    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (JSONL is always written)
+    wandb_project: str = "diffusion-opd"
+    push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
 
@@ -459,6 +478,9 @@ def check_student_config(cfg) -> None:
     require(0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
     require(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     require(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+    parse_report_to(cfg.report_to)
+    require(not cfg.push_to_hub or (cfg.push_to_hub.count("/") == 1 and all(cfg.push_to_hub.split("/"))),
+            f"--push_to_hub expects OWNER/NAME, got {cfg.push_to_hub!r}")
 
 
 class NonFiniteError(RuntimeError):
@@ -520,6 +542,15 @@ class StudentTrainer:
                 f"skipped, the weights never saw them; {where}: lower --lr or check the rewards, then --resume "
                 f"(or raise --max_skipped_steps)")
         return norm.item(), skipped
+
+    def finish(self) -> None:
+        """End of a run: close the trackers; upload the checkpoint with --push_to_hub (rank 0)."""
+        if self.dist.is_main:
+            self.run.trackers.close()
+            if self.cfg.push_to_hub:
+                url = push_to_hub(self.run.checkpoint, self.cfg.push_to_hub, f"{self.run.script}: step {self.cfg.steps}")
+                print_main(self.dist, f"uploaded {self.run.checkpoint} to {url}")
+        self.dist.barrier()
 
     def ema_weights(self):
         """Context: the student's weights are the EMA copy inside (for evaluation)."""

@@ -131,6 +131,15 @@ def check_resolution(height: int, width: int, divisor: int) -> None:
                          f"pass --height/--width as multiples of {divisor}")
 
 
+def _add_adapter(transformer, cfg, name: str) -> None:
+    """transformer.add_adapter without PEFT's warning that the model already has a peft_config: several
+    adapters on one backbone (student, teachers, NFT's old policy) is this project's design."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
+        transformer.add_adapter(cfg, adapter_name=name)
+
+
 def check_lora_folder(folder: str) -> None:
     """Fail fast on a LoRA folder that would fail to load: missing files, unreadable config, damaged
     (e.g. truncated) safetensors. Reads headers only."""
@@ -169,7 +178,7 @@ class FlowModel:
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
                 m.requires_grad_(False).eval()  # models built from configs start in train mode
-        # text encoders and VAE stay in float32 unless told otherwise; the transformer takes `dtype`.
+        # the transformer and the text encoders take `dtype`; the VAE stays in float32.
         pipe.to(self.device)
         self._neg: TextEmbeds | None = None
         self._full_finetune = False
@@ -180,6 +189,9 @@ class FlowModel:
         if dtype != torch.float32:
             self.fingerprint()  # of the float32 weights: the same base in any dtype has one fingerprint
             self.transformer.to(dtype)
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # T5-XXL is 19 GB in float32
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).to(dtype)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -188,9 +200,16 @@ class FlowModel:
         that is not under the working directory is looked up in the repository (`repo_path`)."""
         check_model_path(path)
         from diffusers import StableDiffusion3Pipeline
+        from diffusers.utils import logging as diffusers_logging
         local = repo_path(path)
         local_only = Path(local).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32, local_files_only=local_only)
+        bar = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar per process
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32, local_files_only=local_only)
+        finally:
+            if bar:
+                diffusers_logging.enable_progress_bar()
         model = cls(pipe, device, dtype, max_sequence_length, name=path)
         model.path = portable_path(path)  # what saved adapters name as their base
         return model
@@ -275,7 +294,7 @@ class FlowModel:
         cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.transformer.add_adapter(cfg, adapter_name=STUDENT)
+            _add_adapter(self.transformer, cfg, STUDENT)
         self._cast_lora(STUDENT)
         self.transformer.set_adapter(STUDENT)
         return self.trainable_parameters()
@@ -288,7 +307,7 @@ class FlowModel:
             raise ValueError("a frozen copy of the student is a LoRA adapter: not available with --full_finetune")
         cfg = copy.deepcopy(self.transformer.peft_config[STUDENT])
         cfg.inference_mode = True
-        self.transformer.add_adapter(cfg, adapter_name=name)
+        _add_adapter(self.transformer, cfg, name)
         self._cast_lora(name)
         named = dict(self.transformer.named_parameters())
         copies = []
@@ -334,7 +353,7 @@ class FlowModel:
             p.requires_grad_(True)
         return params
 
-    def load_lora(self, folder: str, name: str, trainable=False) -> dict:
+    def load_lora(self, folder: str, name: str, trainable=False, dtype: torch.dtype = torch.float32) -> dict:
         """Load a PEFT LoRA folder (this project's, Flow-GRPO's or DiffusionOPD's) as adapter `name`.
 
         Checks the target modules exist and every LoRA shape matches this base before loading.
@@ -360,11 +379,11 @@ class FlowModel:
                 raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
                                  "the adapter was trained on another base model")
         cfg.inference_mode = not trainable
-        tr.add_adapter(cfg, adapter_name=name)
+        _add_adapter(tr, cfg, name)
         result = set_peft_model_state_dict(tr, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
         assert not missing and not result.unexpected_keys, f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
-        self._cast_lora(name, tr)
+        self._cast_lora(name, tr, torch.float32 if trainable else dtype)
         for n, p in tr.named_parameters():
             if f".{name}." in n:
                 p.requires_grad_(trainable)
@@ -375,11 +394,12 @@ class FlowModel:
         tr = self.transformer if name == STUDENT else self._frozen
         return name in getattr(tr, "peft_config", {})
 
-    def _cast_lora(self, name, tr=None):
-        # LoRA weights train in float32 even when the backbone runs in half precision.
+    def _cast_lora(self, name, tr=None, dtype: torch.dtype = torch.float32):
+        # LoRA weights train in float32 even when the backbone runs in half precision; a frozen adapter
+        # may take the backbone's dtype (opd.py --teacher_dtype).
         for n, p in (tr or self.transformer).named_parameters():
             if f".{name}." in n:
-                p.data = p.data.float()
+                p.data = p.data.to(dtype)
 
     @contextlib.contextmanager
     def adapter(self, name: str | None):
@@ -419,7 +439,8 @@ class FlowModel:
             return {k: v.detach() for k, v in self.transformer.state_dict().items()}
         from peft import get_peft_model_state_dict
         return {f"base_model.model.{k}": v.detach()
-                for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT).items()}
+                for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT,
+                                                      save_embedding_layers=False).items()}
 
     def save_student(self, folder: str, extra_config: dict | None = None) -> None:
         """Write the student as a PEFT folder that PeftModel and diffusers both load.

@@ -148,10 +148,10 @@ def training_points(seed: int, step: int, index: int, grid: torch.Tensor, k: int
     return grid[order], torch.randn((k, *shape), generator=g)
 
 
-def validate(cfg: NFTConfig, dist: Dist, given: set[str] = frozenset()):
+def validate(cfg: NFTConfig, dist: Dist, argv: list[str] | None = ()):
     """Every bad input fails here with a one-line error, before any model loads or anything is written."""
     try:
-        changed = apply_recipe(cfg, given, cfg.model, "nft")
+        changed = apply_recipe(cfg, given_keys(NFTConfig, argv), cfg.model, "nft")
         check_student_config(cfg)
         require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "beta",
                          "adv_clip", "updates_per_rollout", "old_decay_rate")
@@ -174,7 +174,7 @@ def validate(cfg: NFTConfig, dist: Dist, given: set[str] = frozenset()):
             check_lora_folder(cfg.init_lora)
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
-        run = RunDir(cfg.out, cfg, dist)
+        run = RunDir(cfg.out, cfg, dist, "nft.py", argv)
         reward_fn = make_reward(task.reward, device=dist.device)
         print_main(dist, describe_recipe(cfg, changed))
         return task, reward_fn, run
@@ -189,7 +189,7 @@ def main(argv=None):
         dist = Dist(cfg.device)
     except ValueError as e:
         fail(e)
-    task, reward_fn, run = validate(cfg, dist, given_keys(NFTConfig, argv))
+    task, reward_fn, run = validate(cfg, dist, argv)
     try:
         model = FlowModel.load(cfg.model, device=dist.device)
         model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
@@ -282,17 +282,19 @@ def main(argv=None):
                    "old_decay": decay, **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
                    **{f"sec/{k}": v for k, v in timer.items()}}
-        last = step + 1 == cfg.steps
+        last, images = step + 1 == cfg.steps, {}
         if (step + 1) % cfg.eval_every == 0 or last:
             t0 = time.perf_counter()
+            images["samples"] = f"{run.path}/samples/step{step + 1:05d}.png"
             with trainer.ema_weights():
                 res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
-                                    cfg.guidance, grid_path=f"{run.path}/samples/step{step + 1:05d}.png")
+                                    cfg.guidance, grid_path=images["samples"])
             metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
-        run.log(metrics)
+        run.log(metrics, images)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
         if (step + 1) % cfg.save_every == 0 or last:
             trainer.save(step + 1, saved)
+    trainer.finish()
     dist.close()
 
 

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import memory
 from data import Task, load_prompts, load_task
 from evaluate import evaluate_task
 from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_same_base,
@@ -99,7 +100,11 @@ class OPDConfig(StudentConfig):
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
+    grad_checkpointing: bool = False    # recompute block activations in the backward (memory for time)
+    max_memory_gb: float = 0.0          # memory budget: the planner picks the chunks and checkpointing that
+                                        # fit (memory.py); 0 = the GPU's memory on CUDA, no planning on CPU
     dtype: str = "auto"                 # transformer weights: auto (bf16 on CUDA), float32, bfloat16
+    teacher_dtype: str = "float32"      # frozen teacher LoRAs: float32, or "model" (the transformer's dtype)
     compile: bool = False               # torch.compile the transformer blocks (FlowModel.compile_blocks)
     variance_rollouts: int = 0          # > 0: measure gradient variance of both estimators, then exit
 
@@ -233,13 +238,13 @@ def resolve_teachers(cfg: OPDConfig) -> tuple[str, list[dict]]:
     return base, specs
 
 
-def load_teachers(model: FlowModel, specs, dist) -> list[Teacher]:
+def load_teachers(model: FlowModel, specs, dist, dtype: torch.dtype = torch.float32) -> list[Teacher]:
     teachers = []
     for s in specs:
         if s["kind"] == "lora":
             check_same_base(s["path"], model)
             name = f"teacher_{s['task'].name}"
-            model.load_lora(s["path"], name)
+            model.load_lora(s["path"], name, dtype=dtype)
             teachers.append(Teacher(s["task"], name))
         else:
             teachers.append(Teacher(s["task"], None, FlowModel.load(s["path"], device=dist.device,
@@ -365,19 +370,50 @@ def gradient_variance(cfg, model, teachers, trainer, prompts_by_task, dist):
     return out
 
 
-def validate(cfg: OPDConfig, dist: Dist, given: set[str] = frozenset()):
+def plan_memory(cfg: OPDConfig, dist: Dist, given: set[str], n_teachers: int) -> None:
+    """Before anything loads: predict the peak memory of a round for each setting (memory.py), set the
+    fastest that fits the budget (chunk sizes and checkpointing the command line did not set), print
+    the plan; an error naming the numbers when nothing fits."""
+    budget = cfg.max_memory_gb * memory.GiB
+    if not budget and dist.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(dist.device).total_memory
+    if not budget:
+        return
+    try:
+        rule = resolution_rule(cfg.model)
+        if rule is None:
+            raise FileNotFoundError(f"{cfg.model} has no local configs to plan from")
+        height, width = cfg.height or rule[1], cfg.width or rule[1]
+        fp = memory.footprint(cfg.model, height, width, weights_dtype(cfg, dist), cfg.lora_rank,
+                              memory.text_length(cfg.model))
+    except FileNotFoundError as e:
+        if cfg.max_memory_gb:
+            raise ValueError(f"--max_memory_gb: {e}") from None
+        print_main(dist, f"memory plan skipped ({e})")
+        return
+    prompts = cfg.prompts_per_batch // dist.world
+    fixed = {k for k in ("train_chunk", "teacher_chunk", "grad_checkpointing") if k in given}
+    chosen, table = memory.plan(fp, budget, prompts, len(trained_steps(cfg)), cfg.num_steps, n_teachers,
+                                fixed={k: getattr(cfg, k) for k in fixed})
+    for key in ("train_chunk", "teacher_chunk", "grad_checkpointing"):
+        setattr(cfg, key, getattr(chosen, key))
+    print_main(dist, memory.format_table(table, chosen, budget))
+
+
+def validate(cfg: OPDConfig, dist: Dist, argv: list[str] | None = ()):
     """Every bad input fails here with a one-line error, before any model loads and before anything
     is written. Applies the recipe (the paper's, or the toy one on the toy base) to cfg."""
     try:
         base, specs = resolve_teachers(cfg)
         cfg.model = cfg.model or base
-        changed = apply_recipe(cfg, given, cfg.model, "opd")
+        changed = apply_recipe(cfg, given_keys(OPDConfig, argv), cfg.model, "opd")
         check_student_config(cfg)
         require_positive(cfg, "prompts_per_batch", "num_steps")
         require(cfg.noise_level >= 0, f"--noise_level must be >= 0, got {cfg.noise_level}")
         require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         require(cfg.teacher_chunk >= 0 and cfg.train_chunk >= 0, "--teacher_chunk/--train_chunk must be >= 0")
         require(cfg.dtype in ("auto", *DTYPES), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+        require(cfg.teacher_dtype in ("float32", "model"), f"--teacher_dtype must be float32 or model, got {cfg.teacher_dtype!r}")
         require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
                 "full fine-tuning trains the transformer's own weights: keep --dtype float32")
         require(cfg.estimator in ("closed_form", "ppo"), f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
@@ -389,11 +425,12 @@ def validate(cfg: OPDConfig, dist: Dist, given: set[str] = frozenset()):
         rule = resolution_rule(cfg.model)
         if rule and (cfg.height or cfg.width):
             check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
+        plan_memory(cfg, dist, given_keys(OPDConfig, argv), len(specs))
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
         dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)")
-        run = None if cfg.variance_rollouts else RunDir(cfg.out, cfg, dist)
+        run = None if cfg.variance_rollouts else RunDir(cfg.out, cfg, dist, "opd.py", argv)
         rewards = {s["task"].name: make_reward(s["task"].reward, device=dist.device) for s in specs}
         print_main(dist, describe_recipe(cfg, changed))
         return specs, prompts_by_task, rewards, run
@@ -407,15 +444,17 @@ def main(argv=None):
         dist = Dist(cfg.device)
     except ValueError as e:
         fail(e)
-    specs, prompts_by_task, rewards, run = validate(cfg, dist, given_keys(OPDConfig, argv))
+    specs, prompts_by_task, rewards, run = validate(cfg, dist, argv)
     try:
         model = FlowModel.load(cfg.model, device=dist.device, dtype=weights_dtype(cfg, dist))
         model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
         # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy
         trainer = StudentTrainer(model, cfg, dist, run)
-        teachers = load_teachers(model, specs, dist)
+        teachers = load_teachers(model, specs, dist, model.dtype if cfg.teacher_dtype == "model" else torch.float32)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
+    if cfg.grad_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
     if cfg.compile:
         model.compile_blocks()
     train_steps = trained_steps(cfg)
@@ -431,7 +470,7 @@ def main(argv=None):
     saved = {"tasks": [t.task.name for t in teachers], "teachers": cfg.teachers, "guidance": cfg.guidance}
     bar = tqdm(range(start, cfg.steps), desc="opd", disable=not dist.is_main, initial=start, total=cfg.steps)
     for step in bar:
-        metrics, phases = {"step": step}, Phases(dist.device)
+        metrics, phases, images = {"step": step}, Phases(dist.device), {}
         # ---- one round: one batch per task, gradients accumulated, then a single optimizer step
         losses = []
         for teacher, prompts, seeds in round_batches(cfg, teachers, step, dist, prompts_by_task):
@@ -455,9 +494,9 @@ def main(argv=None):
             with trainer.ema_weights():
                 for teacher in teachers:
                     task = teacher.task
+                    images[f"samples/{task.name}"] = f"{run.path}/samples/step{step + 1:05d}_{task.name}.png"
                     res = evaluate_task(model, task, rewards[task.name], dist, "student", cfg.eval_prompts,
-                                        cfg.eval_steps, cfg.guidance,
-                                        grid_path=f"{run.path}/samples/step{step + 1:05d}_{task.name}.png")
+                                        cfg.eval_steps, cfg.guidance, grid_path=images[f"samples/{task.name}"])
                     metrics.update({f"eval/{task.name}/{k}": v for k, v in res.items()})
             metrics["sec/eval"] = time.perf_counter() - t0
             if dist.is_main:
@@ -465,10 +504,11 @@ def main(argv=None):
                                                            if k.startswith(f"eval/{t.task.name}/")) + " |"
                         for t in teachers]
                 tqdm.write(f"step {step + 1} evaluation (EMA student, ODE {cfg.eval_steps} steps):\n" + "\n".join(rows))
-        run.log(metrics)
+        run.log(metrics, images)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.save_every == 0 or last:
             trainer.save(step + 1, saved)
+    trainer.finish()
     dist.close()
 
 

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+import memory
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
@@ -80,7 +81,8 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
 PAPER_TEACHER_CFG = {"geneval": 1.0, "ocr": 4.5, "aesthetic": 4.5}  # paper section 7
 PHASES = ("rollout", "teacher", "train", "optimizer", "other")
 # settings that need their own copy of the model; the other levers switch on a shared one
-MODEL_KEYS = ("dtype", "compile", "sd35m_random", "layers", "text_len", "lora_rank", "lora_alpha", "model")
+MODEL_KEYS = ("dtype", "compile", "sd35m_random", "layers", "text_len", "lora_rank", "lora_alpha", "model",
+              "teacher_dtype")
 
 
 @dataclass
@@ -90,7 +92,6 @@ class BenchConfig(opd.OPDConfig):
     rounds: int = 3                     # timed rounds per variant
     warmup: int = 1                     # untimed rounds per variant first
     levers: list[str] = field(default_factory=list)  # "key=value[,key=value]", teacher_per_step, train_per_step
-    grad_checkpointing: bool = False    # recompute block activations in the backward (memory for time)
     eval_prompts: int = 8               # one evaluation per task, timed (0: skip)
     eval_steps: int = 10
     overlap_batches: int = 4            # batches of the scoring-overlap measurement (0: skip)
@@ -312,6 +313,7 @@ class Setup:
     tmp: tempfile.TemporaryDirectory
     own_bytes: int = 0  # CUDA memory this setup holds between rounds (weights, optimizer state)
     setup_sec: float = 0.0  # build + warm-up rounds (compilation happens here)
+    footprint: memory.Footprint | None = None  # the planner's view of this model (memory.py)
 
 
 def build(cfg: BenchConfig, dist: Dist) -> Setup:
@@ -335,10 +337,12 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
         specs, prompts_by_task, rewards, _ = opd.validate(checked, dist)
         model = FlowModel.load(checked.model, device=dist.device, dtype=opd.weights_dtype(cfg, dist))
     trainer = StudentTrainer(model, cfg, dist, None)
-    teachers = opd.load_teachers(model, specs, dist)
+    teachers = opd.load_teachers(model, specs, dist, model.dtype if cfg.teacher_dtype == "model" else torch.float32)
     if cfg.compile:
         model.compile_blocks()
-    return Setup(model, teachers, trainer, prompts_by_task, rewards, tmp)
+    h, w = cfg.height or model.default_resolution(), cfg.width or model.default_resolution()
+    fp = memory.footprint_of_pipeline(model.pipe, h, w, model.dtype, cfg.lora_rank, model.negative(1).seq.shape[1])
+    return Setup(model, teachers, trainer, prompts_by_task, rewards, tmp, footprint=fp)
 
 
 # ---------------------------------------------------------------------- one round, measured
@@ -374,6 +378,10 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     out = {"sec": sec, "images": images, "net": net}
     out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dist.device) - held + s.own_bytes if meter.cuda else
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    setting = memory.Setting(cfg.train_chunk, cfg.teacher_chunk, cfg.grad_checkpointing)
+    out["predicted_peak_mem_mb"] = max(memory.predict(s.footprint, setting, cfg.prompts_per_batch // dist.world,
+                                                      len(opd.trained_steps(cfg)), cfg.num_steps,
+                                                      len(s.teachers)).values()) / 2**20
     return out
 
 
@@ -391,7 +399,8 @@ def summarise(rounds: list[dict], peak_tflops: float) -> dict:
            "overhead_ratio": sec["total"] / net_sec, "images_per_round": rounds[0]["images"],
            "images_per_sec": rounds[0]["images"] / sec["total"],
            "tflop": {**{k: v / 1e12 for k, v in flop.items()}, "round": sum(flop.values()) / 1e12},
-           "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds)}
+           "peak_mem_mb": max(r["peak_mem_mb"] for r in rounds),
+           "predicted_peak_mem_mb": rounds[0]["predicted_peak_mem_mb"]}
     out["tflops"] = out["tflop"]["round"] / sec["total"]
     out["mfu"] = {k: out["tflop"][k] / sec[k if k != "round" else "total"] / peak_tflops for k in out["tflop"]}
     return out
@@ -401,7 +410,8 @@ def summarise(rounds: list[dict], peak_tflops: float) -> dict:
 def variants(cfg: BenchConfig, argv: list[str], dist: Dist) -> dict[str, BenchConfig]:
     """The baseline and one config per lever: the command line plus the lever's overrides."""
     per_step = cfg.prompts_per_batch // dist.world  # rows of one timestep (before the CFG pair)
-    alias = {"teacher_per_step": f"teacher_chunk={per_step}", "train_per_step": f"train_chunk={per_step}"}
+    alias = {"teacher_per_step": f"teacher_chunk={per_step}", "train_per_step": f"train_chunk={per_step}",
+             "reference": f"teacher_chunk={per_step},train_chunk={per_step}"}  # the release's per-timestep loop
     out = {"baseline": cfg}
     for lever in cfg.levers:
         extra = [f"--{kv}" for kv in alias.get(lever, lever).split(",")]
@@ -541,9 +551,9 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     import teacher_rl
     stamps, log = [], harness.RunDir.log
 
-    def stamped(run, metrics):
+    def stamped(run, metrics, images=None):
         stamps.append((clock(dist.device), metrics, meter.take()))
-        log(run, metrics)
+        log(run, metrics, images)
 
     if cfg.warmup < 1:
         raise ValueError("GRPO steps are timed between metrics lines: --warmup must be >= 1")
@@ -578,13 +588,15 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
 
 # ---------------------------------------------------------------------- report
 def table(results: dict) -> str:
-    head = "| variant | " + " | ".join(PHASES) + " | total s | img/s | NFE calls (rows) r/t/tr | overhead | peak MB | MFU train |"
+    head = ("| variant | " + " | ".join(PHASES) + " | total s | img/s | NFE calls (rows) r/t/tr | overhead | peak MB |"
+            " planned MB | MFU train | MFU round |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         nfe = " / ".join(f"{r['nfe'][k]['calls']} ({r['nfe'][k]['rows']})" for k in ("rollout", "teacher", "train"))
         rows.append(f"| {name} | " + " | ".join(f"{r['sec'][k]:.3f}" for k in PHASES) +
                     f" | {r['sec']['total']:.3f} | {r['images_per_sec']:.2f} | {nfe} | {r['overhead_ratio']:.3f} |"
-                    f" {r['peak_mem_mb']:.0f} | {r['mfu']['train']:.1%} |")
+                    f" {r['peak_mem_mb']:.0f} | {r['predicted_peak_mem_mb']:.0f} | {r['mfu']['train']:.1%} |"
+                    f" {r['mfu']['round']:.1%} |")
     return "\n".join(rows)
 
 

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from toy import world
 from data import TOY_DATA, load_prompts
 from harness import parse_config, publish_dir
+from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 
@@ -71,6 +72,8 @@ class PretrainConfig:
     init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
     resume: bool = False
     threads: int = 2
+    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (metrics.jsonl always)
+    wandb_project: str = "diffusion-opd"
 
 
 def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
@@ -147,6 +150,10 @@ def main(argv=None):
     if cfg.init and not (Path(cfg.init) / "model_index.json").exists():
         raise SystemExit(f"error: --init {cfg.init}: not a pipeline folder (no model_index.json)")
     task_shares(cfg.task_weights)  # bad weights fail before any compute
+    try:
+        parse_report_to(cfg.report_to)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if cfg.init:  # a second stage: continue a pretrained pipeline, its VAE and tokenizers unchanged
         from diffusers import StableDiffusion3Pipeline
         pipe = StableDiffusion3Pipeline.from_pretrained(cfg.init)
@@ -187,6 +194,7 @@ def main(argv=None):
     kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] < start] if metrics.exists() else []
     metrics.write_text("".join(ln + "\n" for ln in kept))  # drop lines past the resumed checkpoint
     log = open(metrics, "a")
+    trackers = Trackers(parse_report_to(cfg.report_to), ckpt, vars(cfg), start, True)
     bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
@@ -214,8 +222,9 @@ def main(argv=None):
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), nets.parameters()):
                 pe.lerp_(p, 1 - decay)
-        log.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                              "sec": time.perf_counter() - t0}) + "\n")
+        record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "sec": time.perf_counter() - t0}
+        log.write(json.dumps(record) + "\n")
+        trackers.log(record)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             log.flush()
@@ -227,6 +236,7 @@ def main(argv=None):
             (tmp / "state.pt").replace(ckpt / "state.pt")
             tmp.rmdir()
     log.close()
+    trackers.close()
 
     # Save the EMA weights as a diffusers pipeline folder, atomically.
     nets.load_state_dict(ema.state_dict())
