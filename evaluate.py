@@ -42,11 +42,13 @@ def _info_key(info: dict, key: str) -> str:
 @torch.no_grad()
 def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: int = 64, steps: int = EVAL_STEPS,
                   guidance: float = EVAL_GUIDANCE, seed: int = 0, batch: int = 32,
-                  grid_path: str | None = None) -> dict:
+                  grid_path: str | None = None, per_prompt: dict | None = None) -> dict:
     """Mean reward (and the task's eval key, e.g. GenEval strict accuracy) over the first
     `n_prompts` test prompts, split across ranks; rank 0 optionally writes a PNG grid.
     Also the mean of every other per-image term the reward reports (its `info`), under its own name.
-    On a mixed prompt set (every metadata names its "task") also "<task>/reward" per sub-task."""
+    On a mixed prompt set (every metadata names its "task") also "<task>/reward" per sub-task.
+    `per_prompt`, if given, receives each prompt's values ("reward", the eval key) and "tags", from
+    which `reported` recomputes the reported numbers and `interval` their bootstrap intervals."""
     prompts, metas = load_prompts(task.dataset, "test")
     n = min(n_prompts, len(prompts))
     n -= n % dist.world  # every rank evaluates the same number of prompts
@@ -82,10 +84,46 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
             result.update({f"{task.eval_key}/{tag}": v for tag, v in per_tag.items()})
         else:
             result[task.eval_key] = all_keyed.mean().item()
+        if per_prompt is not None:
+            per_prompt[task.eval_key] = all_keyed.tolist()
     subtasks = [m.get("task") for m in metas[:n]]
     if all(subtasks):
         for sub in sorted(set(subtasks)):
             result[f"{sub}/reward"] = all_scores[[i for i, s in enumerate(subtasks) if s == sub]].mean().item()
+    if per_prompt is not None:
+        per_prompt["reward"] = all_scores.tolist()
+        per_prompt["tags"] = [m.get("tag") for m in metas[:n]] if all(m.get("tag") for m in metas[:n]) else None
     if grid_path and dist.is_main:
         save_grid(torch.cat(images)[:16], grid_path, scale=4)
     return result
+
+
+# ---------------------------------------------------------------------- uncertainty
+def reported(values, tags=None) -> float:
+    """The reported number of per-prompt values: their mean, or with GenEval's tags the mean over tags
+    of each tag's mean (GenEval's overall score)."""
+    import numpy as np
+    values = np.asarray(values, dtype=np.float64)
+    if tags is None:
+        return float(values.mean())
+    tags = np.asarray(tags)
+    return float(np.mean([values[tags == tag].mean() for tag in dict.fromkeys(tags.tolist())]))
+
+
+def interval(values, tags=None, other=None, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `reported(values)` over prompts (resampled within each tag
+    when there are tags); with `other` (the same prompts and seeds for another model), the interval of
+    the paired difference reported(values) - reported(other)."""
+    import numpy as np
+    values = np.asarray(values, dtype=np.float64)
+    diff = None if other is None else np.asarray(other, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(values))] if tags is None else \
+        [np.flatnonzero(np.asarray(tags) == tag) for tag in dict.fromkeys(list(tags))]
+    stats = []
+    for _ in range(n_boot):
+        picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
+        one = np.mean([values[p].mean() for p in picks])
+        stats.append(one - np.mean([diff[p].mean() for p in picks]) if diff is not None else one)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)

@@ -73,7 +73,7 @@ from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer
                      require_positive, step_seed)
 from model import FlowModel, TextEmbeds, check_lora_folder, check_model_path, check_resolution, resolution_rule
 from rewards import make_reward
-from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
+from sample import gaussian_kl, gaussian_logprob, rollout, time_grid, transition_mean
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype (bench/opd_round.py measures both)
 
@@ -97,7 +97,10 @@ class OPDConfig(StudentConfig):
     guidance: float = 4.5               # student CFG (rollout and training; uncond branch not detached)
     timestep_fraction: float = 0.99     # train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)
     train_steps: list[int] = field(default_factory=list)  # which steps j to train; overrides the fraction
-    estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
+    estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0), or "sft": the
+                                        # off-policy baseline, flow matching on the teachers' own samples
+    distance_prompts: int = 16          # test prompts per task of the held-out distance to the teacher
+    distance_every: int = 0             # also log that distance every this many rounds (0: with evaluations)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
     grad_checkpointing: bool = False    # recompute block activations in the backward (memory for time)
@@ -298,7 +301,9 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, 
     """One task batch of Algorithm 1: roll out the student, get the teacher's targets at its states,
     and accumulate the gradient of the batch's loss into .grad, scaled by `scale` (1 / tasks: the round's
     mean; the mean over ranks is Dist.average_gradients'). Returns the true loss per sample, summed
-    over trained steps (B,)."""
+    over trained steps (B,). With --estimator sft: `sft_gradient` instead."""
+    if cfg.estimator == "sft":
+        return sft_gradient(cfg, model, teacher, prompts, seeds, train_steps, scale, phase)
     with phase("rollout"):
         embeds = model.encode_prompts(prompts)
         traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
@@ -334,6 +339,61 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, 
             ((loss / d).sum() * scale / (K * B)).backward()
             per_row.append(loss.detach())
     return torch.cat(per_row).view(K, B).sum(0)
+
+
+def sft_gradient(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, seeds, train_steps, scale: float,
+                 phase=no_phase):
+    """The off-policy distillation baseline (SFT on teacher samples; the paper compares against it): the
+    teacher samples x0 with its own ODE and guidance from the batch's seeds, and the student's
+    conditional velocity is fitted by flow matching at the same K grid times OPD trains, with fresh
+    noise per (sample, step):  x_t = (1 - t) x0 + t eps,  L = ||v_S(x_t, t) - (eps - x0)||^2.
+    Same prompts, seeds, rounds and optimizer as OPD; the loss scale as OPD's (mean over dims, steps,
+    samples). Returns the loss per sample summed over steps (B,)."""
+    net = teacher.model or model
+    with phase("teacher"):
+        emb_t = net.encode_prompts(prompts)
+        x0 = rollout(net, emb_t, seeds, cfg.num_steps, teacher.task.guidance, 0.0, cfg.height or None,
+                     cfg.width or None, adapter=teacher.adapter, decode=False).latents[:, -1].to(model.device)
+    with phase("train"):
+        embeds = model.encode_prompts(prompts)
+        grid = time_grid(model.pipe.scheduler, cfg.num_steps)
+        B, K, d = len(seeds), len(train_steps), x0[0].numel()
+        eps = torch.stack([torch.randn((K, *x0.shape[1:]), generator=torch.Generator().manual_seed(int(s) + 104729))
+                           for s in seeds]).to(model.device)     # (B, K, C, h, w)
+        per_step = []
+        for k, j in enumerate(train_steps):
+            t = grid[j].to(model.device).expand(B)
+            tt = t.view(-1, 1, 1, 1)
+            # x_t = (1 - t) x0 + t eps;  target v = eps - x0
+            x_t = (1 - tt) * x0 + tt * eps[:, k]
+            v = model.velocity(x_t, t, embeds, 1.0)
+            loss = (v - (eps[:, k] - x0)).square().flatten(1).sum(1)
+            ((loss / d).sum() * scale / (K * B)).backward()
+            per_step.append(loss.detach())
+    return torch.stack(per_step).sum(0)
+
+
+@torch.no_grad()
+def distance_to_teacher(cfg: OPDConfig, model: FlowModel, teacher: Teacher, task: Task, dist: Dist) -> float:
+    """The held-out distance to the teacher, a low-noise progress measure (Fig. 6 in the study): the
+    student's ODE rollouts from the first `distance_prompts` test prompts (prompt i seeded i), and at
+    every state the release-scale mean-matching loss mean_dims 1/2 (mu_S - mu_T)^2 of the ODE step,
+    averaged over steps and prompts (and ranks). For the ODE mu_S(x_j) is the rollout's x_{j+1}."""
+    prompts = load_prompts(task.dataset, "test")[0]
+    n = min(cfg.distance_prompts, len(prompts)) // dist.world * dist.world
+    mine = list(range(*dist.split(n, "distance prompts").indices(n)))
+    embeds = model.encode_prompts([prompts[i] for i in mine])
+    traj = rollout(model, embeds, mine, cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None,
+                   adapter="student", decode=False)
+    N, B = cfg.num_steps, len(mine)
+    x = traj.latents[:, :N].transpose(0, 1).flatten(0, 1)            # (N*B, C, h, w), rows (step, prompt)
+    t, t_next = traj.t[:N].repeat_interleave(B), traj.t[1:].repeat_interleave(B)
+    rows_embeds = TextEmbeds(embeds.seq.repeat(N, 1, 1), embeds.pooled.repeat(N, 1))
+    mean_t = teacher_means(teacher, model, [prompts[i] for i in mine] * N, rows_embeds, x.to(model.device),
+                           t.to(model.device), t_next.to(model.device), 0.0, traj.t[1].item(), cfg.teacher_chunk)
+    mean_s = traj.latents[:, 1:].transpose(0, 1).flatten(0, 1).to(model.device)
+    local = 0.5 * (mean_s - mean_t).square().flatten(1).mean(1)       # (N*B,)
+    return (dist.sum(local.sum().reshape(1)) / (N * n)).item()
 
 
 def round_batches(cfg: OPDConfig, teachers, step: int, dist: Dist, prompts_by_task):
@@ -416,7 +476,9 @@ def validate(cfg: OPDConfig, dist: Dist, argv: list[str] | None = ()):
         require(cfg.teacher_dtype in ("float32", "model"), f"--teacher_dtype must be float32 or model, got {cfg.teacher_dtype!r}")
         require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
                 "full fine-tuning trains the transformer's own weights: keep --dtype float32")
-        require(cfg.estimator in ("closed_form", "ppo"), f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
+        require(cfg.estimator in ("closed_form", "ppo", "sft"),
+                f"--estimator must be closed_form, ppo or sft, got {cfg.estimator!r}")
+        require(cfg.distance_prompts >= 0 and cfg.distance_every >= 0, "--distance_prompts/--distance_every must be >= 0")
         require(not ((cfg.estimator == "ppo" or cfg.variance_rollouts) and cfg.noise_level <= 0),
                 "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
         bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
@@ -504,6 +566,13 @@ def main(argv=None):
                                                            if k.startswith(f"eval/{t.task.name}/")) + " |"
                         for t in teachers]
                 tqdm.write(f"step {step + 1} evaluation (EMA student, ODE {cfg.eval_steps} steps):\n" + "\n".join(rows))
+        if cfg.distance_prompts and ((step + 1) % (cfg.distance_every or cfg.eval_every) == 0 or last):
+            t0 = time.perf_counter()
+            with trainer.ema_weights():
+                for teacher in teachers:
+                    metrics[f"eval/{teacher.task.name}/distance"] = distance_to_teacher(cfg, model, teacher,
+                                                                                        teacher.task, dist)
+            metrics["sec/eval"] = metrics.get("sec/eval", 0.0) + time.perf_counter() - t0
         run.log(metrics, images)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.save_every == 0 or last:

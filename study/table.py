@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import Task, load_prompts, load_task
-from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task
+from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
 from harness import Dist, check_same_base, config_dict, parse_config
 from model import FlowModel
 from rewards import make_reward
@@ -59,14 +59,19 @@ def minmax_average(table: list[list[float]]) -> list[float | None]:
 
 
 def format_table(names: list[str], metrics: list[str], values: list[list[float]], minutes: list[float | None],
-                 averages: list[float | None]) -> str:
-    """Markdown rows shaped like the paper's Table 1: model | time | one column per task | avg."""
+                 averages: list[float | None], intervals: list[list[tuple]] | None = None) -> str:
+    """Markdown rows shaped like the paper's Table 1: model | time | one column per task | avg; each
+    value with its interval [lo, hi] when given."""
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
+
+    def cell(v, ci):
+        return num(v, ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    intervals = intervals or [[None] * len(metrics) for _ in names]
     lines = ["| model | time (min) | " + " | ".join(metrics) + " | avg (min-max norm.) |",
              "|---|---:|" + "---:|" * len(metrics) + "---:|"]
-    for name, row, minute, avg in zip(names, values, minutes, averages):
-        lines.append(f"| {name} | {num(minute, '.3g')} | " + " | ".join(num(v, '.3f') for v in row)
+    for name, row, cis, minute, avg in zip(names, values, intervals, minutes, averages):
+        lines.append(f"| {name} | {num(minute, '.3g')} | " + " | ".join(cell(v, ci) for v, ci in zip(row, cis))
                      + f" | {num(avg, '.3f')} |")
     return "\n".join(lines) + "\n"
 
@@ -113,11 +118,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def model_guidance(spec: ModelSpec, cfg) -> float:
+    """The CFG a model is sampled with: a teacher's own (its run_config "guidance"; the paper's GenEval
+    NFT teacher: 1.0) with --own_guidance, else --guidance (the protocol's 4.5)."""
+    run_config = Path(spec.adapter or "") / "run_config.json"
+    if cfg.own_guidance and spec.adapter and run_config.is_file():
+        saved = json.loads(run_config.read_text())
+        if "tasks" not in saved and "guidance" in saved:  # a teacher (a student names its tasks)
+            return float(saved["guidance"])
+    return cfg.guidance
+
+
 def cache_key(spec: ModelSpec, cfg) -> dict:
     """What a cached result depends on: the weights (adapter file hash) and the protocol."""
     return {"base": spec.base, "adapter": spec.adapter,
             "adapter_sha256": _sha256(Path(spec.adapter) / "adapter_model.safetensors") if spec.adapter else None,
-            "prompts": cfg.prompts, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed}
+            "prompts": cfg.prompts, "steps": cfg.steps, "guidance": model_guidance(spec, cfg), "seed": cfg.seed}
 
 
 # ---------------------------------------------------------------------- command line
@@ -133,6 +149,7 @@ class EvalConfig:
     prompts: int = 64                   # first test prompts of each task
     steps: int = EVAL_STEPS             # ODE steps (paper: 40)
     guidance: float = EVAL_GUIDANCE     # CFG (paper: 4.5)
+    own_guidance: bool = True           # a teacher is sampled with its own guidance (model_guidance)
     seed: int = 0                       # prompt i uses seed + i
     batch: int = 32                     # images per forward, per rank
     grid_prompts: int = 8               # per task in each model's sample grid
@@ -167,8 +184,9 @@ def validate(cfg: EvalConfig):
 
 def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict, cfg: EvalConfig, dist,
                    loaded: dict) -> dict:
-    """{task: evaluate_task result} for one model, from cache/NAME.json where the key still matches;
-    rank 0 writes samples/NAME.png when anything was (re)evaluated or the grid is missing."""
+    """{task: {"result": evaluate_task's result, "per_prompt": its per-prompt values}} for one model,
+    from cache/NAME.json where the key still matches; rank 0 writes samples/NAME.png when anything was
+    (re)evaluated or the grid is missing."""
     from study.plots import save_sample_grid
     out = Path(cfg.out)
     cache_file, grid_file = out / "cache" / f"{spec.name}.json", out / "samples" / f"{spec.name}.png"
@@ -179,7 +197,7 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
                if t.name in old and (old[t.name]["dataset"], old[t.name]["reward"]) == (t.dataset, t.reward)}
     todo = [task for task in tasks if task.name not in results]
     if not todo and grid_file.is_file():
-        return {t: r["result"] for t, r in results.items()}
+        return results
     if spec.base not in loaded:
         loaded[spec.base] = FlowModel.load(spec.base, device=dist.device)
     model, adapter = loaded[spec.base], None
@@ -188,10 +206,13 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
         adapter = f"model{index}"
         if not model.has_adapter(adapter):
             model.load_lora(spec.adapter, adapter)
+    guidance = model_guidance(spec, cfg)
     for task in todo:
+        per_prompt = {}
         res = evaluate_task(model, task, rewards[task.name], dist, adapter, cfg.prompts, cfg.steps,
-                            cfg.guidance, cfg.seed, cfg.batch)
-        results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res}
+                            guidance, cfg.seed, cfg.batch, per_prompt=per_prompt)
+        results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res,
+                              "per_prompt": per_prompt, "guidance": guidance}
         if dist.is_main:
             print(f"{spec.name} on {task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
     if dist.is_main:
@@ -199,13 +220,13 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
         for task in tasks:
             prompts, _ = load_prompts(task.dataset, "test")
             idx = list(range(min(cfg.grid_prompts, len(prompts))))
-            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, cfg.guidance, cfg.seed, adapter),
+            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, guidance, cfg.seed, adapter),
                                [prompts[i] for i in idx])
         save_sample_grid(rows, str(grid_file), f"{spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else "")
-                         + f"  (ODE {cfg.steps} steps, CFG {cfg.guidance}, prompt i seeded {cfg.seed} + i)")
+                         + f"  (ODE {cfg.steps} steps, CFG {guidance}, prompt i seeded {cfg.seed} + i)")
         cache_file.write_text(json.dumps({"key": key, "tasks": results}, indent=2))
     dist.barrier()
-    return {t: r["result"] for t, r in results.items()}
+    return results
 
 
 def main(argv=None) -> dict:
@@ -221,13 +242,17 @@ def main(argv=None) -> dict:
     dist.barrier()
     rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
     try:
-        scores = {spec.name: evaluate_model(spec, i, tasks, rewards, cfg, dist, loaded) for i, spec in enumerate(models)}
+        results = {spec.name: evaluate_model(spec, i, tasks, rewards, cfg, dist, loaded) for i, spec in enumerate(models)}
     except (ValueError, FileNotFoundError) as e:  # e.g. an adapter trained on another base
         raise SystemExit(f"error: {e}") from None
 
     # ---- Table 1: the task's eval key (GenEval: strict) or its reward; time; normalised average
     metrics = [f"{t.name} {t.eval_key or 'reward'}" for t in tasks]
+    scores = {m.name: {t.name: results[m.name][t.name]["result"] for t in tasks} for m in models}
     values = [[scores[m.name][t.name][t.eval_key or "reward"] for t in tasks] for m in models]
+    intervals = [[interval(results[m.name][t.name]["per_prompt"][t.eval_key or "reward"],
+                           results[m.name][t.name]["per_prompt"]["tags"] if t.eval_key else None) for t in tasks]
+                 for m in models]
     averages = minmax_average(values)
     parts = {m.name: chain_minutes(times[m.name]) for m in models if m.name in times}
     minutes = [sum(parts[m.name].values()) if m.name in parts else None for m in models]
@@ -237,15 +262,19 @@ def main(argv=None) -> dict:
         "tasks": [{"name": t.name, "metric": t.eval_key or "reward", "dataset": t.dataset, "reward": t.reward}
                   for t in tasks],
         "models": [{"name": m.name, "base": m.base, "adapter": m.adapter, "scores": scores[m.name],
-                    "columns": dict(zip([t.name for t in tasks], row)), "avg_minmax": avg,
+                    "columns": dict(zip([t.name for t in tasks], row)),
+                    "intervals": dict(zip([t.name for t in tasks], ci)), "avg_minmax": avg,
+                    "guidance": {t.name: results[m.name][t.name]["guidance"] for t in tasks},
+                    "per_prompt": {t.name: results[m.name][t.name]["per_prompt"] for t in tasks},
                     "train_minutes": minute, "train_minutes_per_run": parts.get(m.name)}
-                   for m, row, avg, minute in zip(models, values, averages, minutes)],
+                   for m, row, ci, avg, minute in zip(models, values, intervals, averages, minutes)],
     }
     if dist.is_main:
-        md = format_table([m.name for m in models], metrics, values, minutes, averages)
+        md = format_table([m.name for m in models], metrics, values, minutes, averages, intervals)
         (out / "table.md").write_text(
-            f"Evaluation: ODE {cfg.steps} steps, CFG {cfg.guidance}, first {cfg.prompts} test prompts per task, "
-            f"prompt i seeded {cfg.seed} + i.\n\n{md}\n"
+            f"Evaluation: ODE {cfg.steps} steps, CFG {cfg.guidance} (teachers: their own guidance), first "
+            f"{cfg.prompts} test prompts per task, prompt i seeded {cfg.seed} + i; [95% bootstrap interval over "
+            f"prompts].\n\n{md}\n"
             "time: training wall-clock in minutes from the runs' metrics.jsonl (sec/* without sec/eval), "
             "chained runs summed.\navg: each task column min-max normalised over the models above, then averaged.\n")
         (out / "table.json").write_text(json.dumps(table, indent=2))

@@ -233,3 +233,39 @@ def test_two_ranks_give_the_same_table_as_one(tiny_pipe_dir, tmp_path, cli_input
     for m1, m2 in zip(one["models"], two["models"]):
         for task in m1["scores"]:
             assert m1["scores"][task] == pytest.approx(m2["scores"][task], abs=1e-5)
+
+
+def test_reported_number_and_its_bootstrap_interval():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.5, 0.2, 400)
+    lo, hi = evaluate.interval(values, n_boot=4000)
+    half = 1.96 * values.std() / len(values) ** 0.5  # the normal approximation's half width
+    assert lo < values.mean() < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    # GenEval: the mean of per-tag means, resampled within tags
+    tags = ["a"] * 10 + ["b"] * 90
+    v = [1.0] * 10 + [0.0] * 90
+    assert evaluate.reported(v, tags) == 0.5 and evaluate.reported(v) == pytest.approx(0.1)
+    assert evaluate.interval(v, tags) == (0.5, 0.5)  # no within-tag variance
+    # paired: a constant shift has a zero-width interval; an independent one does not
+    assert evaluate.interval(values + 0.1, other=values) == pytest.approx((0.1, 0.1))
+    lo, hi = evaluate.interval(values, other=rng.permutation(values))
+    assert lo < 0 < hi
+
+
+def test_evaluate_task_hands_out_the_per_prompt_values_it_reports(tiny_pipe_dir, tmp_path):
+    from harness import Dist
+    from model import FlowModel
+    lines = [json.dumps({"prompt": f"p{i}", "tag": "single_object" if i % 3 else "two_object", "include": []})
+             for i in range(6)]
+    (tmp_path / "test.txt").write_text("".join(f"p{i}\n" for i in range(6)))
+    (tmp_path / "test_metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    def reward(images, prompts, metas):
+        s = images.mean((1, 2, 3)).float()
+        return s, {"strict": (s > s.median()).float()}
+    per_prompt = {}
+    res = evaluate.evaluate_task(FlowModel.load(tiny_pipe_dir), Task("g", str(tmp_path), "unused", 4.5, "strict"),
+                                 reward, Dist("cpu"), None, 6, 2, per_prompt=per_prompt)
+    assert evaluate.reported(per_prompt["strict"], per_prompt["tags"]) == pytest.approx(res["strict"])
+    assert evaluate.reported(per_prompt["reward"]) == pytest.approx(res["reward"])
