@@ -54,18 +54,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import load_prompts, load_task
-from evaluate import evaluate_task
-from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_student_config,
-                     describe_recipe, fail, given_keys, parse_config, print_main, require, require_positive, step_seed)
-from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
-from rewards import make_reward
+from data import load_prompts
+from harness import StudentConfig, parse_config, require, require_positive, step_seed
+from model import TOY_MODEL
 from sample import rollout
-from teacher_rl import group_advantages, update_layout
+from teacher_rl import finish_step, score, start_stage1, step_prompts, trained_steps, update, update_layout
 
 OLD = "old"  # the old policy's adapter name
 
@@ -148,60 +144,24 @@ def training_points(seed: int, step: int, index: int, grid: torch.Tensor, k: int
     return grid[order], torch.randn((k, *shape), generator=g)
 
 
-def validate(cfg: NFTConfig, dist: Dist, argv: list[str] | None = ()):
-    """Every bad input fails here with a one-line error, before any model loads or anything is written."""
-    try:
-        changed = apply_recipe(cfg, given_keys(NFTConfig, argv), cfg.model, "nft")
-        check_student_config(cfg)
-        require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "beta",
-                         "adv_clip", "updates_per_rollout", "old_decay_rate")
-        require(cfg.group_size >= 2, f"--group_size must be >= 2 (advantages compare images of one prompt), "
-                                     f"got {cfg.group_size}")
-        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
-        require(cfg.ref_beta >= 0, f"--ref_beta must be >= 0, got {cfg.ref_beta}")
-        require(0 <= cfg.old_decay_max < 1 and cfg.old_decay_flat >= 0,
-                "--old_decay_max must be in [0, 1) and --old_decay_flat >= 0")
-        require(not cfg.full_finetune, "NFT keeps its old policy as a second LoRA adapter: --full_finetune is not supported")
-        require(cfg.batch % cfg.group_size == 0, f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
-        require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
-                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
-                f"of equal shares over {dist.world} ranks")
-        check_model_path(cfg.model)
-        rule = resolution_rule(cfg.model)
-        if rule and (cfg.height or cfg.width):
-            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
-        if cfg.init_lora:
-            check_lora_folder(cfg.init_lora)
-        task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
-        load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
-        run = RunDir(cfg.out, cfg, dist, "nft.py", argv)
-        reward_fn = make_reward(task.reward, device=dist.device)
-        print_main(dist, describe_recipe(cfg, changed))
-        return task, reward_fn, run
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        fail(e)
+def _nft_checks(cfg: NFTConfig) -> None:
+    require_positive(cfg, "beta", "old_decay_rate")
+    require(cfg.ref_beta >= 0, f"--ref_beta must be >= 0, got {cfg.ref_beta}")
+    require(0 <= cfg.old_decay_max < 1 and cfg.old_decay_flat >= 0,
+            "--old_decay_max must be in [0, 1) and --old_decay_flat >= 0")
+    require(not cfg.full_finetune, "NFT keeps its old policy as a second LoRA adapter: --full_finetune is not supported")
 
 
 def main(argv=None):
     cfg = parse_config(NFTConfig, argv)
     cfg.out = cfg.out or f"runs/nft-{cfg.task}"
-    try:
-        dist = Dist(cfg.device)
-    except ValueError as e:
-        fail(e)
-    task, reward_fn, run = validate(cfg, dist, argv)
-    try:
-        model = FlowModel.load(cfg.model, device=dist.device)
-        model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
-        trainer = StudentTrainer(model, cfg, dist, run)  # the trained LoRA (or --init_lora), AdamW, EMA
-    except (ValueError, FileNotFoundError) as e:
-        fail(e)
+    dist, task, reward_fn, run, model, trainer = start_stage1(cfg, argv, "nft.py", "nft", _nft_checks)
     old = model.add_frozen_copy(OLD)   # the old policy starts as a copy of the trained weights
     trainer.tensors[OLD] = old         # saved with every checkpoint, restored on --resume
     start = trainer.begin()
     train_prompts, train_metas = load_prompts(task.dataset, "train")
     order, mine = update_layout(cfg.batch, cfg.updates_per_rollout, dist)
-    n_prompts, n_train = cfg.batch // cfg.group_size, max(1, int(cfg.timestep_fraction * cfg.num_steps))
+    n_train = trained_steps(cfg)
     saved = {"task": task.name, "dataset": task.dataset, "reward": task.reward, "guidance": task.guidance,
              "eval_key": task.eval_key, "algorithm": "nft"}
 
@@ -211,26 +171,19 @@ def main(argv=None):
         timer = {}
         # ---- rollout with the old policy: deterministic sampler, CFG cfg.guidance; keep the clean x0
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, step])
-        chosen = rng.choice(len(train_prompts), n_prompts, replace=len(train_prompts) < n_prompts)
-        idx = np.repeat(chosen, cfg.group_size)[mine]
-        prompts, metas = [train_prompts[i] for i in idx], [train_metas[i] for i in idx]
-        seeds = [step_seed(cfg.seed, step, i) for i in mine]
+        prompts, metas, seeds = step_prompts(cfg, step, mine, train_prompts, train_metas)
         embeds = model.encode_prompts(prompts)
         trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
                          cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
                  for b in range(0, len(seeds), cfg.rollout_batch)]
         x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
-        images = torch.cat([t.images for t in trajs])
         grid = trajs[0].t
         timer["rollout"] = time.perf_counter() - t0
 
         # ---- reward, gathered over ranks; advantages and optimality probabilities
         t0 = time.perf_counter()
-        scores, info = reward_fn(images, prompts, metas)
-        all_scores = torch.empty(cfg.batch)
-        all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()
-        adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
+        all_scores, adv_all, zero_std, info = score(reward_fn, torch.cat([t.images for t in trajs]), prompts, metas,
+                                                    order, cfg, dist)
         r_all = optimality(adv_all[mine], cfg.adv_clip)
         timer["reward"] = time.perf_counter() - t0
 
@@ -265,11 +218,7 @@ def main(argv=None):
                     losses.append(loss.detach())
                     for key, value in terms.items():
                         stats[key] += value.sum().item() / (len(seeds) * n_train)
-            try:
-                grad_norm, skipped = trainer.update(step, torch.cat(losses))
-            except NonFiniteError as e:
-                run.log({"step": step, "skipped_nonfinite": 1})
-                fail(e)
+            grad_norm, skipped = update(trainer, step, losses)
             skipped_any |= skipped
         # ---- the old policy follows the trained one
         decay = old_decay(cfg, (step + 1) * cfg.updates_per_rollout)
@@ -282,18 +231,7 @@ def main(argv=None):
                    "old_decay": decay, **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
                    **{f"sec/{k}": v for k, v in timer.items()}}
-        last, images = step + 1 == cfg.steps, {}
-        if (step + 1) % cfg.eval_every == 0 or last:
-            t0 = time.perf_counter()
-            images["samples"] = f"{run.path}/samples/step{step + 1:05d}.png"
-            with trainer.ema_weights():
-                res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
-                                    cfg.guidance, grid_path=images["samples"])
-            metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
-        run.log(metrics, images)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        if (step + 1) % cfg.save_every == 0 or last:
-            trainer.save(step + 1, saved)
+        finish_step(cfg, step, metrics, trainer, model, task, reward_fn, dist, saved, bar)
     trainer.finish()
     dist.close()
 

@@ -112,8 +112,8 @@ def model_card(folder: Path, config: dict, run_config: dict, last_eval: dict, co
     """README.md of an adapter folder: the Hub's metadata header and a page that says what it is."""
     base = run_config.get("base_model", "")
     student = "tasks" in run_config
-    algorithm = {"opd.py": "DiffusionOPD", "nft.py": "DiffusionNFT"}.get(
-        script, "GRPO-Guard" if config.get("ratio_norm") else "Flow-GRPO")
+    algorithm = {"flow-grpo": "Flow-GRPO", "grpo-guard": "GRPO-Guard", "nft": "DiffusionNFT"}.get(
+        run_config.get("algorithm"), "DiffusionOPD" if student else "Flow-GRPO")
     tags = ["text-to-image", "lora", "diffusers", "sd3", "flow-matching", algorithm.lower().replace("-", "")]
     header = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:"] + [f"- {t}" for t in tags]
     if _looks_like_hub_id(base):

@@ -167,25 +167,24 @@ def trained_steps(cfg: TeacherConfig) -> int:
     return max(1, int(cfg.timestep_fraction * cfg.num_steps))
 
 
-def validate(cfg: TeacherConfig, dist: Dist, argv: list[str] | None = ()):
-    """Every bad input fails here with a one-line error, before any model loads or anything is
-    written. Applies the recipe (the paper's, or the toy one on the toy base) to cfg."""
+def validate_stage1(cfg, dist: Dist, argv, script: str, recipe: str, checks) -> tuple:
+    """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
+    split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
+    (the algorithm's own), then the run directory and the reward. Every bad input fails here with a
+    one-line error, before any model loads or anything is written. Returns (task, reward_fn, run)."""
     try:
-        changed = apply_recipe(cfg, given_keys(TeacherConfig, argv), cfg.model, "teacher_rl")
+        changed = apply_recipe(cfg, given_keys(type(cfg), argv), cfg.model, recipe)
         check_student_config(cfg)
-        require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "noise_level",
-                         "clip_range", "adv_clip", "updates_per_rollout")
+        require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "adv_clip",
+                         "updates_per_rollout")
         require(cfg.group_size >= 2, f"--group_size must be >= 2 (advantages compare images of one prompt), "
                                      f"got {cfg.group_size}")
         require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
-        require(cfg.kl_beta >= 0, f"--kl_beta must be >= 0, got {cfg.kl_beta}")
         require(cfg.batch % cfg.group_size == 0, f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
         require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
                 f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
                 f"of equal shares over {dist.world} ranks")
-        require(cfg.ratio_logp in ("mean_per_dim", "sum"), f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
-        require(not (cfg.ratio_norm and cfg.ratio_logp != "mean_per_dim"),
-                "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: keep --ratio_logp mean_per_dim")
+        checks(cfg)
         check_model_path(cfg.model)
         rule = resolution_rule(cfg.model)
         if rule and (cfg.height or cfg.width):
@@ -194,7 +193,7 @@ def validate(cfg: TeacherConfig, dist: Dist, argv: list[str] | None = ()):
             check_lora_folder(cfg.init_lora)
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
-        run = RunDir(cfg.out, cfg, dist, "teacher_rl.py", argv)
+        run = RunDir(cfg.out, cfg, dist, script, argv)
         reward_fn = make_reward(task.reward, device=dist.device)
         print_main(dist, describe_recipe(cfg, changed))
         return task, reward_fn, run
@@ -202,39 +201,97 @@ def validate(cfg: TeacherConfig, dist: Dist, argv: list[str] | None = ()):
         fail(e)
 
 
-def main(argv=None):
-    cfg = parse_config(TeacherConfig, argv)
-    cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
+def _grpo_checks(cfg: TeacherConfig) -> None:
+    require_positive(cfg, "noise_level", "clip_range")
+    require(cfg.kl_beta >= 0, f"--kl_beta must be >= 0, got {cfg.kl_beta}")
+    require(cfg.ratio_logp in ("mean_per_dim", "sum"), f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
+    require(not (cfg.ratio_norm and cfg.ratio_logp != "mean_per_dim"),
+            "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: keep --ratio_logp mean_per_dim")
+
+
+def start_stage1(cfg, argv, script: str, recipe: str, checks):
+    """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
+    student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer)."""
     try:
         dist = Dist(cfg.device)
     except ValueError as e:
         fail(e)
-    task, reward_fn, run = validate(cfg, dist, argv)
+    task, reward_fn, run = validate_stage1(cfg, dist, argv, script, recipe, checks)
     try:
         model = FlowModel.load(cfg.model, device=dist.device)
         model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
         trainer = StudentTrainer(model, cfg, dist, run)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
     except (ValueError, FileNotFoundError) as e:
         fail(e)
+    return dist, task, reward_fn, run, model, trainer
+
+
+def step_prompts(cfg, step: int, mine: list[int], train_prompts, train_metas):
+    """The step's P prompts x G images of this rank: (prompts, metadatas, seeds); image i of the step
+    (global index) is seeded step_seed(seed, step, i), so any rollout can be regenerated."""
+    rng = np.random.default_rng([cfg.seed, step])
+    n_prompts = cfg.batch // cfg.group_size
+    chosen = rng.choice(len(train_prompts), n_prompts, replace=len(train_prompts) < n_prompts)
+    idx = np.repeat(chosen, cfg.group_size)[mine]  # groups are contiguous; they may span ranks
+    return ([train_prompts[i] for i in idx], [train_metas[i] for i in idx],
+            [step_seed(cfg.seed, step, i) for i in mine])
+
+
+def score(reward_fn, images, prompts, metas, order, cfg, dist):
+    """Rewards of this rank's images, gathered into global image order; group advantages.
+    Returns (all rewards (batch,), advantages (batch,), fraction of all-equal groups, reward info)."""
+    scores, info = reward_fn(images, prompts, metas)
+    all_scores = torch.empty(cfg.batch)
+    all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()
+    adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
+    return all_scores, adv_all, zero_std, info
+
+
+def finish_step(cfg, step: int, metrics: dict, trainer, model, task, reward_fn, dist, saved: dict, bar) -> None:
+    """The end of a Stage-1 step: evaluate the EMA weights on the task's test prompts (evaluate.py, at
+    the guidance the model samples with) every eval_every steps and at the end, log, checkpoint."""
+    run = trainer.run
+    last, images = step + 1 == cfg.steps, {}
+    if (step + 1) % cfg.eval_every == 0 or last:
+        t0 = time.perf_counter()
+        images["samples"] = f"{run.path}/samples/step{step + 1:05d}.png"
+        with trainer.ema_weights():
+            res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
+                                cfg.guidance, grid_path=images["samples"])
+        metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
+    run.log(metrics, images)
+    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+    if (step + 1) % cfg.save_every == 0 or last:
+        trainer.save(step + 1, saved)
+
+
+def update(trainer, step: int, losses: list[torch.Tensor]) -> tuple[float, bool]:
+    """trainer.update, or the one-line stop after too many non-finite steps (logged first)."""
+    try:
+        return trainer.update(step, torch.cat(losses))
+    except NonFiniteError as e:
+        trainer.run.log({"step": step, "skipped_nonfinite": 1})
+        fail(e)
+
+
+def main(argv=None):
+    cfg = parse_config(TeacherConfig, argv)
+    cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
+    dist, task, reward_fn, run, model, trainer = start_stage1(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks)
     start = trainer.begin()  # the run directory is written only now, after the model has loaded
     train_prompts, train_metas = load_prompts(task.dataset, "train")
     order, mine = update_layout(cfg.batch, cfg.updates_per_rollout, dist)
-    n_prompts = cfg.batch // cfg.group_size
     n_train = trained_steps(cfg)
     saved = {"task": task.name, "dataset": task.dataset, "reward": task.reward, "guidance": task.guidance,
-             "eval_key": task.eval_key}
+             "eval_key": task.eval_key, "algorithm": "grpo-guard" if cfg.ratio_norm else "flow-grpo"}
 
     bar = tqdm(range(start, cfg.steps), desc=f"grpo {task.name}", disable=not dist.is_main,
                initial=start, total=cfg.steps)
     for step in bar:
         timer = {}
-        # ---- rollout: P prompts x G images; sample i of the step uses seed step_seed(seed, step, i)
+        # ---- rollout: P prompts x G images with the SDE sampler
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, step])
-        chosen = rng.choice(len(train_prompts), n_prompts, replace=len(train_prompts) < n_prompts)
-        idx = np.repeat(chosen, cfg.group_size)[mine]  # groups are contiguous; they may span ranks
-        prompts, metas = [train_prompts[i] for i in idx], [train_metas[i] for i in idx]
-        seeds = [step_seed(cfg.seed, step, i) for i in mine]
+        prompts, metas, seeds = step_prompts(cfg, step, mine, train_prompts, train_metas)
         embeds = model.encode_prompts(prompts)
         trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
                          cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None, adapter="student",
@@ -243,16 +300,13 @@ def main(argv=None):
         latents = torch.cat([t.latents for t in trajs])  # (B, N+1, C, h, w)
         logp_old = torch.cat([t.logp_sum for t in trajs])  # (B, N) summed over dims
         means_old = torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None  # (B, N, C, h, w)
-        images = torch.cat([t.images for t in trajs])
         grid_t, t_guard = trajs[0].t, trajs[0].t[1].item()
         timer["rollout"] = time.perf_counter() - t0
 
         # ---- reward, gathered over ranks; advantages within each group
         t0 = time.perf_counter()
-        scores, info = reward_fn(images, prompts, metas)
-        all_scores = torch.empty(cfg.batch)
-        all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()  # global image order
-        adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
+        all_scores, adv_all, zero_std, info = score(reward_fn, torch.cat([t.images for t in trajs]), prompts, metas,
+                                                    order, cfg, dist)
         adv = adv_all[mine]
         timer["reward"] = time.perf_counter() - t0
 
@@ -289,11 +343,7 @@ def main(argv=None):
                         stats["kl"] += kl.sum().item() / n
                     if u == 0:
                         stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
-            try:
-                grad_norm, skipped = trainer.update(step, torch.cat(losses))
-            except NonFiniteError as e:
-                run.log({"step": step, "skipped_nonfinite": 1})
-                fail(e)
+            grad_norm, skipped = update(trainer, step, losses)
             skipped_any |= skipped
         timer["train"] = time.perf_counter() - t0
 
@@ -303,18 +353,7 @@ def main(argv=None):
                    **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
                    **{f"sec/{k}": v for k, v in timer.items()}}
-        last, images = step + 1 == cfg.steps, {}
-        if (step + 1) % cfg.eval_every == 0 or last:
-            t0 = time.perf_counter()
-            images["samples"] = f"{run.path}/samples/step{step + 1:05d}.png"
-            with trainer.ema_weights():
-                res = evaluate_task(model, task, reward_fn, dist, "student", cfg.eval_prompts, cfg.eval_steps,
-                                    cfg.guidance, grid_path=images["samples"])
-            metrics.update({f"eval/{k}": v for k, v in res.items()}, **{"sec/eval": time.perf_counter() - t0})
-        run.log(metrics, images)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        if (step + 1) % cfg.save_every == 0 or last:
-            trainer.save(step + 1, saved)
+        finish_step(cfg, step, metrics, trainer, model, task, reward_fn, dist, saved, bar)
     trainer.finish()
     dist.close()
 
