@@ -58,38 +58,22 @@ import torch
 from tqdm import tqdm
 
 from data import load_prompts
-from harness import StudentConfig, parse_config, require, require_positive, step_seed
-from model import TOY_MODEL
+from harness import parse_config, require, require_positive, step_seed
 from sample import rollout
-from teacher_rl import finish_step, score, start_stage1, step_prompts, trained_steps, update, update_layout
+from teacher_rl import (Stage1Config, finish_step, score, start_stage1, step_prompts, trained_steps, update,
+                        update_layout)
 
 OLD = "old"  # the old policy's adapter name
 
 
 @dataclass
-class NFTConfig(StudentConfig):
+class NFTConfig(Stage1Config):
     """DiffusionNFT teacher training (one task, or several rewards on a mixed prompt set).
-    Fields shared with teacher_rl.py and opd.py are in harness.StudentConfig."""
-    model: str = TOY_MODEL              # base pipeline folder or hub id
-    task: str = "geneval"               # task name; dataset defaults to data/toy/<task>
-    dataset: str = ""                   # Flow-GRPO prompt folder
-    reward: str = ""                    # "name=w,..."; default: the dataset's task.json
-    out: str = ""                       # run directory; default runs/nft-<task>
-    init_lora: str = ""                 # start from this adapter (cascade baseline)
-    seed: int = 0
-    steps: int = 60                     # rollout steps (x updates_per_rollout optimizer steps)
-    batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
-    group_size: int = 24                # G images per prompt
+    Fields shared with teacher_rl.py are in teacher_rl.Stage1Config."""
     updates_per_rollout: int = 1        # optimizer steps per rollout batch (NVlabs OCR: 2)
-    rollout_batch: int = 9              # images per forward pass during rollouts (per rank)
-    train_batch: int = 9                # images per forward/backward during training (per rank)
-    num_steps: int = 10                 # sampling steps N of the rollout grid
     guidance: float = 1.0               # CFG of the rollouts and the training forwards (CFG-free)
-    timestep_fraction: float = 0.99     # K = int(fraction N) of the grid's timesteps per image
     beta: float = 1.0                   # implicit-policy strength (NVlabs: 1.0 GenEval/PickScore, 0.1 OCR)
     ref_beta: float = 1e-4              # weight of the velocity penalty ||v_theta - v_ref||^2
-    adv_clip: float = 5.0               # A_max
-    per_group_std: bool = False         # False: the std over the whole batch (NVlabs global_std)
     old_decay_flat: int = 0             # old-policy decay schedule (module docstring)
     old_decay_rate: float = 0.001
     old_decay_max: float = 0.5

@@ -69,32 +69,38 @@ from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 
 
 @dataclass
-class TeacherConfig(StudentConfig):
-    """Flow-GRPO teacher training (one task, or several weighted rewards for the joint baseline).
-    Fields shared with opd.py (LoRA, AdamW, EMA, evaluation, checkpoints) are in harness.StudentConfig."""
+class Stage1Config(StudentConfig):
+    """Fields every Stage-1 script shares (teacher_rl.py, nft.py); LoRA, AdamW, EMA, evaluation and
+    checkpoints are in harness.StudentConfig. Defaults: Flow-GRPO's and NVlabs' SD3.5-M recipes."""
     model: str = TOY_MODEL              # base pipeline folder or hub id
     task: str = "geneval"               # task name; dataset defaults to data/toy/<task>
     dataset: str = ""                   # Flow-GRPO prompt folder (train.txt, test.txt, metadata)
     reward: str = ""                    # "name=w,name=w"; default: the dataset's task.json
-    out: str = ""                       # run directory; default runs/teacher-<task>
+    out: str = ""                       # run directory; default runs/<script>-<task>
     init_lora: str = ""                 # start from this adapter (cascade baseline)
     seed: int = 0
     steps: int = 60                     # rollout steps (x updates_per_rollout optimizer steps)
     batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
     group_size: int = 24                # G images per prompt
+    updates_per_rollout: int = 2        # optimizer steps per rollout batch
     rollout_batch: int = 9              # images per forward pass during rollouts (per rank)
     train_batch: int = 9                # images per forward/backward during training (per rank)
     num_steps: int = 10                 # sampling steps N
-    noise_level: float = 0.7            # a in Eq. 5
     guidance: float = 4.5               # CFG during rollouts and training
+    timestep_fraction: float = 0.99     # train K = int(fraction * N) steps
+    per_group_std: bool = False         # False: divide by the std over the whole batch (global_std)
+    adv_clip: float = 5.0               # advantages clipped to +-adv_clip
+
+
+@dataclass
+class TeacherConfig(Stage1Config):
+    """Flow-GRPO / GRPO-Guard teacher training (one task, or several weighted rewards for the joint
+    baseline)."""
+    noise_level: float = 0.7            # a in Eq. 5
     cfg_detach_uncond: bool = True      # Flow-GRPO: v = sg(v_u) + w (v_c - sg(v_u)) when training
-    timestep_fraction: float = 0.99     # train the first int(fraction * N) steps
-    per_group_std: bool = False         # False: divide by the std over the whole batch (Flow-GRPO global_std)
-    adv_clip: float = 5.0
     clip_range: float = 1e-4
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.04               # KL to the base model, per latent dim
-    updates_per_rollout: int = 2        # optimizer steps per rollout batch
     ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights;
                                         # its recipe: --clip_range 2e-6 (4e-6 PickScore) --lr 1e-4 --kl_beta 0
 
