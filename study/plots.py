@@ -161,6 +161,86 @@ def plot_ablation(panels: list[tuple[str, dict[str, str]]], tasks: list[str], pa
     plt.close(fig)
 
 
+def distance_curve(run: str, tasks: list[str]) -> tuple[list[float], list[float], list[float]]:
+    """(images seen, training seconds, mean over tasks of the held-out distance to the teachers) at every
+    step an opd.py run logged eval/<task>/distance for all tasks (opd.py --distance_every)."""
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    if "prompts_per_batch" not in cfg:
+        raise ValueError(f"run {run} logged no held-out distance for all tasks {tasks} (not an opd.py run)")
+    per_round = cfg["prompts_per_batch"] * len(tasks)
+    images, seconds, distance, elapsed = [], [], [], 0.0
+    for record in read_metrics(run):
+        elapsed += train_seconds(record)
+        values = [record.get(f"eval/{t}/distance") for t in tasks]
+        if None not in values:
+            images.append((record["step"] + 1) * per_round)
+            seconds.append(elapsed)
+            distance.append(sum(values) / len(values))
+    if not distance:
+        raise ValueError(f"run {run} logged no held-out distance for all tasks {tasks} (opd.py --distance_every)")
+    return images, seconds, distance
+
+
+def _mean_curve(runs: list[str], tasks: list[str], axis: int):
+    """The seeds' curves on a common x (axis 0: images, 1: seconds, interpolated): (x, mean, lo, hi)."""
+    import numpy as np
+    curves = [distance_curve(run, tasks) for run in runs]
+    xs = np.asarray(curves[0][axis], dtype=float) if axis == 0 else np.linspace(
+        max(c[1][0] for c in curves), min(c[1][-1] for c in curves), 50)
+    ys = np.stack([np.interp(xs, c[axis], c[2]) for c in curves])
+    return xs, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def images_to_reach(runs: list[str], tasks: list[str], threshold: float) -> float | None:
+    """Images the seed-mean distance curve needs to first fall to `threshold` (linear interpolation
+    between logged points); None if it never does."""
+    xs, mean, _, _ = _mean_curve(runs, tasks, 0)
+    for i in range(len(xs)):
+        if mean[i] <= threshold:
+            if i == 0:
+                return float(xs[0])
+            frac = (mean[i - 1] - threshold) / (mean[i - 1] - mean[i])
+            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
+    return None
+
+
+def sample_efficiency(a: list[str], b: list[str], tasks: list[str], fraction: float = 0.5) -> dict:
+    """Images `a` and `b` need to close `fraction` of the gap between the first logged distance and the
+    lower of their two final distances (seed means), and their ratio b / a (None where one never does)."""
+    curves = [_mean_curve(runs, tasks, 0) for runs in (a, b)]
+    start, end = max(c[1][0] for c in curves), min(c[1][-1] for c in curves)
+    threshold = start - fraction * (start - end)
+    na, nb = images_to_reach(a, tasks, threshold), images_to_reach(b, tasks, threshold)
+    return {"threshold": threshold, "fraction": fraction, "images_a": na, "images_b": nb,
+            "ratio_b_over_a": nb / na if na and nb else None}
+
+
+def plot_distance(panels: list[tuple[str, dict[str, list[str]]]], tasks: list[str], path: str) -> None:
+    """Fig. 6 on a low-noise axis: per panel, the held-out distance to the teachers (mean over tasks)
+    against images seen (top) and training wall-clock (bottom); a line per variant = the mean of its
+    seeds, the band their range."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels), 6.4), squeeze=False)
+    for col, (title, variants) in enumerate(panels):
+        for name, runs in variants.items():
+            for row, axis in enumerate((0, 1)):
+                x, mean, lo, hi = _mean_curve(runs, tasks, axis)
+                x = x / 60 if axis == 1 else x
+                line, = axes[row][col].plot(x, mean, label=f"{name} ({len(runs)} seeds)")
+                axes[row][col].fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        axes[0][col].set_title(title, fontsize=10)
+        axes[0][col].set_xlabel("images seen")
+        axes[1][col].set_xlabel("training wall-clock (min)")
+        for row in range(2):
+            axes[row][col].set_yscale("log")
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend(fontsize=7)
+    for row in range(2):
+        axes[row][0].set_ylabel("held-out distance to the teachers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_sample_grid(rows: dict[str, tuple], path: str, title: str) -> None:
     """One row per task of images (B, 3, H, W) in [0, 1], each captioned with its prompt."""
     cols = max(len(images) for images, _ in rows.values())

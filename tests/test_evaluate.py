@@ -269,3 +269,23 @@ def test_evaluate_task_hands_out_the_per_prompt_values_it_reports(tiny_pipe_dir,
                                  reward, Dist("cpu"), None, 6, 2, per_prompt=per_prompt)
     assert evaluate.reported(per_prompt["strict"], per_prompt["tags"]) == pytest.approx(res["strict"])
     assert evaluate.reported(per_prompt["reward"]) == pytest.approx(res["reward"])
+
+
+def test_distance_curves_sample_efficiency_and_figure(tmp_path):
+    """Run b's distance falls like a's at half the speed per image: b needs twice the images."""
+    def run(name, speed, seed_noise):
+        records = [{"step": s, "sec/train": 2.0 / speed, "eval/geneval/distance": 1.0 / (1 + speed * (s + 1)) + seed_noise,
+                    "eval/ocr/distance": 1.0 / (1 + speed * (s + 1)) + seed_noise} for s in range(40)]
+        path = Path(_write_run(tmp_path / name, records))
+        (path / "config.json").write_text(json.dumps({"prompts_per_batch": 4}))
+        return str(path)
+    a = [run("a1", 1.0, 0.0), run("a2", 1.0, 0.0)]
+    b = [run("b1", 0.5, 0.0), run("b2", 0.5, 0.0)]
+    images, seconds, distance = plots.distance_curve(a[0], ["geneval", "ocr"])
+    assert images[:2] == [8, 16] and seconds[:2] == [2.0, 4.0] and distance[1] == pytest.approx(1 / 3)
+    eff = plots.sample_efficiency(a, b, ["geneval", "ocr"], fraction=0.5)
+    assert eff["ratio_b_over_a"] == pytest.approx(2.0, rel=0.05)
+    plots.plot_distance([("ODE vs SDE", {"ODE": a, "SDE": b})], ["geneval", "ocr"], str(tmp_path / "fig6.png"))
+    assert _is_png(tmp_path / "fig6.png")
+    with pytest.raises(ValueError, match="no held-out distance"):
+        plots.distance_curve(_write_run(tmp_path / "none", [{"step": 0}]), ["geneval"])
