@@ -242,3 +242,28 @@ def test_sft_fits_the_teachers_own_samples_by_flow_matching(tiny_pipe_dir, teach
     opd.main(_args(teachers, tmp_path / "sft", "--estimator", "sft", "--steps", "2"))
     metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] > 0 and "eval/ocr/distance" in metrics[-1]
+
+
+def test_one_flat_gradient_all_reduce_per_optimizer_step(tiny_pipe_dir, teachers, tmp_path):
+    """2 gloo ranks: every optimizer step all-reduces the student's gradient once, as one flat tensor of
+    all its trainable values (Dist.average_gradients); every other collective carries a few scalars."""
+    from model import FlowModel
+    n_trainable = sum(p.numel() for p in FlowModel.load(tiny_pipe_dir).add_student_lora(rank=4, alpha=8))
+    script = ("import json, os, sys, torch.distributed as tdist, opd\n"
+              "calls, real = [], tdist.all_reduce\n"
+              "def counted(t, *a, **k):\n"
+              "    calls.append(t.numel())\n"
+              "    return real(t, *a, **k)\n"
+              "tdist.all_reduce = counted\n"
+              "opd.main(sys.argv[1:])\n"
+              "print('CALLS', os.environ['RANK'], json.dumps(calls))\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--no-python", sys.executable, "-c", script,
+                           *_args(teachers, tmp_path / "two", "--steps", "3", "--eval_every", "100",
+                                  "--distance_prompts", "0")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in (line for line in done.stdout.splitlines() if line.startswith("CALLS")):
+        calls = json.loads(line.split(" ", 2)[2])
+        assert calls.count(n_trainable) == 3, calls  # one per optimizer step, the whole gradient at once
+        assert all(c <= 64 for c in calls if c != n_trainable), calls
