@@ -38,7 +38,7 @@ teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, o
 demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
 	$(PY) -m study.demo
 
-pretrain: .venv/done  ## the embedded base model, from scratch (38 min on 2 cores)
+pretrain: .venv/done  ## the embedded base model, from scratch (measured time: docs/toy-world.md)
 	$(PY) -m toy.pretrain --out models/toy-sd3
 
 samples: .venv/done  ## a grid from the embedded base

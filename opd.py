@@ -479,6 +479,8 @@ def validate(cfg: OPDConfig, dist: Dist, argv: list[str] | None = ()):
         require(cfg.estimator in ("closed_form", "ppo", "sft"),
                 f"--estimator must be closed_form, ppo or sft, got {cfg.estimator!r}")
         require(cfg.distance_prompts >= 0 and cfg.distance_every >= 0, "--distance_prompts/--distance_every must be >= 0")
+        require(cfg.distance_prompts == 0 or cfg.distance_prompts >= dist.world,
+                f"--distance_prompts {cfg.distance_prompts} gives some of the {dist.world} ranks no prompt: use 0 or >= {dist.world}")
         require(not ((cfg.estimator == "ppo" or cfg.variance_rollouts) and cfg.noise_level <= 0),
                 "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
         bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]

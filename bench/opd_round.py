@@ -40,7 +40,7 @@ Run:
     python -m bench.opd_round --sd35m-random --layers 2 --height 64 --width 64 --text_len 8 \\
         --prompts_per_batch 1 --num_steps 2 --rounds 1                                      # CPU smoke test
     # 1 GPU, SD3.5-M at 512 px, the paper's per-GPU recipe (3 prompts, 10 steps, 9 trained, LoRA r 32);
-    # `make bench-gpu` runs these and the README's other GPU measurements (bench/gpu_check.sh)
+    # `make bench-gpu` runs the GPU measurements of docs/bench.md (bench/gpu_check.sh)
     R="--sd35m-random --device cuda --dtype bfloat16 --height 512 --width 512 --prompts_per_batch 3
        --train_chunk 3 --train_steps 0 1 2 3 4 5 6 7 8"
     python -m bench.opd_round $R --rounds 1 --levers teacher_per_step train_chunk=0,grad_checkpointing=true

@@ -78,7 +78,7 @@ class DemoConfig:
 
 @dataclass
 class QuickDemoConfig(DemoConfig):
-    """--quick: the same stages with tiny step counts (CI, < 5 min on 2 CPU cores)."""
+    """--quick: the same stages with tiny step counts (CI; its time: docs/study.md)."""
     nproc: int = 1
     num_steps: int = 3
     teacher_steps: int = 2

@@ -21,8 +21,7 @@ Departures from SD3 training
 Resume is exact: a checkpoint holds the weights, the EMA, the optimizer, the schedule and torch's
 global RNG (the T5 encoder's dropout draws from it); each batch is a pure function of (seed, step).
 
-Run (CPU, 37 min on 2 cores: 800 VAE steps at 1.4/s + 3,200 flow steps at ~0.51 s; see README;
-it checkpoints and `--resume` continues exactly):
+Run (CPU; the measured time is in docs/toy-world.md; it checkpoints and `--resume` continues exactly):
     python -m toy.pretrain --out models/toy-sd3
     python -m toy.pretrain --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
     python -m toy.pretrain --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
@@ -58,7 +57,7 @@ class PretrainConfig:
     vae_kl: float = 1e-6           # weight of the VAE's KL term
     steps: int = 3200              # phase B
     batch: int = 64
-    lr: float = 2e-3               # at 6e-4 no glyph was learned (README, the embedded toy world)
+    lr: float = 2e-3               # at 6e-4 no glyph was learned (docs/toy-world.md)
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1

@@ -41,9 +41,9 @@ Departures from the paper's rewards (section 10), each because the toy world has
  4. OCR: a template-matching reader for the toy font (`read_text`) instead of PaddleOCR; the reward
     rule is Flow-GRPO's (rewards.ocr_score). The strings are exactly two glyphs of 10x14 px (font
     scale 2), always drawn at the same central place (OCR_JITTER = 0). A 4-layer model
-    pretrained in 40 min on CPU renders them legibly; with 3-4 glyphs of 5x7 px anywhere in the
+    pretrained on CPU (docs/toy-world.md) renders them legibly; with 3-4 glyphs of 5x7 px anywhere in the
     frame it drew stroke soup, and with the text jittered by 1 px it drew crisp glyphs that ignored
-    the prompt (README, "The embedded toy world"). Flow-GRPO's OCR strings are longer and placed freely.
+    the prompt (docs/toy-world.md). Flow-GRPO's OCR strings are longer and placed freely.
  5. Aesthetic: a hand-written preference (`aesthetic_reward`) times a prompt-alignment factor, in
     place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
  6. GenEval layouts are fixed slots, not free placement: one object fills the centre box SINGLE_BOX
