@@ -1,36 +1,40 @@
-"""The paper's toy study in one command: Table 1 and Figs. 3 and 6 in miniature (paper sections 5, 8, 9).
+"""The paper's study on the toy world in one command: Table 1 with intervals, Fig. 6 on a low-noise axis
+and a claims table with verdicts (paper sections 5, 8, 9).
 
 Stages, in order; each skips the work already done, so an interrupted demo continues where it stopped
 (an OUT holding runs of another base model is refused):
-  1. teachers   one Flow-GRPO teacher per task (teacher_rl.py)                  OUT/teacher-<task>/
-  2. opd        DiffusionOPD from those teachers: ODE (a = 0), closed form (opd.py)      OUT/opd/
-  3. joint      joint multi-reward GRPO on a mixed prompt set, each prompt judged by its
-                own task's reward (teacher_rl.py --task mixed)                 OUT/data/mixed/, OUT/joint/
-  4. cascade    GRPO on one task after another, chained by --init_lora         OUT/cascade-<k>-<task>/
-  5. ablations  opd.py at a = 0.7 with the closed-form and the PPO-style estimator (Fig. 6), and the
-                gradient-variance ratio of the two estimators (opd.main, --variance_rollouts)
-                                                               OUT/opd-sde/, OUT/opd-ppo/, OUT/variance.json
-  6. results    study/table.py (Table 1, Fig. 3 curves, sample grids), study/plots.py (Fig. 6)  OUT/results/
+  1. teachers   the teachers to distil: --teachers (default ckpts/*, made by `make teachers`); their
+                training minutes come from their metrics.jsonl
+  2. opd        DiffusionOPD from them: ODE (a = 0), closed form (opd.py)                 OUT/opd/
+  3. baselines  at OPD's compute (images x steps), each a documented command:
+                multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py --task mixed --ratio_norm),
+                multi-task NFT (nft.py --task mixed), cascade NFT (nft.py one task after another,
+                chained by --init_lora), SFT on teacher samples (opd.py --estimator sft)
+  4. fig6       OPD variants x seeds, the held-out distance to the teachers logged every round:
+                ODE closed form, SDE (a = 0.7) closed form, SDE PPO-style                 OUT/fig6/
+  5. variance   the gradient-variance ratio PPO-style / closed form (opd.py --variance_rollouts)
+  6. results    study.table (Table 1 with bootstrap intervals, curves, samples), fig6.png and
+                claims.md (study/claims.py)                                               OUT/results/
 Every command run is appended to OUT/commands.txt; OUT/plan.json holds each run's steps and compute.
 
-Equal compute: the baselines get the optimizer steps x images of teachers + OPD,
-    C = T S_t B + S_o T P       T tasks; teachers: S_t steps of B images; OPD: S_o rounds of T x P images
-    joint: round(C / B) steps of B images;  cascade: T stages of round(C / (T B)) steps of B images.
+Equal compute: every baseline sees as many images as OPD's student, C = S_o T P (S_o rounds of T
+tasks x P prompts): multi-task runs round(C / B) steps of B images, cascade T stages of
+round(C / (T B)) steps, SFT S_o rounds of T x P. The teachers' own compute is reported in the time
+column (the paper's convention: the longest teacher, trained in parallel, plus OPD) and as the total.
 
-Budget (defaults): <= 60 min on 2 CPU cores; measured times are in docs/study.md. `--quick` runs every
-stage with tiny step counts (tests/test_demo.py).
+Budget: <= 60 min on 2 CPU cores with the defaults (measured: docs/study.md); `--quick` runs every
+stage with tiny sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
-1. Tiny: teachers see 768 images each (the paper: tens of GPU-hours of SD3.5-M).
-2. Teachers and baselines use Flow-GRPO (the paper: DiffusionNFT / GRPO-Guard, section 8).
-3. The joint baseline's reward routes every prompt to its own task's reward (r_i = r_task(i)(x_i),
-   rewards.py per-sample routing by the metadata's "rewards"), with tasks in equal shares.
-4. Times are training minutes of runs one after another on one machine (evaluate.py departure 2).
+1. Tiny: toy teachers of minutes, baselines at the student's compute (the paper: tens of GPU-hours).
+2. The multi-task prompt set routes every prompt to its own task's reward (rewards.py per-sample
+   routing by the metadata's "rewards"), tasks in equal shares.
+3. Times are training minutes on one machine; the paper adds GPU-hours of teachers trained in parallel.
 
 Run:
-    python -m study.demo                              # the toy study, models/toy-sd3, into runs/demo
-    python -m study.demo --quick --out runs/demo-quick      # every stage, tiny step counts (CI)
-    python -m study.demo --teacher_steps 48 --opd_steps 48 --out runs/demo-2x     # every size is a flag
+    python -m study.demo                                    # the toy study into runs/demo (make demo)
+    python -m study.demo --quick --out runs/demo-quick      # every stage, tiny sizes (CI)
+    python -m study.demo --preset long --out runs/demo-long # 3x the rounds and seeds' images
 """
 from __future__ import annotations
 
@@ -44,70 +48,61 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import load_task, write_mixed_dataset
 from harness import check_same_base, config_dict, parse_config
 from model import TOY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
+TASKS = ("geneval", "ocr", "aesthetic")      # the cascade's order too
 
 
 @dataclass
 class DemoConfig:
-    """The toy study: teachers, OPD, joint and cascade GRPO baselines, Fig. 6 ablations, Table 1 and figures."""
+    """The toy study: OPD, multi-task and cascade baselines, SFT, Fig. 6 seeds, Table 1, claims."""
+    teachers: list[str] = field(default_factory=lambda: sorted(str(p) for p in (ROOT / "ckpts").glob("toy-*")))
     model: str = TOY_MODEL              # base pipeline folder (the embedded toy model)
     out: str = "runs/demo"
-    quick: bool = False                 # tiny step counts (QuickDemoConfig) that exercise every stage
+    quick: bool = False                 # tiny sizes that exercise every stage (CI)
+    preset: str = "default"             # default | long: 3x OPD rounds, Fig. 6 rounds and evaluation prompts
     nproc: int = 2                      # processes per training / evaluation command (torchrun when > 1)
     threads: int = 1                    # OMP threads per process
-    tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])  # cascade order too
     num_steps: int = 10                 # sampling steps N of training rollouts (paper: 10)
-    teacher_steps: int = 24             # S_t: GRPO steps per teacher
-    teacher_batch: int = 32             # B: images per GRPO step (teachers, joint, cascade)
+    opd_rounds: int = 30                # S_o: OPD rounds (optimizer steps)
+    opd_prompts: int = 8                # P: prompts per task per round
+    baseline_batch: int = 32            # B: images per step of the multi-task and cascade baselines
     group_size: int = 8                 # G: images per prompt
-    opd_steps: int = 24                 # S_o: OPD rounds (optimizer steps)
-    opd_prompts: int = 8                # P: prompts (= images) per task per round
-    ablation_steps: int = 24            # OPD rounds of each a = 0.7 ablation run
-    ablation_noise: float = 0.7         # a of the ablations (paper Fig. 6: 0.7)
+    fig6_rounds: int = 16               # rounds of each Fig. 6 run
+    fig6_prompts: int = 4               # prompts per task per round of each Fig. 6 run
+    fig6_seeds: int = 3
+    fig6_noise: float = 0.7             # a of the SDE variants (paper Fig. 6: 0.7)
+    distance_prompts: int = 16          # test prompts per task of the held-out distance
     variance_rollouts: int = 8          # R rollouts for the gradient-variance ratio
-    evals_per_run: int = 4              # evaluations during each training run (curves)
-    eval_prompts: int = 16              # test prompts per task at those evaluations
+    eval_prompts: int = 8               # test prompts per task at the runs' final evaluation (logs only)
     eval_steps: int = 40                # ODE steps of every evaluation (paper: 40)
-    final_prompts: int = 64             # test prompts per task for Table 1
+    final_prompts: int = 128            # test prompts per task for Table 1
     grid_prompts: int = 8               # prompts per task in each model's sample grid
 
 
-@dataclass
-class QuickDemoConfig(DemoConfig):
-    """--quick: the same stages with tiny step counts (CI; its time: docs/study.md)."""
-    nproc: int = 1
-    num_steps: int = 3
-    teacher_steps: int = 2
-    teacher_batch: int = 8
-    group_size: int = 4
-    opd_steps: int = 2
-    opd_prompts: int = 2
-    ablation_steps: int = 2
-    variance_rollouts: int = 2
-    evals_per_run: int = 1
-    eval_prompts: int = 4               # >= 3: the mixed prompt set's first prompts cover every task
-    eval_steps: int = 3
-    final_prompts: int = 4
-    grid_prompts: int = 4
+QUICK = dict(nproc=1, num_steps=3, opd_rounds=2, opd_prompts=2, baseline_batch=6, group_size=2, fig6_rounds=2,
+             fig6_prompts=1, fig6_seeds=2, distance_prompts=2, variance_rollouts=2, eval_prompts=3, eval_steps=3,
+             final_prompts=6, grid_prompts=3)
+LONG = dict(opd_rounds=90, fig6_rounds=48, final_prompts=256)
 
 
 # ---------------------------------------------------------------------- plan
 def plan(cfg: DemoConfig) -> dict[str, dict]:
-    """Steps, images per step and compute (steps x images) of every training run, equal compute for
-    the baselines: C = T S_t B + S_o T P; joint round(C / B) steps; cascade T x round(C / (T B))."""
-    T, B = len(cfg.tasks), cfg.teacher_batch
-    runs = {f"teacher-{t}": {"steps": cfg.teacher_steps, "images_per_step": B} for t in cfg.tasks}
-    runs["opd"] = {"steps": cfg.opd_steps, "images_per_step": T * cfg.opd_prompts}
-    C = sum(r["steps"] * r["images_per_step"] for r in runs.values())
-    runs["joint"] = {"steps": max(1, round(C / B)), "images_per_step": B}
-    for k, t in enumerate(cfg.tasks, 1):
+    """Steps, images per step and compute (steps x images) of every training run: C = S_o T P for OPD;
+    the multi-task baselines round(C / B) steps of B images; cascade T x round(C / (T B)); SFT as OPD."""
+    T, B = len(TASKS), cfg.baseline_batch
+    runs = {"opd": {"steps": cfg.opd_rounds, "images_per_step": T * cfg.opd_prompts}}
+    C = runs["opd"]["steps"] * runs["opd"]["images_per_step"]
+    runs["sft"] = dict(runs["opd"])
+    runs["multitask-guard"] = {"steps": max(1, round(C / B)), "images_per_step": B}
+    runs["multitask-nft"] = {"steps": max(1, round(C / B)), "images_per_step": B}
+    for k, t in enumerate(TASKS, 1):
         runs[f"cascade-{k}-{t}"] = {"steps": max(1, round(C / (T * B))), "images_per_step": B}
-    for name in ("opd-sde", "opd-ppo"):
-        runs[name] = {"steps": cfg.ablation_steps, "images_per_step": T * cfg.opd_prompts}
+    for variant in ("ode", "sde", "ppo"):
+        for seed in range(cfg.fig6_seeds):
+            runs[f"fig6/{variant}-s{seed}"] = {"steps": cfg.fig6_rounds, "images_per_step": T * cfg.fig6_prompts}
     for r in runs.values():
         r["compute"] = r["steps"] * r["images_per_step"]
     return runs
@@ -116,17 +111,19 @@ def plan(cfg: DemoConfig) -> dict[str, dict]:
 def check(cfg: DemoConfig) -> None:
     """Sizes that would fail a later stage fail here, before any training."""
     problems = [msg for bad, msg in [
-        (cfg.teacher_batch % cfg.group_size, f"group_size {cfg.group_size} does not divide teacher_batch {cfg.teacher_batch}"),
-        (cfg.teacher_batch % cfg.nproc, f"teacher_batch {cfg.teacher_batch} does not divide over {cfg.nproc} processes"),
+        (cfg.baseline_batch % cfg.group_size, f"group_size {cfg.group_size} does not divide baseline_batch {cfg.baseline_batch}"),
+        (cfg.baseline_batch % cfg.nproc, f"baseline_batch {cfg.baseline_batch} does not divide over {cfg.nproc} processes"),
         (cfg.opd_prompts % cfg.nproc, f"opd_prompts {cfg.opd_prompts} does not divide over {cfg.nproc} processes"),
-        (min(cfg.eval_prompts, cfg.final_prompts) < cfg.nproc, f"fewer evaluation prompts than {cfg.nproc} processes"),
-        (len(set(cfg.tasks)) != len(cfg.tasks) or len(cfg.tasks) < 2, f"tasks {cfg.tasks}: two or more, distinct"),
+        (cfg.fig6_prompts % cfg.nproc, f"fig6_prompts {cfg.fig6_prompts} does not divide over {cfg.nproc} processes"),
+        (min(cfg.eval_prompts, cfg.final_prompts, cfg.distance_prompts) < cfg.nproc,
+         f"fewer evaluation prompts than {cfg.nproc} processes"),
+        (len(cfg.teachers) != len(TASKS), f"--teachers: one per task {TASKS}, got {cfg.teachers}"),
+        (cfg.preset not in ("default", "long"), f"--preset must be default or long, got {cfg.preset!r}"),
     ] if bad]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-# ---------------------------------------------------------------------- the mixed prompt set
 # ---------------------------------------------------------------------- running the scripts
 def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
     """Run `python -m module` in a fresh process (torchrun with cfg.nproc processes when > 1); log the command."""
@@ -142,7 +139,7 @@ def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
 def check_runs_share_the_base(cfg) -> None:
     """Refuse an OUT whose runs were trained on another base: the same --model path can hold new
     weights (a retrained base), and finished runs would otherwise be skipped and reported."""
-    runs = sorted(p.parent for p in Path(cfg.out).glob("*/checkpoint/run_config.json"))
+    runs = sorted(p.parent for p in Path(cfg.out).glob("**/checkpoint/run_config.json"))
     if not runs:
         return
     from model import FlowModel
@@ -167,52 +164,87 @@ def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) 
     if finished(run, steps):
         print(f"[skip] {name}: {steps} steps done", flush=True)
         return run
-    every = max(1, steps // cfg.evals_per_run)
-    launch(cfg, module, [*args, "--model", cfg.model, "--recipe", "toy", "--steps", str(steps), "--num_steps", str(cfg.num_steps),
-                         "--eval_every", str(every), "--save_every", str(every), "--eval_prompts",
-                         str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps), "--out", str(run), "--resume"])
-    assert finished(run, steps), f"{module} ended without a checkpoint of {steps} steps in {run}"
+    launch(cfg, module, [*args, "--model", cfg.model, "--recipe", "toy", "--steps", str(steps), "--num_steps",
+                         str(cfg.num_steps), "--eval_every", str(steps), "--save_every", str(steps),
+                         "--eval_prompts", str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps),
+                         "--out", str(run), "--resume"])
+    if not finished(run, steps):
+        raise SystemExit(f"error: {module} ended without a checkpoint of {steps} steps in {run}")
     return run
 
 
-def grpo(cfg: DemoConfig, name: str, steps: int, *args: str) -> Path:
-    return train(cfg, "teacher_rl", name, steps, [*args, "--batch", str(cfg.teacher_batch),
-                                                     "--group_size", str(cfg.group_size)])
+def distil(cfg: DemoConfig, name: str, steps: int, prompts: int, *args: str) -> Path:
+    return train(cfg, "opd", name, steps, ["--teachers", *cfg.teachers, "--prompts_per_batch", str(prompts),
+                                           "--distance_prompts", str(cfg.distance_prompts), *args])
 
 
-def distil(cfg: DemoConfig, name: str, steps: int, teachers: list[Path], *args: str) -> Path:
-    return train(cfg, "opd", name, steps, ["--teachers", *[str(t / "checkpoint") for t in teachers],
-                                              "--prompts_per_batch", str(cfg.opd_prompts), *args])
+def stage1(cfg: DemoConfig, module: str, name: str, steps: int, *args: str) -> Path:
+    return train(cfg, module, name, steps, [*args, "--batch", str(cfg.baseline_batch), "--group_size",
+                                            str(cfg.group_size)])
 
 
-def gradient_variance(cfg: DemoConfig, teachers: list[Path]) -> dict:
-    """opd.main's variance ratio of the PPO-style / closed-form gradients at a = ablation_noise,
-    saved to OUT/variance.json (one process; reused while R and a are unchanged)."""
+def gradient_variance(cfg: DemoConfig) -> dict:
+    """opd.main's variance ratio of the PPO-style / closed-form gradients at a = fig6_noise, saved to
+    OUT/variance.json (one process; reused while R and a are unchanged)."""
     import torch
 
     import opd
     path = Path(cfg.out) / "variance.json"
-    setting = {"rollouts": cfg.variance_rollouts, "noise_level": cfg.ablation_noise}
+    setting = {"rollouts": cfg.variance_rollouts, "noise_level": cfg.fig6_noise}
     if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in setting} == setting:
         print(f"[skip] variance: {path} holds it", flush=True)
         return json.loads(path.read_text())
-    args = ["--teachers", *[str(t / "checkpoint") for t in teachers], "--model", cfg.model, "--noise_level",
-            str(cfg.ablation_noise), "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", "toy", "--prompts_per_batch",
+    args = ["--teachers", *cfg.teachers, "--model", cfg.model, "--noise_level", str(cfg.fig6_noise),
+            "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", "toy", "--prompts_per_batch",
             str(cfg.opd_prompts), "--num_steps", str(cfg.num_steps)]
     print("\n$ opd.main(" + shlex.join(args) + ")", flush=True)
     with open(Path(cfg.out) / "commands.txt", "a") as f:
         f.write(f"OMP_NUM_THREADS={cfg.threads} {shlex.join([sys.executable, '-m', 'opd', *args])}\n")
     torch.set_num_threads(cfg.threads)
-    with tempfile.TemporaryDirectory() as scratch:  # the measurement trains nothing: its run directory is dropped
+    with tempfile.TemporaryDirectory() as scratch:  # the measurement trains nothing: no run directory
         result = {**setting, **opd.main([*args, "--out", scratch])}
     path.write_text(json.dumps(result, indent=2))
     return result
 
 
+# ---------------------------------------------------------------------- results
+def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: dict, times: dict) -> str:
+    """claims.md: one row per claim of the paper (study/claims.py)."""
+    from study import claims as c
+    rows = [(f"C1 OPD reaches the {t} teacher (>= 95%)", "student / teacher", c.ratio_to_teacher(table, "opd", f"teacher-{t}", t))
+            for t in TASKS]
+    for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
+        rows.append((f"C2 OPD beats {baseline} on the min-max average", "difference",
+                     c.average_difference(table, "opd", baseline)))
+    for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
+        faster = times["opd (parallel teachers)"] < times[baseline]
+        rows.append((f"C3 OPD (longest teacher + OPD) takes less time than {baseline}", "minutes OPD - baseline",
+                     {"value": times["opd (parallel teachers)"] - times[baseline], "interval": None,
+                      "verdict": "reproduced" if faster else "not reproduced"}))
+    tasks = list(TASKS)
+    rows.append(("C4 closed form beats PPO-style at a = 0.7 (final held-out distance)", "PPO - closed form",
+                 c.final_distance_difference(fig6["ppo"], fig6["sde"], tasks)))
+    rows.append(("C5 ODE (a = 0) more sample-efficient than a = 0.7 (paper: up to ~5x)", "images ratio SDE / ODE",
+                 c.efficiency_ratio(fig6["ode"], fig6["sde"], tasks)))
+    rows.append(("C6 OPD beats SFT on teacher samples on the min-max average", "difference",
+                 c.average_difference(table, "opd", "sft")))
+    text = c.format_claims(rows)
+    ratio = variance["ratio"]
+    return (text + f"\nGradient variance of the PPO-style estimator / the closed form's at a = {variance['noise_level']}: "
+            f"{ratio:.1f}x ({variance['rollouts']} rollouts; cosine of their mean gradients {variance['cos_mean_grads']:.2f}).\n")
+
+
+def teacher_minutes(cfg: DemoConfig) -> dict[str, float]:
+    from study.plots import run_seconds
+    return {Path(t).name: run_seconds(t) / 60 for t in cfg.teachers}
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(DemoConfig, argv)
     if cfg.quick:
-        cfg = parse_config(QuickDemoConfig, argv)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if f"--{k}" not in (argv or sys.argv[1:])})
+    elif cfg.preset == "long":
+        cfg = dataclasses.replace(cfg, **LONG)
     check(cfg)
     check_runs_share_the_base(cfg)
     out = Path(cfg.out)
@@ -221,47 +253,57 @@ def main(argv=None) -> dict:
     (out / "plan.json").write_text(json.dumps({"config": config_dict(cfg), "runs": runs}, indent=2))
     print("plan (steps x images per step = compute):\n" + "\n".join(
         f"  {name:24s} {r['steps']:5d} x {r['images_per_step']:3d} = {r['compute']}" for name, r in runs.items()))
-    tasks = [load_task(t) for t in cfg.tasks]
 
-    # ---- 1. teachers, 2. OPD (ODE, closed form)
-    teachers = [grpo(cfg, f"teacher-{t.name}", runs[f"teacher-{t.name}"]["steps"], "--task", t.name) for t in tasks]
-    opd_run = distil(cfg, "opd", runs["opd"]["steps"], teachers)
-
-    # ---- 3. joint multi-reward GRPO on the mixed prompt set
-    mixed = write_mixed_dataset(tasks, out / "data" / "mixed")
-    joint = grpo(cfg, "joint", runs["joint"]["steps"], "--task", mixed.name, "--dataset", mixed.dataset)
-
-    # ---- 4. cascade: one task after another, each stage starting from the previous adapter
+    # ---- 2. OPD, 3. baselines at OPD's compute
+    opd_run = distil(cfg, "opd", cfg.opd_rounds, cfg.opd_prompts)
+    sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--estimator", "sft")
+    guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], "--task", "mixed",
+                   "--ratio_norm", "--clip_range", "2e-6", "--lr", "1e-3")
+    nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed", "--beta", "0.1",
+                    "--lr", "1e-3")
     cascade = []
-    for k, t in enumerate(tasks, 1):
+    for k, t in enumerate(TASKS, 1):
         init = ["--init_lora", str(cascade[-1] / "checkpoint")] if cascade else []
-        cascade.append(grpo(cfg, f"cascade-{k}-{t.name}", runs[f"cascade-{k}-{t.name}"]["steps"], "--task", t.name,
-                            *init))
+        cascade.append(stage1(cfg, "nft", f"cascade-{k}-{t}", runs[f"cascade-{k}-{t}"]["steps"], "--task", t,
+                              "--lr", "1e-3", *init))
 
-    # ---- 5. Fig. 6 ablations at a = 0.7 and the gradient-variance ratio
-    noise = ["--noise_level", str(cfg.ablation_noise)]
-    sde = distil(cfg, "opd-sde", runs["opd-sde"]["steps"], teachers, *noise)
-    ppo = distil(cfg, "opd-ppo", runs["opd-ppo"]["steps"], teachers, *noise, "--estimator", "ppo")
-    variance = gradient_variance(cfg, teachers)
+    # ---- 4. Fig. 6: ODE vs SDE (closed form), closed form vs PPO-style (a = 0.7), seeds, distance every round
+    variants = {"ode": ["--noise_level", "0"], "sde": ["--noise_level", str(cfg.fig6_noise)],
+                "ppo": ["--noise_level", str(cfg.fig6_noise), "--estimator", "ppo"]}
+    fig6 = {v: [str(distil(cfg, f"fig6/{v}-s{s}", cfg.fig6_rounds, cfg.fig6_prompts, *args, "--seed", str(s),
+                           "--distance_every", "1")) for s in range(cfg.fig6_seeds)]
+            for v, args in variants.items()}
+    variance = gradient_variance(cfg)
 
-    # ---- 6. Table 1, Fig. 3 curves, sample grids (study/table.py); Fig. 6 (study/plots.py)
+    # ---- 6. Table 1 with intervals, curves, samples; Fig. 6; claims
     results = out / "results"
-    models = {"base": cfg.model, **{f"teacher-{t.name}": f"{cfg.model}+{r}" for t, r in zip(tasks, teachers)},
-              "joint-grpo": f"{cfg.model}+{joint}", "cascade-grpo": f"{cfg.model}+{cascade[-1]}",
-              "opd": f"{cfg.model}+{opd_run}"}
-    times = {**{f"teacher-{t.name}": [r] for t, r in zip(tasks, teachers)}, "joint-grpo": [joint],
-             "cascade-grpo": cascade, "opd": [*teachers, opd_run]}
+    tmin = teacher_minutes(cfg)
+    models = {"base": cfg.model, **{f"teacher-{t}": f"{cfg.model}+{p}" for t, p in zip(TASKS, cfg.teachers)},
+              "opd": f"{cfg.model}+{opd_run}", "sft": f"{cfg.model}+{sft}",
+              "multitask-guard": f"{cfg.model}+{guard}", "multitask-nft": f"{cfg.model}+{nft_mt}",
+              "cascade-nft": f"{cfg.model}+{cascade[-1]}"}
+    longest = max(cfg.teachers, key=lambda t: tmin[Path(t).name])
+    chains = {**{f"teacher-{t}": [p] for t, p in zip(TASKS, cfg.teachers)}, "opd": [longest, str(opd_run)],
+              "sft": [longest, str(sft)], "multitask-guard": [str(guard)], "multitask-nft": [str(nft_mt)],
+              "cascade-nft": [str(r) for r in cascade]}
     launch(cfg, "study.table", ["--models", *[f"{k}={v}" for k, v in models.items()],
-                                "--time", *[f"{k}={'+'.join(map(str, v))}" for k, v in times.items()],
-                                "--tasks", *cfg.tasks, "--prompts", str(cfg.final_prompts), "--steps",
+                                "--time", *[f"{k}={'+'.join(v)}" for k, v in chains.items()],
+                                "--tasks", *TASKS, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
-    from study.plots import plot_ablation
-    a = cfg.ablation_noise
-    plot_ablation([(f"closed form vs PPO-style (a = {a})", {"closed form": str(sde), "PPO-style": str(ppo)}),
-                   ("ODE vs SDE (closed form)", {"ODE (a = 0)": str(opd_run), f"SDE (a = {a})": str(sde)})],
-                  cfg.tasks, str(results / "ablation.png"), variance)
-    print(f"\nwrote {results}/table.md, table.json, curves.png, ablation.png, samples/*.png; "
-          f"gradient variance ratio PPO-style / closed form = {variance['ratio']:.1f} (a = {a})")
+    table = json.loads((results / "table.json").read_text())
+    from study.plots import plot_distance, run_seconds
+    plot_distance([("closed form vs PPO-style (a = %g)" % cfg.fig6_noise, {"closed form": fig6["sde"], "PPO-style": fig6["ppo"]}),
+                   ("ODE vs SDE (closed form)", {"ODE (a = 0)": fig6["ode"], f"SDE (a = {cfg.fig6_noise:g})": fig6["sde"]})],
+                  list(TASKS), str(results / "fig6.png"))
+    times = {m["name"]: m["train_minutes"] for m in table["models"] if m["train_minutes"] is not None}
+    times["opd (parallel teachers)"] = times["opd"]
+    times["opd (total compute)"] = sum(tmin.values()) + run_seconds(str(opd_run)) / 60
+    text = claims(cfg, table, fig6, variance, times)
+    (results / "claims.md").write_text(
+        f"Claims of the paper on the toy world ({cfg.final_prompts} test prompts per task, {cfg.fig6_seeds} seeds "
+        f"per Fig. 6 variant; intervals: 95% bootstrap over prompts, or over seeds for C4-C5).\n\n{text}\n"
+        f"Times (min): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "\n")
+    print("\n" + text + f"\nwrote {results}/table.md, table.json, claims.md, fig6.png, curves.png, samples/*.png")
     return {"results": str(results), "variance": variance, "plan": runs, "config": dataclasses.asdict(cfg)}
 
 

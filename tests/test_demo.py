@@ -1,26 +1,30 @@
 """study/demo.py: equal compute for the baselines, the mixed prompt set and its per-prompt reward routing,
-early errors, and `--quick` end to end on a tiny model, then resumed with nothing left to do.
+early errors, and `--quick` end to end on a tiny model (every stage, Table 1 with intervals, Fig. 6,
+claims with verdicts), then resumed with nothing left to do.
 
-`pytest tests/test_demo.py` selects these; the end-to-end test takes ~1.5 min on 2 CPU cores."""
+`pytest tests/test_demo.py` selects these; the end-to-end test takes a few minutes on 2 CPU cores."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from study import demo
 from data import load_prompts, load_task, write_mixed_dataset
+from study import demo
+from test_opd import _teacher
 
 
-def test_plan_gives_each_baseline_the_compute_of_teachers_plus_opd():
-    for cfg in (demo.DemoConfig(), demo.QuickDemoConfig()):
+def test_plan_gives_each_baseline_the_compute_of_opd():
+    for cfg in (demo.DemoConfig(), demo.DemoConfig(**demo.QUICK), demo.DemoConfig(**demo.LONG)):
         runs = demo.plan(cfg)
-        ours = sum(runs[f"teacher-{t}"]["compute"] for t in cfg.tasks) + runs["opd"]["compute"]
+        ours = runs["opd"]["compute"]
         cascade = sum(r["compute"] for name, r in runs.items() if name.startswith("cascade-"))
-        tolerance = cfg.teacher_batch * len(cfg.tasks) / 2  # rounding to whole steps
-        assert abs(runs["joint"]["compute"] - ours) <= tolerance and abs(cascade - ours) <= tolerance
-    runs = demo.plan(demo.DemoConfig())
-    assert runs["joint"]["compute"] == 2880 and sum(r["compute"] for n, r in runs.items() if "cascade" in n) == 2880
+        tolerance = cfg.baseline_batch * len(demo.TASKS) / 2  # rounding to whole steps
+        for name in ("multitask-guard", "multitask-nft"):
+            assert abs(runs[name]["compute"] - ours) <= tolerance, name
+        assert abs(cascade - ours) <= tolerance and runs["sft"] == runs["opd"]
+        assert sum(name.startswith("fig6/") for name in runs) == 3 * cfg.fig6_seeds
+    assert demo.plan(demo.DemoConfig())["opd"]["compute"] == 720
 
 
 def test_mixed_prompt_set_interleaves_tasks_and_routes_each_prompt_to_its_own_reward(tmp_path):
@@ -47,42 +51,85 @@ def test_mixed_prompt_set_interleaves_tasks_and_routes_each_prompt_to_its_own_re
 def test_sizes_that_would_fail_a_later_stage_fail_first(tmp_path):
     with pytest.raises(SystemExit, match="opd_prompts 3 does not divide over 2"):
         demo.main(["--opd_prompts", "3", "--nproc", "2", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="one per task"):
+        demo.main(["--teachers", "a", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
-def test_runs_of_another_base_are_refused_not_skipped(tiny_pipe_dir, tmp_path):
-    saved = tmp_path / "demo" / "teacher-geneval" / "checkpoint" / "run_config.json"
+@pytest.fixture(scope="module")
+def tiny_teachers(tiny_pipe_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    teachers = [_teacher(tiny_pipe_dir, root / t, t, i + 1, guidance=4.5) for i, t in enumerate(demo.TASKS)]
+    for i, t in enumerate(teachers):  # their training time, as the shipped teachers' logs hold it
+        (Path(t) / "metrics.jsonl").write_text(json.dumps({"step": 0, "sec/train": 60.0 * (i + 1)}) + "\n")
+    return teachers
+
+
+def test_runs_of_another_base_are_refused_not_skipped(tiny_pipe_dir, tiny_teachers, tmp_path):
+    saved = tmp_path / "demo" / "opd" / "checkpoint" / "run_config.json"
     saved.parent.mkdir(parents=True)
     saved.write_text(json.dumps({"step": 10**6, "base_fingerprint": "0123456789abcdef"}))
     with pytest.raises(SystemExit, match="another base model"):
-        demo.main(["--quick", "--model", tiny_pipe_dir, "--out", str(tmp_path / "demo")])
+        demo.main(["--quick", "--model", tiny_pipe_dir, "--teachers", *tiny_teachers, "--out", str(tmp_path / "demo")])
     assert not (tmp_path / "demo" / "plan.json").exists()
 
 
-def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_dir, tmp_path, capfd):
+def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_dir, tiny_teachers, tmp_path, capfd):
     out = tmp_path / "demo"
-    result = demo.main(["--quick", "--model", tiny_pipe_dir, "--out", str(out)])
-    runs = [name for name in demo.plan(demo.QuickDemoConfig())]
-    for name in runs:
+    args = ["--quick", "--model", tiny_pipe_dir, "--teachers", *tiny_teachers, "--out", str(out)]
+    result = demo.main(args)
+    for name, planned in result["plan"].items():
         saved = json.loads((out / name / "checkpoint" / "run_config.json").read_text())
-        assert saved["step"] == result["plan"][name]["steps"], name
+        assert saved["step"] == planned["steps"], name
     results = out / "results"
     table = json.loads((results / "table.json").read_text())
-    names = ["base", "teacher-geneval", "teacher-ocr", "teacher-aesthetic", "joint-grpo", "cascade-grpo", "opd"]
+    names = ["base", "teacher-geneval", "teacher-ocr", "teacher-aesthetic", "opd", "sft", "multitask-guard",
+             "multitask-nft", "cascade-nft"]
     assert [m["name"] for m in table["models"]] == names
     assert all(m["train_minutes"] > 0 for m in table["models"][1:])
-    for png in ["curves.png", "ablation.png", *[f"samples/{n}.png" for n in names]]:
+    assert all(lo <= m["columns"][t] <= hi for m in table["models"] for t, (lo, hi) in m["intervals"].items())
+    for png in ["curves.png", "fig6.png", *[f"samples/{n}.png" for n in names]]:
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    assert "ratio" in json.loads((out / "variance.json").read_text())
-    assert (results / "table.md").read_text().count("\n| ") == len(names) + 1
-    # the joint baseline evaluated every sub-task of its mixed prompt set during training
-    joint_eval = [json.loads(line) for line in (out / "joint" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert {f"eval/{t}/reward" for t in ("geneval", "ocr", "aesthetic")} <= set(joint_eval)
+    claims = (results / "claims.md").read_text()
+    assert all(f"| C{i} " in claims for i in range(1, 7)) and claims.count("| C") == 3 + 3 + 3 + 3
+    assert all(v in ("reproduced", "not reproduced", "not distinguishable")
+               for v in (line.rsplit("|", 2)[1].strip() for line in claims.splitlines() if line.startswith("| C")))
+    fig6 = [json.loads(line) for line in (out / "fig6" / "ode-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("eval/geneval/distance" in m for m in fig6)  # every round
+    # the multi-task baseline evaluated every sub-task of its mixed prompt set
+    mt = [json.loads(line) for line in (out / "multitask-guard" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {f"eval/{t}/reward" for t in demo.TASKS} <= set(mt)
 
-    logs = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.jsonl")}
     capfd.readouterr()
-    demo.main(["--quick", "--model", tiny_pipe_dir, "--out", str(out)])
+    demo.main(args)
     printed = capfd.readouterr().out
-    assert all(f"[skip] {name}" in printed for name in runs) and "[skip] variance" in printed
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")} == logs
-    assert Path(out / "commands.txt").read_text().count("-m teacher_rl ") == 7
+    assert all(f"[skip] {name}" in printed for name in result["plan"]) and "[skip] variance" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.jsonl")} == logs
+
+
+def _table(models: dict[str, dict[str, list[float]]]):
+    """A table.json as study.table writes it, from per-prompt rewards {model: {task: values}}."""
+    tasks = [{"name": t, "metric": "reward"} for t in next(iter(models.values()))]
+    return {"tasks": tasks, "models": [
+        {"name": m, "columns": {t: sum(v) / len(v) for t, v in cols.items()},
+         "per_prompt": {t: {"reward": v, "tags": None} for t, v in cols.items()}} for m, cols in models.items()]}
+
+
+def test_claim_verdicts_follow_the_intervals():
+    from study import claims
+    import numpy as np
+    rng = np.random.default_rng(0)
+    teacher = list(rng.uniform(0.5, 1.0, 200))
+    table = _table({"teacher": {"a": teacher, "b": teacher}, "good": {"a": [0.99 * v for v in teacher], "b": teacher},
+                    "half": {"a": [0.5 * v for v in teacher], "b": [0.5 * v for v in teacher]},
+                    "noisy": {"a": list(np.clip(np.array(teacher) * 0.95 + rng.normal(0, 0.3, 200), 0, 2)), "b": teacher}})
+    good = claims.ratio_to_teacher(table, "good", "teacher", "a")
+    assert good["value"] == pytest.approx(0.99) and good["interval"] == pytest.approx((0.99, 0.99))
+    assert good["verdict"] == "reproduced"
+    assert claims.ratio_to_teacher(table, "half", "teacher", "a")["verdict"] == "not reproduced"
+    assert claims.ratio_to_teacher(table, "noisy", "teacher", "a")["verdict"] == "not distinguishable"
+    better = claims.average_difference(table, "teacher", "half")
+    assert better["value"] == pytest.approx(1.0) and better["verdict"] == "reproduced"
+    assert claims.average_difference(table, "half", "teacher")["verdict"] == "not reproduced"
+    assert claims.verdict(-0.1, 0.2, 0.0) == "not distinguishable"

@@ -1,0 +1,143 @@
+"""The paper's claims, one row each, with the measured effect, its 95% interval and a verdict.
+
+Verdicts: "reproduced" when the interval lies on the paper's side of the line the claim draws,
+"not reproduced" when it lies on the other side, "not distinguishable" when it straddles it. The
+intervals come from the evaluation's per-prompt values (paired bootstrap over prompts: every model was
+evaluated on the same prompts and seeds, evaluate.py) or, for the Fig. 6 ablations, from the training
+seeds (bootstrap over seeds).
+
+Claims (paper section 9 and the text around Fig. 6):
+    C1  OPD reaches each teacher on the teacher's own task        student / teacher >= 0.95
+    C2  OPD beats multi-task RL and cascade RL on the average     min-max average difference > 0
+    C3  ... in less time (teachers trained in parallel + OPD)     minutes, measured (no interval)
+    C4  the closed-form KL learns faster than PPO-style (a = 0.7) held-out distance after the same images
+    C5  the ODE (a = 0) is more sample-efficient than a = 0.7     images to the same distance, ratio > 1
+    C6  OPD beats SFT on teacher samples                          min-max average difference > 0
+
+Run: a library (study/demo.py writes claims.md with it).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from evaluate import reported
+from study.plots import distance_curve, images_to_reach, sample_efficiency
+
+N_BOOT = 2000
+
+
+def verdict(lo: float, hi: float, line: float) -> str:
+    """The claim says the effect exceeds `line`."""
+    if lo > line:
+        return "reproduced"
+    if hi < line:
+        return "not reproduced"
+    return "not distinguishable"
+
+
+def _column(table: dict, model: str, task: dict) -> tuple[np.ndarray, list | None]:
+    per_prompt = next(m for m in table["models"] if m["name"] == model)["per_prompt"][task["name"]]
+    tags = per_prompt["tags"] if task["metric"] != "reward" else None
+    return np.asarray(per_prompt[task["metric"]], dtype=np.float64), tags
+
+
+def _resampled_columns(table: dict, models: list[str], rng) -> dict[str, list[float]]:
+    """One bootstrap draw of every model's reported number per task, the same prompts for all models."""
+    out = {m: [] for m in models}
+    for task in table["tasks"]:
+        values = {m: _column(table, m, task) for m in models}
+        tags = next(iter(values.values()))[1]
+        n = len(next(iter(values.values()))[0])
+        if tags is None:
+            idx = rng.integers(0, n, n)
+            picked_tags = None
+        else:
+            groups = [np.flatnonzero(np.asarray(tags) == t) for t in dict.fromkeys(tags)]
+            idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+            picked_tags = [tags[i] for i in idx]
+        for m in models:
+            out[m].append(reported(values[m][0][idx], picked_tags))
+    return out
+
+
+def _minmax(columns: dict[str, list[float]]) -> dict[str, float]:
+    """study.table.minmax_average on {model: [column values]}."""
+    names = list(columns)
+    cols = list(zip(*[columns[m] for m in names]))
+    keep = [c for c in cols if max(c) > min(c)]
+    if not keep:
+        return dict.fromkeys(names, 0.0)
+    return {m: float(np.mean([(c[i] - min(c)) / (max(c) - min(c)) for c in keep])) for i, m in enumerate(names)}
+
+
+def ratio_to_teacher(table: dict, student: str, teacher: str, task_name: str, seed: int = 0) -> dict:
+    """C1: reported(student) / reported(teacher) on the teacher's task, paired bootstrap over prompts."""
+    task = next(t for t in table["tasks"] if t["name"] == task_name)
+    (s, tags), (t, _) = _column(table, student, task), _column(table, teacher, task)
+    if reported(t, tags) == 0:  # a ratio to nothing: no verdict either way
+        return {"value": None, "interval": None, "verdict": "not distinguishable"}
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(s))] if tags is None else [np.flatnonzero(np.asarray(tags) == g) for g in dict.fromkeys(tags)]
+    ratios = []
+    for _ in range(N_BOOT):
+        picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
+        num, den = np.mean([s[p].mean() for p in picks]), np.mean([t[p].mean() for p in picks])
+        ratios.append(num / den if den else np.nan)
+    lo, hi = np.nanpercentile(ratios, [2.5, 97.5])  # a draw whose teacher mean is 0 has no ratio
+    value = reported(s, tags) / reported(t, tags)
+    return {"value": value, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.95)}
+
+
+def average_difference(table: dict, a: str, b: str, seed: int = 0) -> dict:
+    """min-max average of `a` minus that of `b` (over all models of the table), bootstrap over prompts."""
+    models = [m["name"] for m in table["models"]]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(N_BOOT):
+        avg = _minmax(_resampled_columns(table, models, rng))
+        diffs.append(avg[a] - avg[b])
+    full = _minmax({m["name"]: [m["columns"][t["name"]] for t in table["tasks"]] for m in table["models"]})
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"value": full[a] - full[b], "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.0)}
+
+
+def final_distance_difference(worse: list[str], better: list[str], tasks: list[str], seed: int = 0) -> dict:
+    """C4: final held-out distance of `worse` minus `better` (seed means), bootstrap over seeds."""
+    rng = np.random.default_rng(seed)
+    w = np.array([distance_curve(r, tasks)[2][-1] for r in worse])
+    b = np.array([distance_curve(r, tasks)[2][-1] for r in better])
+    diffs = [w[rng.integers(0, len(w), len(w))].mean() - b[rng.integers(0, len(b), len(b))].mean()
+             for _ in range(N_BOOT)]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"value": float(w.mean() - b.mean()), "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.0)}
+
+
+def efficiency_ratio(fast: list[str], slow: list[str], tasks: list[str], fraction: float = 0.5, seed: int = 0) -> dict:
+    """C5: images `slow` needs / images `fast` needs to close `fraction` of the distance gap (seed-mean
+    curves); the interval from resampling the seeds of each. A curve that never gets there counts as
+    the run's length (a lower bound on the ratio when it is `slow`)."""
+    base = sample_efficiency(fast, slow, tasks, fraction)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(N_BOOT):
+        f = [fast[i] for i in rng.integers(0, len(fast), len(fast))]
+        s = [slow[i] for i in rng.integers(0, len(slow), len(slow))]
+        nf = images_to_reach(f, tasks, base["threshold"]) or distance_curve(f[0], tasks)[0][-1]
+        ns = images_to_reach(s, tasks, base["threshold"]) or distance_curve(s[0], tasks)[0][-1]
+        ratios.append(ns / nf)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    value = base["ratio_b_over_a"]
+    return {"value": value, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 1.0),
+            "images_fast": base["images_a"], "images_slow": base["images_b"]}
+
+
+def format_claims(rows: list[tuple[str, str, dict]]) -> str:
+    """Markdown: claim | measured | 95% interval | verdict."""
+    def num(v):
+        return "-" if v is None else f"{v:.3g}"
+    lines = ["| claim | measured | 95% interval | verdict |", "|---|---:|---|---|"]
+    for claim, what, r in rows:
+        ci = r.get("interval")
+        lines.append(f"| {claim} | {what} {num(r.get('value'))} | "
+                     + (f"[{num(ci[0])}, {num(ci[1])}]" if ci else "-") + f" | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
