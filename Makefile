@@ -22,17 +22,22 @@ test: .venv/test-extras  ## the whole test suite (CPU, a few minutes), with the 
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
-teachers: .venv/done  ## Stage 1 on the toy world: the three shipped teachers, one after another on 2 threads (geneval 6 min, ocr and aesthetic 14-15 min), into ckpts/
-	mkdir -p runs; for t in geneval ocr aesthetic; do rm -rf runs/teacher-$$t; \
-	  lr=3e-4; steps=210; if [ $$t = geneval ]; then lr=1e-3; steps=90; fi; \
-	  $(PY) teacher_rl.py --task $$t --lr $$lr --steps $$steps --eval_every 30 --save_every 30 \
-	    --out runs/teacher-$$t > runs/teacher-$$t.log 2>&1 || { tail runs/teacher-$$t.log; exit 1; }; \
+# The shipped teachers' commands (docs/stage1.md: the side-by-side they were chosen from)
+TEACHER_geneval := teacher_rl.py --lr 1e-3 --steps 90 --eval_every 30 --save_every 30
+TEACHER_ocr := teacher_rl.py --steps 210 --eval_every 30 --save_every 30
+TEACHER_aesthetic := nft.py --steps 90 --eval_every 90 --save_every 30
+
+teachers: .venv/done  ## Stage 1 on the toy world: the commands of the three shipped teachers, one after another, into ckpts/ (reproducibility: docs/stage1.md)
+	mkdir -p runs
+	for t in geneval ocr aesthetic; do rm -rf runs/teacher-$$t; \
+	  case $$t in geneval) cmd="$(TEACHER_geneval)";; ocr) cmd="$(TEACHER_ocr)";; aesthetic) cmd="$(TEACHER_aesthetic)";; esac; \
+	  $(PY) $$cmd --task $$t --out runs/teacher-$$t > runs/teacher-$$t.log 2>&1 || { tail runs/teacher-$$t.log; exit 1; }; \
 	done
-	for t in geneval ocr aesthetic; do \
-	  test -f runs/teacher-$$t/checkpoint/adapter_model.safetensors || { tail runs/teacher-$$t.log; exit 1; }; \
-	  rm -rf ckpts/toy-$$t && mkdir -p ckpts/toy-$$t && cp runs/teacher-$$t/checkpoint/*.json \
-	    runs/teacher-$$t/checkpoint/*lora*.safetensors runs/teacher-$$t/checkpoint/adapter_model.safetensors \
-	    runs/teacher-$$t/metrics.jsonl runs/teacher-$$t/config.json ckpts/toy-$$t/ || exit 1; \
+	for t in geneval ocr aesthetic; do c=runs/teacher-$$t/checkpoint; \
+	  test -f $$c/adapter_model.safetensors || { tail runs/teacher-$$t.log; exit 1; }; \
+	  rm -rf ckpts/toy-$$t && mkdir -p ckpts/toy-$$t && cp $$c/adapter_config.json $$c/adapter_model.safetensors \
+	    $$c/pytorch_lora_weights.safetensors $$c/run_config.json $$c/README.md runs/teacher-$$t/metrics.jsonl \
+	    runs/teacher-$$t/config.json ckpts/toy-$$t/ || exit 1; \
 	done
 
 demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
