@@ -40,7 +40,7 @@ teachers: .venv/done  ## Stage 1 on the toy world: the commands of the three shi
 	    runs/teacher-$$t/config.json ckpts/toy-$$t/ || exit 1; \
 	done
 
-demo: .venv/done  ## the whole toy study: teachers, OPD, baselines, ablations, Table 1 and figures
+demo: .venv/done  ## the toy study from the shipped teachers: OPD, baselines, Fig. 6 seeds, Table 1, claims (~1 h)
 	$(PY) -m study.demo
 
 pretrain: .venv/done  ## the embedded base model, from scratch (measured time: docs/toy-world.md)

@@ -22,7 +22,7 @@ tasks x P prompts): multi-task runs round(C / B) steps of B images, cascade T st
 round(C / (T B)) steps, SFT S_o rounds of T x P. The teachers' own compute is reported in the time
 column (the paper's convention: the longest teacher, trained in parallel, plus OPD) and as the total.
 
-Budget: <= 60 min on 2 CPU cores with the defaults (measured: docs/study.md); `--quick` runs every
+Budget: about 55 min on 2 CPU cores with the defaults (the stages' measured times: docs/study.md); `--quick` runs every
 stage with tiny sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
@@ -74,7 +74,8 @@ class DemoConfig:
     fig6_prompts: int = 4               # prompts per task per round of each Fig. 6 run
     fig6_seeds: int = 3
     fig6_noise: float = 0.7             # a of the SDE variants (paper Fig. 6: 0.7)
-    distance_prompts: int = 16          # test prompts per task of the held-out distance
+    distance_prompts: int = 12          # test prompts per task of the held-out distance
+    distance_every: int = 2             # Fig. 6 rounds between two held-out distances (each costs ~5 s on 2 cores)
     variance_rollouts: int = 8          # R rollouts for the gradient-variance ratio
     eval_prompts: int = 8               # test prompts per task at the runs' final evaluation (logs only)
     eval_steps: int = 40                # ODE steps of every evaluation (paper: 40)
@@ -83,7 +84,7 @@ class DemoConfig:
 
 
 QUICK = dict(nproc=1, num_steps=3, opd_rounds=2, opd_prompts=2, baseline_batch=6, group_size=2, fig6_rounds=2,
-             fig6_prompts=1, fig6_seeds=2, distance_prompts=2, variance_rollouts=2, eval_prompts=3, eval_steps=3,
+             fig6_prompts=1, fig6_seeds=2, distance_prompts=2, distance_every=1, variance_rollouts=2, eval_prompts=3, eval_steps=3,
              final_prompts=6, grid_prompts=3)
 LONG = dict(opd_rounds=90, fig6_rounds=48, final_prompts=256)
 
@@ -134,6 +135,17 @@ def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
     with open(Path(cfg.out) / "commands.txt", "a") as f:
         f.write(f"OMP_NUM_THREADS={cfg.threads} " + shlex.join(cmd) + "\n")
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
+
+
+def by_task(cfg: DemoConfig) -> list[str]:
+    """cfg.teachers in the order of TASKS, each teacher's task read as opd.py reads it (its run_config.json;
+    no weights loaded): the table's rows and claim C1 pair each task with its own teacher."""
+    import opd
+    _, specs = opd.resolve_teachers(opd.OPDConfig(teachers=list(cfg.teachers)))
+    found = {s["task"].name: ref for ref, s in zip(cfg.teachers, specs)}
+    if sorted(found) != sorted(TASKS):
+        raise SystemExit(f"error: --teachers must hold one teacher per task {TASKS}; theirs are {sorted(found)}")
+    return [found[t] for t in TASKS]
 
 
 def check_runs_share_the_base(cfg) -> None:
@@ -222,9 +234,11 @@ def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: d
                      {"value": times["opd (parallel teachers)"] - times[baseline], "interval": None,
                       "verdict": "reproduced" if faster else "not reproduced"}))
     tasks = list(TASKS)
-    rows.append(("C4 closed form beats PPO-style at a = 0.7 (final held-out distance)", "PPO - closed form",
+    rows.append((f"C4 closed form beats PPO-style at a = {cfg.fig6_noise:g} (final held-out distance)", "PPO - closed form",
                  c.final_distance_difference(fig6["ppo"], fig6["sde"], tasks)))
-    rows.append(("C5 ODE (a = 0) more sample-efficient than a = 0.7 (paper: up to ~5x)", "images ratio SDE / ODE",
+    rows.append((f"C4 closed form more sample-efficient than PPO-style at a = {cfg.fig6_noise:g}", "images ratio PPO / closed form",
+                 c.efficiency_ratio(fig6["sde"], fig6["ppo"], tasks)))
+    rows.append((f"C5 ODE (a = 0) more sample-efficient than a = {cfg.fig6_noise:g} (paper: up to ~5x)", "images ratio SDE / ODE",
                  c.efficiency_ratio(fig6["ode"], fig6["sde"], tasks)))
     rows.append(("C6 OPD beats SFT on teacher samples on the min-max average", "difference",
                  c.average_difference(table, "opd", "sft")))
@@ -246,6 +260,7 @@ def main(argv=None) -> dict:
     elif cfg.preset == "long":
         cfg = dataclasses.replace(cfg, **LONG)
     check(cfg)
+    cfg = dataclasses.replace(cfg, teachers=by_task(cfg))
     check_runs_share_the_base(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +286,7 @@ def main(argv=None) -> dict:
     variants = {"ode": ["--noise_level", "0"], "sde": ["--noise_level", str(cfg.fig6_noise)],
                 "ppo": ["--noise_level", str(cfg.fig6_noise), "--estimator", "ppo"]}
     fig6 = {v: [str(distil(cfg, f"fig6/{v}-s{s}", cfg.fig6_rounds, cfg.fig6_prompts, *args, "--seed", str(s),
-                           "--distance_every", "1")) for s in range(cfg.fig6_seeds)]
+                           "--distance_every", str(cfg.distance_every))) for s in range(cfg.fig6_seeds)]
             for v, args in variants.items()}
     variance = gradient_variance(cfg)
 

@@ -76,8 +76,11 @@ def test_runs_of_another_base_are_refused_not_skipped(tiny_pipe_dir, tiny_teache
 
 def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_dir, tiny_teachers, tmp_path, capfd):
     out = tmp_path / "demo"
-    args = ["--quick", "--model", tiny_pipe_dir, "--teachers", *tiny_teachers, "--out", str(out)]
+    # in another order than the tasks': each row and claim pairs a task with the teacher of that task
+    args = ["--quick", "--model", tiny_pipe_dir, "--teachers", *reversed(tiny_teachers), "--out", str(out)]
     result = demo.main(args)
+    table_cmd = next(line for line in (out / "commands.txt").read_text().splitlines() if "study.table" in line)
+    assert all(f"teacher-{t}={tiny_pipe_dir}+{p} " in table_cmd for t, p in zip(demo.TASKS, tiny_teachers))
     for name, planned in result["plan"].items():
         saved = json.loads((out / name / "checkpoint" / "run_config.json").read_text())
         assert saved["step"] == planned["steps"], name
@@ -91,7 +94,7 @@ def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_di
     for png in ["curves.png", "fig6.png", *[f"samples/{n}.png" for n in names]]:
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     claims = (results / "claims.md").read_text()
-    assert all(f"| C{i} " in claims for i in range(1, 7)) and claims.count("| C") == 3 + 3 + 3 + 3
+    assert all(f"| C{i} " in claims for i in range(1, 7)) and claims.count("| C") == 3 + 3 + 3 + 4
     assert all(v in ("reproduced", "not reproduced", "not distinguishable")
                for v in (line.rsplit("|", 2)[1].strip() for line in claims.splitlines() if line.startswith("| C")))
     fig6 = [json.loads(line) for line in (out / "fig6" / "ode-s0" / "metrics.jsonl").read_text().splitlines()]
@@ -133,3 +136,50 @@ def test_claim_verdicts_follow_the_intervals():
     assert better["value"] == pytest.approx(1.0) and better["verdict"] == "reproduced"
     assert claims.average_difference(table, "half", "teacher")["verdict"] == "not reproduced"
     assert claims.verdict(-0.1, 0.2, 0.0) == "not distinguishable"
+
+
+def _distance_run(run, distances):
+    """An opd.py run directory that logged the held-out distance `distances[k]` after round k (1 image each)."""
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"prompts_per_batch": 1}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "sec/train": 1.0, "eval/x/distance": d}) + "\n"
+                                               for k, d in enumerate(distances)))
+    return str(run)
+
+
+def test_sample_efficiency_of_a_variant_that_never_gets_there_is_a_lower_bound(tmp_path):
+    from study import claims
+    fast = [_distance_run(tmp_path / f"f{s}", [1.0, 0.6, 0.4, 0.3]) for s in range(3)]  # halfway (0.65) at 1.875 images
+    slow = [_distance_run(tmp_path / f"s{s}", [1.0, 0.9, 0.8, 0.7]) for s in range(3)]  # never below 0.65
+    r = claims.efficiency_ratio(fast, slow, ["x"])
+    assert r["images_slow"] is None and r["lower_bound"] and r["value"] == pytest.approx(4 / 1.875)
+    assert r["verdict"] == "reproduced" and " >= 2.13 |" in claims.format_claims([("C", "", r)])
+
+
+def test_claim_intervals_have_the_normal_approximations_width(tmp_path):
+    """Reference for the widths, not only the verdicts: the bootstrap intervals of study/claims.py against
+    the delta method / normal approximation computed here from the same numbers."""
+    import numpy as np
+    from study import claims
+    rng = np.random.default_rng(1)
+    # C1 with GenEval's tags: R = mean_g(mean s_g) / mean_g(mean t_g), resampled within each tag. Delta
+    # method: Var R = sum_g Var_g(s - R t) / (n_g K^2 mean_t^2), K tags, mean_t the reported teacher value.
+    tags = ["a"] * 60 + ["b"] * 340  # unequal tags whose student / teacher ratios differ (1.0 and 0.6)
+    t = np.where(np.array(tags) == "a", rng.uniform(0.4, 1.0, 400), rng.uniform(0.1, 0.7, 400))
+    s = np.clip(np.where(np.array(tags) == "a", 1.0, 0.6) * t + rng.normal(0, 0.15, 400), 0, None)
+    table = {"tasks": [{"name": "g", "metric": "strict"}], "models": [
+        {"name": m, "per_prompt": {"g": {"strict": list(v), "tags": tags}}} for m, v in (("s", s), ("t", t))]}
+    r = claims.ratio_to_teacher(table, "s", "t", "g")
+    mean_t = np.mean([t[np.array(tags) == g].mean() for g in "ab"])
+    R = np.mean([s[np.array(tags) == g].mean() for g in "ab"]) / mean_t
+    var = sum(np.var((s - R * t)[np.array(tags) == g]) / (np.array(tags) == g).sum() for g in "ab") / (4 * mean_t ** 2)
+    lo, hi = r["interval"]
+    assert r["value"] == pytest.approx(R) and lo < R < hi
+    assert (hi - lo) / 2 == pytest.approx(1.96 * var ** 0.5, rel=0.1)
+    # C4 over seeds: the difference of two independent means, Var = var_w / n_w + var_b / n_b (ddof 0)
+    w, b = rng.normal(1.0, 0.2, 60), rng.normal(0.8, 0.1, 40)
+    diff = claims.final_distance_difference([_distance_run(tmp_path / f"w{i}", [v]) for i, v in enumerate(w)],
+                                            [_distance_run(tmp_path / f"b{i}", [v]) for i, v in enumerate(b)], ["x"])
+    lo, hi = diff["interval"]
+    assert diff["value"] == pytest.approx(w.mean() - b.mean()) and diff["verdict"] == "reproduced"
+    assert (hi - lo) / 2 == pytest.approx(1.96 * (w.var() / 60 + b.var() / 40) ** 0.5, rel=0.1)
