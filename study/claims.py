@@ -113,6 +113,11 @@ def final_distance_difference(worse: list[str], better: list[str], tasks: list[s
     return {"value": float(w.mean() - b.mean()), "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.0)}
 
 
+def _images_or_length(runs: list[str], tasks: list[str], threshold: float) -> float:
+    """Images the seed-mean curve needs to reach `threshold`, or the run's length if it never does."""
+    return images_to_reach(runs, tasks, threshold) or distance_curve(runs[0], tasks)[0][-1]
+
+
 def efficiency_ratio(fast: list[str], slow: list[str], tasks: list[str], fraction: float = 0.5, seed: int = 0) -> dict:
     """C4, C5: images `slow` needs / images `fast` needs to close `fraction` of the distance gap (seed-mean
     curves); the interval from resampling the seeds of each. A curve that never gets there counts as
@@ -123,13 +128,11 @@ def efficiency_ratio(fast: list[str], slow: list[str], tasks: list[str], fractio
     for _ in range(N_BOOT):
         f = [fast[i] for i in rng.integers(0, len(fast), len(fast))]
         s = [slow[i] for i in rng.integers(0, len(slow), len(slow))]
-        nf = images_to_reach(f, tasks, base["threshold"]) or distance_curve(f[0], tasks)[0][-1]
-        ns = images_to_reach(s, tasks, base["threshold"]) or distance_curve(s[0], tasks)[0][-1]
-        ratios.append(ns / nf)
+        ratios.append(_images_or_length(s, tasks, base["threshold"]) / _images_or_length(f, tasks, base["threshold"]))
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     value, bound = base["ratio_b_over_a"], False
     if value is None and base["images_a"] and base["images_b"] is None:  # `slow` never got there: >= its length
-        value, bound = distance_curve(slow[0], tasks)[0][-1] / base["images_a"], True
+        value, bound = _images_or_length(slow, tasks, base["threshold"]) / base["images_a"], True
     return {"value": value, "lower_bound": bound, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 1.0),
             "images_fast": base["images_a"], "images_slow": base["images_b"]}
 
