@@ -22,7 +22,7 @@ tasks x P prompts): multi-task runs round(C / B) steps of B images, cascade T st
 round(C / (T B)) steps, SFT S_o rounds of T x P. The teachers' own compute is reported in the time
 column (the paper's convention: the longest teacher, trained in parallel, plus OPD) and as the total.
 
-Budget: about 55 min on 2 CPU cores with the defaults (the stages' measured times: docs/study.md); `--quick` runs every
+Budget: 56 min on 2 CPU cores with the defaults (measured on a fresh clone: docs/study.md); `--quick` runs every
 stage with tiny sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
@@ -141,7 +141,10 @@ def by_task(cfg: DemoConfig) -> list[str]:
     """cfg.teachers in the order of TASKS, each teacher's task read as opd.py reads it (its run_config.json;
     no weights loaded): the table's rows and claim C1 pair each task with its own teacher."""
     import opd
-    _, specs = opd.resolve_teachers(opd.OPDConfig(teachers=list(cfg.teachers)))
+    try:
+        _, specs = opd.resolve_teachers(opd.OPDConfig(teachers=list(cfg.teachers)))
+    except (ValueError, FileNotFoundError) as e:  # a folder that is no teacher, or names no task
+        raise SystemExit(f"error: --teachers: {e}") from None
     found = {s["task"].name: ref for ref, s in zip(cfg.teachers, specs)}
     if sorted(found) != sorted(TASKS):
         raise SystemExit(f"error: --teachers must hold one teacher per task {TASKS}; theirs are {sorted(found)}")

@@ -53,6 +53,11 @@ def test_sizes_that_would_fail_a_later_stage_fail_first(tmp_path):
         demo.main(["--opd_prompts", "3", "--nproc", "2", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="one per task"):
         demo.main(["--teachers", "a", "--out", str(tmp_path / "x")])
+    folders = [tmp_path / t for t in demo.TASKS]  # three folders, none of them a teacher
+    for f in folders:
+        f.mkdir()
+    with pytest.raises(SystemExit, match="--teachers: teacher .* is neither a PEFT LoRA folder"):
+        demo.main(["--teachers", *map(str, folders), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
