@@ -94,7 +94,11 @@ class OPDConfig(StudentConfig):
     prompts_per_batch: int = 24         # prompts of one task per round over all ranks (paper: 3 per GPU x 8)
     num_steps: int = 10                 # sampling steps N
     noise_level: float = 0.0            # a: 0 = ODE (default), > 0 = SDE
-    guidance: float = 4.5               # student CFG (rollout and training; uncond branch not detached)
+    guidance: float = 4.5               # student CFG (rollout and training)
+    cfg_detach_uncond: bool = False     # release: the training forward's uncond branch gets gradient too;
+                                        # true: v = sg(v_u) + w (v_c - sg(v_u)), as Flow-GRPO (section 8a):
+                                        # the gradient then ignores how v_u moves, and on the toy the
+                                        # loss climbs above its start after ~20 rounds (docs/stage1.md)
     timestep_fraction: float = 0.99     # train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)
     train_steps: list[int] = field(default_factory=list)  # which steps j to train; overrides the fraction
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0), or "sft": the
@@ -329,7 +333,7 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher: Teacher, prompts, 
         per_row = []
         for lo in range(0, x.shape[0], chunk):
             sl = slice(lo, lo + chunk)
-            v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance)
+            v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance, detach_uncond=cfg.cfg_detach_uncond)
             mean_s = transition_mean(x[sl], v, t[sl], t_next[sl], cfg.noise_level, t_guard)
             if cfg.estimator == "ppo":
                 loss = ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl])

@@ -89,10 +89,10 @@ def test_curve_and_ablation_figures_are_written(tmp_path):
 
 
 # ---------------------------------------------------------------------- with a tiny model
-def _adapter(tiny_pipe_dir, path):
+def _adapter(tiny_pipe_dir, path, seed=3):
     from model import FlowModel
     m = FlowModel.load(tiny_pipe_dir)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.add_student_lora(rank=4, alpha=8):
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
@@ -289,3 +289,49 @@ def test_distance_curves_sample_efficiency_and_figure(tmp_path):
     assert _is_png(tmp_path / "fig6.png")
     with pytest.raises(ValueError, match="no held-out distance"):
         plots.distance_curve(_write_run(tmp_path / "none", [{"step": 0}]), ["geneval"])
+
+
+def test_split_guidance_takes_each_half_of_cfg_from_its_adapter(tiny_pipe_dir, tmp_path):
+    """study.branches: v = v_u^A + w (v_c^B - v_u^A). With A = B it is the model's own guided velocity
+    (one batched forward of both halves); w = 1 leaves B's conditional half, w = 0 A's unconditional one;
+    and the command's A/A and B/B samplers score what evaluate_task scores for A and for B."""
+    from data import load_task
+    from harness import Dist
+    from model import FlowModel
+    from rewards import make_reward
+    from study import branches
+    a, b = _adapter(tiny_pipe_dir, tmp_path / "a", seed=3), _adapter(tiny_pipe_dir, tmp_path / "b", seed=4)
+    m = FlowModel.load(tiny_pipe_dir)
+    m.load_lora(a, "A")
+    m.load_lora(b, "B")
+    x = torch.randn(2, *m.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    e, t = m.encode_prompts(["a red circle", "a photo of a square"]), torch.tensor([0.3, 0.8])
+
+    def own(adapter, embeds, w):
+        with m.adapter(adapter):
+            return m.velocity(x, t, embeds, w)
+    with torch.no_grad():
+        torch.testing.assert_close(branches.SplitGuidance(m, "A", "A").velocity(x, t, e, 4.5), own("A", e, 4.5),
+                                   atol=1e-5, rtol=1e-4)
+        mixed = branches.SplitGuidance(m, "A", "B")
+        torch.testing.assert_close(mixed.velocity(x, t, e, 1.0), own("B", e, 1.0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mixed.velocity(x, t, e, 0.0), own("A", m.negative(2), 1.0), atol=1e-5, rtol=1e-4)
+        assert (own("A", e, 4.5) - own("B", e, 4.5)).abs().max() > 1e-3
+
+    data = tmp_path / "task"   # a reward that varies on a random model's images
+    data.mkdir()
+    (data / "test.txt").write_text("a red circle\nthe text \"A7\"\na blue square\n")
+    (data / "task.json").write_text(json.dumps({"reward": "jpeg_incompressibility=1"}))
+    res = branches.main(["--model", tiny_pipe_dir, "--a", a, "--b", b, "--task", "t", "--dataset", str(data),
+                         "--prompts", "3", "--steps", "2", "--out", str(tmp_path / "o" / "branches.json")])
+    task = load_task("t", str(data))
+    reward = make_reward(task.reward)
+    for name, adapter in (("u=A,c=A", "A"), ("u=B,c=B", "B")):
+        direct = evaluate.evaluate_task(m, task, reward, Dist("cpu"), adapter, 3, 2)
+        assert res[name]["result"] == pytest.approx(direct, abs=1e-5)
+    assert res["u=A,c=A"]["result"]["reward"] != pytest.approx(res["u=B,c=B"]["result"]["reward"], abs=1e-6)
+    assert set(json.loads((tmp_path / "o" / "branches.json").read_text())["results"]) == set(res)
+    with pytest.raises(SystemExit, match="--a and --b"):
+        branches.main(["--model", tiny_pipe_dir, "--a", a])
+    with pytest.raises(SystemExit, match="neither a PEFT LoRA folder"):
+        branches.main(["--model", tiny_pipe_dir, "--a", a, "--b", str(tmp_path)])

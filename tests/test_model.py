@@ -32,6 +32,28 @@ def test_cfg_scale_one_is_the_conditional_forward_and_cfg_formula(tiny_model):
     torch.testing.assert_close(tiny_model.velocity(x, t, e, 4.5), uncond + 4.5 * (cond - uncond), atol=1e-5, rtol=1e-4)
 
 
+def test_detached_uncond_branch_same_velocity_gradient_w_times_the_conditional_one(tiny_model):
+    """Flow-GRPO's training forward (paper notes 8a): v = sg(v_u) + w (v_c - sg(v_u)) has the value of
+    the guided velocity and the gradient w grad v_c; attached, the gradient is (1 - w) grad v_u + w grad v_c.
+    The references are the two branches run separately at guidance 1."""
+    params = tiny_model.add_student_lora(rank=4, alpha=8)
+    _randomise(params, seed=3)
+    e, x, w = tiny_model.encode_prompts(["a red cat", "the dog"]), _x(tiny_model), 4.5
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+
+    def grad_of(v):
+        return torch.cat([g.flatten() for g in torch.autograd.grad((v * probe).sum(), params)])
+
+    g_cond = grad_of(tiny_model.velocity(x, 0.4, e, 1.0))
+    g_uncond = grad_of(tiny_model.velocity(x, 0.4, tiny_model.negative(2), 1.0))
+    v_att = tiny_model.velocity(x, 0.4, e, w)
+    v_det = tiny_model.velocity(x, 0.4, e, w, detach_uncond=True)
+    torch.testing.assert_close(v_det, v_att, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_of(v_det), w * g_cond, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_of(v_att), (1 - w) * g_uncond + w * g_cond, atol=1e-5, rtol=1e-4)
+    assert (g_uncond.abs() > 0).any()   # otherwise the two cases could not differ
+
+
 def test_adapter_switching_and_gradients_reach_only_the_active_adapter(tiny_model, tmp_path):
     _randomise(tiny_model.add_student_lora(rank=4, alpha=8), seed=1)
     tiny_model.save_student(tmp_path / "t")  # a "teacher" that differs from the student after re-randomising

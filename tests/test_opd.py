@@ -120,6 +120,32 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
     assert all(p.grad is not None for p in params) and sum(p.grad.abs().sum() for p in params) > 0
 
 
+def test_detached_uncond_branch_changes_the_gradient_not_the_loss(teachers):
+    """--cfg_detach_uncond reaches the student's training forward: same loss (the guided velocity's value
+    is unchanged), a different gradient (model.py's test checks it is w grad v_c)."""
+    from data import load_prompts
+    from model import FlowModel
+    cfg = opd.parse_config(opd.OPDConfig, _args(teachers, "unused"))
+    base, specs = opd.resolve_teachers(cfg)
+    model = FlowModel.load(base)
+    teacher = opd.load_teachers(model, specs[:1], Dist("cpu"))[0]
+    params = model.add_student_lora(rank=4, alpha=8)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    prompts = load_prompts(specs[0]["task"].dataset, "train")[0][:2]
+    out = {}
+    for detach in (False, True):
+        cfg.cfg_detach_uncond = detach
+        for p in params:
+            p.grad = None
+        loss = opd.batch_gradient(cfg, model, teacher, prompts, [11, 12], [0, 1], 1.0)
+        out[detach] = loss, torch.cat([p.grad.flatten() for p in params])
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-5)
+    assert (out[True][1] - out[False][1]).norm() > 0.1 * out[False][1].norm()
+
+
 def test_two_ranks_make_the_same_update_as_one(teachers, tmp_path):
     opd.main(_args(teachers, tmp_path / "one", "--steps", "2"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
