@@ -2,13 +2,11 @@
 a second stage (--init) keeps the first stage's VAE, and --task_weights shapes the batches."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from toy import pretrain as pretrain_toy
-from toy import world as toy
 from model import FlowModel
 
 TINY = ["--vae_steps", "2", "--batch", "4", "--layers", "1", "--heads", "2", "--head_dim", "8",
