@@ -55,6 +55,8 @@ class SplitGuidance:
 
 @dataclass
 class BranchesConfig:
+    """Sample one task with each half of CFG taken from adapter A or B (four samplers, shared seeds) and
+    report the task's metric, its interval, and each sampler's paired difference from A."""
     model: str = "models/toy-sd3"       # the base both adapters were trained on
     a: str = ""                         # LoRA folder or run directory (its checkpoint/)
     b: str = ""                         # the other one
