@@ -44,7 +44,7 @@ class SplitGuidance:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def velocity(self, x, t, embeds, guidance: float, detach_uncond: bool = False) -> torch.Tensor:
+    def velocity(self, x, t, embeds, guidance: float) -> torch.Tensor:
         # v = v_u^X + w (v_c^Y - v_u^X)
         with self.model.adapter(self.uncond):
             v_u = self.model.velocity(x, t, self.model.negative(len(embeds)), 1.0)
