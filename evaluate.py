@@ -110,20 +110,29 @@ def reported(values, tags=None) -> float:
     return float(np.mean([values[tags == tag].mean() for tag in dict.fromkeys(tags.tolist())]))
 
 
+def bootstrap_picks(rng, groups: list, n_boot: int) -> list:
+    """For each group (an index array), the positions within it that n_boot bootstrap draws resample:
+    [(n_boot, len(group)) int arrays]. One call of rng, in the order n_boot successive draws of
+    `rng.integers(0, n_g, n_g)` per group would take them (numpy's stream is the same either way)."""
+    import numpy as np
+    sizes = np.concatenate([np.full(len(g), len(g)) for g in groups])
+    draws = rng.integers(0, np.tile(sizes, n_boot)).reshape(n_boot, -1)
+    bounds = np.cumsum([0] + [len(g) for g in groups])
+    return [draws[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def interval(values, tags=None, other=None, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of `reported(values)` over prompts (resampled within each tag
     when there are tags); with `other` (the same prompts and seeds for another model), the interval of
     the paired difference reported(values) - reported(other)."""
     import numpy as np
     values = np.asarray(values, dtype=np.float64)
-    diff = None if other is None else np.asarray(other, dtype=np.float64)
+    rows = values[None] if other is None else np.stack([values, np.asarray(other, dtype=np.float64)])
     rng = np.random.default_rng(seed)
     groups = [np.arange(len(values))] if tags is None else \
         [np.flatnonzero(np.asarray(tags) == tag) for tag in dict.fromkeys(list(tags))]
-    stats = []
-    for _ in range(n_boot):
-        picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
-        one = np.mean([values[p].mean() for p in picks])
-        stats.append(one - np.mean([diff[p].mean() for p in picks]) if diff is not None else one)
+    means = [rows[:, g[picks]].mean(-1) for g, picks in zip(groups, bootstrap_picks(rng, groups, n_boot))]
+    both = np.mean(means, axis=0)                     # (rows, n_boot): each draw's reported number
+    stats = both[0] - both[1] if other is not None else both[0]
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(lo), float(hi)

@@ -103,25 +103,32 @@ def require_positive(cfg, *names: str) -> None:
 
 
 # ---------------------------------------------------------------------- the recipe in force
+def apply_values(cfg, given: set[str], values: dict[str, tuple]) -> dict[str, tuple]:
+    """Set each `values[key] = (value, reason)` on cfg where the key is still at its dataclass default
+    and the command line did not set it (so applying twice changes nothing, and a flag always wins).
+    Returns {key: (default, value, reason)} of what was changed."""
+    defaults = type(cfg)()
+    kept = set(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    changed = {}
+    for key, (value, reason) in values.items():
+        if key not in kept and getattr(cfg, key) != value:
+            changed[key] = (getattr(cfg, key), value, reason)
+            setattr(cfg, key, value)
+    return changed
+
+
 def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
     """Resolve cfg.recipe ("auto": "toy" on the embedded toy base, else "paper") and, for "toy", set the
     toy-scale values of toy/recipe.py to the keys still at their default that the command line did not
-    set (so applying it twice changes nothing). Returns {key: (paper value, toy value, reason)} of what
-    was changed; cfg.recipe holds the resolved name (saved in config.json)."""
+    set (apply_values). Returns {key: (paper value, toy value, reason)} of what was changed; cfg.recipe
+    holds the resolved name (saved in config.json)."""
     require(cfg.recipe in ("auto", "paper", "toy"), f"--recipe must be auto, paper or toy, got {cfg.recipe!r}")
     if cfg.recipe == "auto":
         cfg.recipe = "toy" if is_toy_model(model) else "paper"
     if cfg.recipe == "paper":
         return {}
     from toy.recipe import TOY_RECIPE  # the toy world is imported only when its recipe is in force
-    defaults = type(cfg)()
-    kept = set(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    changed = {}
-    for key, (value, reason) in TOY_RECIPE[script].items():
-        if key not in kept and getattr(cfg, key) != value:
-            changed[key] = (getattr(cfg, key), value, reason)
-            setattr(cfg, key, value)
-    return changed
+    return apply_values(cfg, given, TOY_RECIPE[script])
 
 
 def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
@@ -305,7 +312,7 @@ class RunDir:
     """
 
     # keys that may differ between a run and its resumption
-    RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub")
+    RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub", "dry_run")
     SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # where save() leaves complete checkpoints
 
     def __init__(self, out: str, cfg, dist: Dist, script: str = "", argv: list[str] | None = None):
@@ -467,6 +474,7 @@ class StudentConfig:
     push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
+    dry_run: bool = False               # check every input, print the resolved config, exit before any model loads
 
 
 def check_student_config(cfg) -> None:

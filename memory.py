@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model import LORA_TARGETS, MAX_SEQUENCE_LENGTH, repo_path
+from model import LORA_TARGETS, repo_path, t5_length
 
 GiB = 2**30
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -265,9 +265,7 @@ def predict(fp: Footprint, setting: Setting, prompts: int, trained_steps: int, n
 
 def text_length(path: str) -> int:
     """Tokens per prompt of an SD3 pipeline folder: CLIP's 77 + T5's min(128, its tokenizer's limit)."""
-    root = Path(repo_path(path)) / "tokenizer_3" / "tokenizer_config.json"
-    t5 = json.loads(root.read_text()).get("model_max_length", MAX_SEQUENCE_LENGTH) if root.is_file() else MAX_SEQUENCE_LENGTH
-    return 77 + min(MAX_SEQUENCE_LENGTH, int(t5))
+    return 77 + t5_length(path)
 
 
 def candidates(prompts: int) -> list[Setting]:

@@ -97,6 +97,16 @@ class TextEmbeds:
         return TextEmbeds(torch.cat([e.seq for e in items]), torch.cat([e.pooled for e in items]))
 
 
+def t5_length(path: str) -> int:
+    """T5 tokens per prompt that FlowModel encodes for an SD3 pipeline folder, read from its tokenizer
+    config without loading it: min(MAX_SEQUENCE_LENGTH, the tokenizer's limit); MAX_SEQUENCE_LENGTH for
+    a hub id."""
+    config = Path(repo_path(path)) / "tokenizer_3" / "tokenizer_config.json"
+    limit = json.loads(config.read_text()).get("model_max_length", MAX_SEQUENCE_LENGTH) if config.is_file() else \
+        MAX_SEQUENCE_LENGTH
+    return min(MAX_SEQUENCE_LENGTH, int(limit))
+
+
 def check_model_path(path: str) -> None:
     """Fail fast on a model path that is neither a readable SD3 folder nor a hub id (before loading)."""
     p = Path(repo_path(path))
@@ -249,8 +259,9 @@ class FlowModel:
 
         x: (B, C, h, w) latents; t: scalar or (B,) times in [0, 1]; embeds: B prompts. w = 1 runs
         the conditional half only. Differentiable: call under torch.no_grad() for rollouts.
-        detach_uncond: v = sg(v_u) + w (v_c - sg(v_u)), Flow-GRPO's training forward (section 8a): the
-        gradient is w grad v_c; v_u then runs in its own forward without a graph (half the backward).
+        detach_uncond: v = sg(v_u) + w (v_c - sg(v_u)), the training forward of Flow-GRPO up to its commit
+        ac4c86e (section 8a; an ablation here): the gradient is w grad v_c; v_u then runs in its own
+        forward without a graph (half the backward). Default: both branches carry gradient.
         """
         B = x.shape[0]
         if len(embeds) != B:
@@ -353,7 +364,7 @@ class FlowModel:
             p.requires_grad_(True)
         return params
 
-    def load_lora(self, folder: str, name: str, trainable=False, dtype: torch.dtype = torch.float32) -> dict:
+    def load_lora(self, folder: str, name: str, trainable=False, dtype: torch.dtype | None = None) -> dict:
         """Load a PEFT LoRA folder (this project's, Flow-GRPO's or DiffusionOPD's) as adapter `name`.
 
         Checks the target modules exist and every LoRA shape matches this base before loading.
@@ -383,7 +394,7 @@ class FlowModel:
         result = set_peft_model_state_dict(tr, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
         assert not missing and not result.unexpected_keys, f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
-        self._cast_lora(name, tr, torch.float32 if trainable else dtype)
+        self._cast_lora(name, tr, None if trainable else dtype)
         for n, p in tr.named_parameters():
             if f".{name}." in n:
                 p.requires_grad_(trainable)
@@ -394,12 +405,25 @@ class FlowModel:
         tr = self.transformer if name == STUDENT else self._frozen
         return name in getattr(tr, "peft_config", {})
 
-    def _cast_lora(self, name, tr=None, dtype: torch.dtype = torch.float32):
-        # LoRA weights train in float32 even when the backbone runs in half precision; a frozen adapter
-        # may take the backbone's dtype (opd.py --teacher_dtype).
+    def _cast_lora(self, name, tr=None, dtype: torch.dtype | None = None):
+        # LoRA weights train in float32 even when the backbone runs in half precision (in float64 with a
+        # float64 backbone, as the tests' references do); a frozen adapter may take the backbone's dtype
+        # (opd.py --teacher_dtype).
+        dtype = dtype or (torch.float64 if self.dtype == torch.float64 else torch.float32)
         for n, p in (tr or self.transformer).named_parameters():
             if f".{name}." in n:
                 p.data = p.data.to(dtype)
+
+    def _lora_layers(self, tr) -> tuple[list, list[torch.nn.Parameter]]:
+        """(peft's adapter layers of transformer `tr`, all their adapter weights), cached per set of adapters
+        (walking the whole module tree and its peft checks on every switch costs milliseconds)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        key = (id(tr), tuple(getattr(tr, "peft_config", {})))
+        if getattr(self, "_layer_cache", (None,))[0] != key:
+            layers = [m for m in tr.modules() if isinstance(m, BaseTunerLayer)]
+            params = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+            self._layer_cache = (key, layers, params)
+        return self._layer_cache[1], self._layer_cache[2]
 
     @contextlib.contextmanager
     def adapter(self, name: str | None):
@@ -415,23 +439,27 @@ class FlowModel:
         tr = self._frozen
         if name is not None and not self.has_adapter(name):
             raise KeyError(f"no adapter {name!r}; loaded: {sorted(getattr(tr, 'peft_config', {}))}")
-        grads = {n: p.requires_grad for n, p in tr.named_parameters() if p.requires_grad}
-        if name is None:
-            if tr._hf_peft_config_loaded:
-                tr.disable_adapters()
-        else:
-            tr.enable_adapters()
-            tr.set_adapter(name)
+        layers, params = self._lora_layers(tr)
+        trainable = [p for p in params if p.requires_grad]  # only adapter weights change requires_grad here
+        for layer in layers:  # what diffusers' disable_adapters / set_adapter do, layer by layer
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(name)
+                layer.enable_adapters(True)
         self._active = tr
         try:
             yield
         finally:
             self._active = self.transformer
-            if tr._hf_peft_config_loaded:
-                tr.enable_adapters()
-                tr.set_adapter(STUDENT if self.has_adapter(STUDENT) else name or next(iter(tr.peft_config)))
-            for n, p in tr.named_parameters():  # set_adapter toggles requires_grad; restore it
-                p.requires_grad_(grads.get(n, False))
+            back = STUDENT if self.has_adapter(STUDENT) else name or next(iter(getattr(tr, "peft_config", {})), None)
+            for layer in layers:
+                layer.set_adapter(back)
+                layer.enable_adapters(True)
+            for p in params:  # set_adapter toggles requires_grad; restore it
+                p.requires_grad_(False)
+            for p in trainable:
+                p.requires_grad_(True)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights by name (LoRA keys in PEFT layout, or the full transformer)."""
@@ -466,7 +494,8 @@ class FlowModel:
                 out, transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
                 transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=DIFFUSERS_WEIGHTS)
         (out / "run_config.json").write_text(json.dumps(
-            {"base_fingerprint": self.fingerprint(), **(extra_config or {})}, indent=2))
+            {"base_fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
+             **(extra_config or {})}, indent=2))
 
     def fingerprint(self) -> str:
         """A short hash of the base transformer's config and first/last weights (identifies the base)."""

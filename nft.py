@@ -139,7 +139,10 @@ def _nft_checks(cfg: NFTConfig) -> None:
 def main(argv=None):
     cfg = parse_config(NFTConfig, argv)
     cfg.out = cfg.out or f"runs/nft-{cfg.task}"
-    dist, task, reward_fn, run, model, trainer = start_stage1(cfg, argv, "nft.py", "nft", _nft_checks)
+    started = start_stage1(cfg, argv, "nft.py", "nft", _nft_checks)
+    if started is None:
+        return cfg
+    dist, task, reward_fn, run, model, trainer = started
     old = model.add_frozen_copy(OLD)   # the old policy starts as a copy of the trained weights
     trainer.tensors[OLD] = old         # saved with every checkpoint, restored on --resume
     start = trainer.begin()

@@ -13,8 +13,8 @@ the whole round are accumulated and ONE optimizer step is taken, so every rollou
 
 Scale. The logged `loss` is the true L above: summed over latent dims d and trained steps, averaged
 over samples. The optimizer sees the release's scale: each step's loss averaged over dims, then
-averaged over trained steps, samples and task batches, i.e. L / (d K) with K trained steps. So lr and
-grad_clip mean what the paper's mean.
+averaged over trained steps, samples and task batches, i.e. L / (d K) with K trained steps; the ODE
+loss keeps Eq. 12's factor 1/2 there, as the release does. So lr and grad_clip mean what the paper's mean.
 
 Teachers are frozen LoRA adapters on the student's own backbone (one copy of the base weights), or
 full SD3-family checkpoints; each is a local folder or a hub reference owner/repo[/subfolder]. A
@@ -41,9 +41,7 @@ Departures from the reference code (DiffusionOPD release)
 3. Half precision is bfloat16 transformer weights (`--dtype auto`: bfloat16 on CUDA, float32 on CPU)
    with the LoRA, optimizer and loss in float32 (no loss scaling needed), not the release's fp16
    mixed precision. `python -m bench.opd_round` measures it and the other speed levers.
-4. The ODE loss keeps Eq. 12's factor 1/2 inside the release's per-dim mean; whether the release
-   keeps it was not checked (a factor 2 in the gradient changes only how often the clip acts).
-5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
+4. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
    `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
 
 Run:
@@ -96,9 +94,9 @@ class OPDConfig(StudentConfig):
     noise_level: float = 0.0            # a: 0 = ODE (default), > 0 = SDE
     guidance: float = 4.5               # student CFG (rollout and training)
     cfg_detach_uncond: bool = False     # release: the training forward's uncond branch gets gradient too;
-                                        # true: v = sg(v_u) + w (v_c - sg(v_u)), as Flow-GRPO (section 8a):
-                                        # the gradient then ignores how v_u moves, and on the toy the
-                                        # loss climbs above its start after ~20 rounds (docs/stage1.md)
+                                        # true (ablation): v = sg(v_u) + w (v_c - sg(v_u)), Flow-GRPO before
+                                        # 2025-08 (section 8a): the gradient ignores how v_u moves, and on
+                                        # the toy the loss climbs above its start after ~20 rounds
     timestep_fraction: float = 0.99     # train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)
     train_steps: list[int] = field(default_factory=list)  # which steps j to train; overrides the fraction
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0), or "sft": the

@@ -12,7 +12,9 @@
   is gives a complete model page; `pipe.load_lora_weights(folder)` ignores the README.
 - `push_to_hub` uploads a checkpoint folder's public files (`--push_to_hub OWNER/NAME`).
 
-Run: a library, used by harness.py.
+Run: a library, used by harness.py; and, to (re)write the model card of a saved adapter folder from
+the files saved with it (config.json, run_config.json, metrics.jsonl):
+    python -m reporting --card ckpts/toy-geneval
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import json
 import sys
 import uuid
 from pathlib import Path
+
+from model import MAX_SEQUENCE_LENGTH, t5_length
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
@@ -115,10 +119,13 @@ def model_card(folder: Path, config: dict, run_config: dict, last_eval: dict, co
     algorithm = {"flow-grpo": "Flow-GRPO", "grpo-guard": "GRPO-Guard", "nft": "DiffusionNFT"}.get(
         run_config.get("algorithm"), "DiffusionOPD" if student else "Flow-GRPO")
     tags = ["text-to-image", "lora", "diffusers", "sd3", "flow-matching", algorithm.lower().replace("-", "")]
+    # the T5 length the adapter was trained and evaluated with; diffusers' own default is 256 tokens,
+    # which encodes every prompt differently (and so gives other images than the ones scored here)
+    length = run_config.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
     header = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:"] + [f"- {t}" for t in tags]
     if _looks_like_hub_id(base):
         header.append(f"base_model: {base}")
-    header.append("---")
+    header += [f"max_sequence_length: {length}", "---"]
     if student:
         what = (f"A DiffusionOPD student: one LoRA distilled on its own rollouts from the teachers of "
                 f"{', '.join(run_config['tasks'])} ({', '.join(map(str, run_config.get('teachers', [])))}).")
@@ -136,8 +143,15 @@ def model_card(folder: Path, config: dict, run_config: dict, last_eval: dict, co
         "", "## Use", "", "```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
         f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")',
         'pipe.load_lora_weights("<this folder or repo>")',
-        f'image = pipe("a prompt", num_inference_steps=40, guidance_scale={run_config.get("guidance", 4.5)}).images[0]',
-        "```", "", "Or as a PEFT adapter: `PeftModel.from_pretrained(pipe.transformer, folder)`.", "",
+        f'image = pipe("a prompt", num_inference_steps=40, guidance_scale={run_config.get("guidance", 4.5)}, '
+        f'max_sequence_length={length},',
+        '             generator=torch.Generator().manual_seed(0)).images[0]',
+        "```", "",
+        f"`max_sequence_length={length}` is the prompt length (T5 tokens) this adapter was trained and evaluated "
+        "with; diffusers' default (256) encodes prompts differently and gives other images. With "
+        "`generator=torch.Generator().manual_seed(i)` the image is the one the evaluation below scored for "
+        "test prompt i.", "",
+        "Or as a PEFT adapter: `PeftModel.from_pretrained(pipe.transformer, folder)`.", "",
         "## Training", "", "| setting | value |", "|---|---|", recipe.rstrip("\n"), "",
         "Command:", "", "```bash", command, "```", "",
         "## Last evaluation", "", "40-step ODE, one image per test prompt, prompt i seeded i (evaluate.py).", "",
@@ -154,3 +168,44 @@ def push_to_hub(folder: Path, repo: str, message: str) -> str:
     api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message=message,
                       ignore_patterns=list(RESUME_FILES))
     return str(url)
+
+
+def rewrite_card(folder: str) -> Path:
+    """README.md of a saved adapter folder from its own files: config.json (the training config),
+    run_config.json and the last evaluation line of metrics.jsonl. A run_config without the prompt
+    length (saved before it was recorded) takes the length FlowModel encodes for its base."""
+    root = Path(folder)
+    missing = [f for f in ("config.json", "run_config.json") if not (root / f).is_file()]
+    if missing:
+        raise SystemExit(f"error: {folder} has no {' or '.join(missing)}: not an adapter folder this project saved")
+    config = json.loads((root / "config.json").read_text())
+    run_config = json.loads((root / "run_config.json").read_text())
+    run_config.setdefault("max_sequence_length", t5_length(run_config.get("base_model", "")))
+    lines = (root / "metrics.jsonl").read_text().splitlines() if (root / "metrics.jsonl").is_file() else []
+    evals = [m for m in map(json.loads, filter(None, lines)) if any(k.startswith("eval/") for k in m)]
+    script = {"nft": "nft.py"}.get(run_config.get("algorithm"), "opd.py" if "tasks" in run_config else "teacher_rl.py")
+    model_card(root, config, run_config, evals[-1] if evals else {}, equivalent_command(script, config), script)
+    return root / "README.md"
+
+
+def equivalent_command(script: str, config: dict) -> str:
+    """A command that reproduces a saved config: every value that differs from the script's default."""
+    import importlib
+    import shlex
+    module = importlib.import_module(script.removesuffix(".py"))
+    cls = {"teacher_rl": "TeacherConfig", "nft": "NFTConfig", "opd": "OPDConfig"}[module.__name__]
+    defaults = vars(getattr(module, cls)())
+    args = []
+    for key, value in config.items():
+        if key in defaults and key not in ("resume", "device", "report_to", "recipe") and value != defaults[key]:
+            args += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value).lower()
+                                                                                    if isinstance(value, bool) else str(value)])]
+    return shlex.join(["python", script, *args])
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the model card (README.md) of a saved adapter folder.")
+    ap.add_argument("--card", nargs="+", required=True, metavar="FOLDER", help="adapter folders to write a card for")
+    for folder in ap.parse_args().card:
+        print(f"wrote {rewrite_card(folder)}")

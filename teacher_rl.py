@@ -14,11 +14,17 @@ Notation (paper -> code)
     eps                 clip_range          PPO clip range (~1e-4)
     beta                kl_beta             weight of KL(p_theta || p_ref) per latent dim
 
-Loss of one sample at one trained step j (minimised; averaged over samples and steps):
+Loss of one sample at one trained step j (minimised):
     L = max(-A rho_j, -A clip(rho_j, 1 - eps, 1 + eps)) + beta KL_j / d
     KL_j = ||mu_theta(x_j) - mu_ref(x_j)||^2 / (2 sbar_j^2)          (Eqs. 10-11, exact sbar_j^2)
-In the training forward the CFG uncond branch is detached, v = sg(v_u) + w (v_c - sg(v_u)), as in
-Flow-GRPO (`--cfg_detach_uncond false` lets the gradient through v_u too).
+averaged over the trained steps and over the samples whose advantage is not 0 (Flow-GRPO drops the
+others before it averages: `kept_rows`). The training forward's CFG is attached, v = v_u + w (v_c - v_u),
+gradient (1 - w) grad v_u + w grad v_c, as today's Flow-GRPO, GRPO-Guard and the DiffusionOPD release
+(section 8a); `--cfg_detach_uncond` is the ablation v = sg(v_u) + w (v_c - sg(v_u)) of Flow-GRPO up to
+its commit ac4c86e (2025-07), gradient w grad v_c.
+
+`--ratio_norm` trains GRPO-Guard (section 8b) with its recipe (GUARD_RECIPE: its configs'
+per-prompt std, clip range 2e-6, lr 1e-4, no KL) for every key the command line does not set.
 
 The defaults are Flow-GRPO's SD3.5-M recipe (section 8a; its config/grpo.py geneval_sd3): a = 0.7,
 10 steps, 48 prompts x 24 images per step in two optimizer steps, global std, int(0.99 x 10) = 9
@@ -36,11 +42,23 @@ Departures from Flow-GRPO
    |rho - 1| of the first update, a sanity metric. Flow-GRPO samples its minibatches in shuffled order
    per GPU; here update u trains the step's global images [u B/U, (u+1) B/U) on any number of ranks
    (`update_layout`), so 1 and N ranks make the same updates.
-4. Groups whose rewards are all equal get zero advantage and contribute nothing; their fraction is
-   logged (`zero_std_groups`) rather than padded away. Flow-GRPO's PerPromptStatTracker groups by
-   prompt text over the whole epoch; here a group is the G images of one sampled prompt.
+4. Samples with advantage exactly 0 (every image of a group whose rewards are all equal) are left
+   out of the loss and of its mean, as in Flow-GRPO (train_sd3.py: `advantages.abs().sum(1) != 0`);
+   the mean runs over the kept samples of the whole update on all ranks, so 1 and N ranks agree.
+   Flow-GRPO then re-admits random dropped samples until the kept count divides its minibatches;
+   here no sample is re-admitted (minibatches need not be equal), and an update with no kept sample
+   takes no optimizer step. Both fractions are logged (`zero_std_groups`, `kept_fraction`).
+   Flow-GRPO's PerPromptStatTracker groups by prompt text over the whole epoch; here a group is the
+   G images of one sampled prompt.
 5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
    `max_skipped_steps` in a row (harness.StudentTrainer.update).
+6. GRPO-Guard's bias term b_j is computed per sample, as the paper's formula writes it (section 8b).
+   The public GRPO-Guard script (train_sd3_GRPO_Guard.py, read at zhtmike/flow_grpo 2e2f712) takes
+   `.mean(dim=())` of a per-sample tensor, which averages over the whole micro-batch: one b for all
+   samples. Both give rho = 1 exactly on-policy (b = 0); off-policy the two ratios differ by a few
+   percent of rho - 1 (0.5-5% per step after one lr-1e-4 update of the toy base), i.e. by about the
+   clip range. Its sbar_j is likewise the batch mean of per-sample values; here every sample of a
+   step has the same sbar_j, so those agree.
 
 Run:
     python teacher_rl.py --task geneval --lr 1e-3 --steps 90 --out runs/teacher-geneval  # CPU, toy world
@@ -52,6 +70,7 @@ Run:
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -61,8 +80,9 @@ from tqdm import tqdm
 
 from data import load_prompts, load_task
 from evaluate import evaluate_task
-from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, check_student_config,
-                     describe_recipe, fail, given_keys, parse_config, print_main, require, require_positive, step_seed)
+from harness import (Dist, NonFiniteError, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values,
+                     check_student_config, config_dict, describe_recipe, fail, given_keys, parse_config,
+                     print_main, require, require_positive, step_seed)
 from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
 from rewards import make_reward
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
@@ -97,12 +117,23 @@ class TeacherConfig(Stage1Config):
     """Flow-GRPO / GRPO-Guard teacher training (one task, or several weighted rewards for the joint
     baseline)."""
     noise_level: float = 0.7            # a in Eq. 5
-    cfg_detach_uncond: bool = True      # Flow-GRPO: v = sg(v_u) + w (v_c - sg(v_u)) when training
+    cfg_detach_uncond: bool = False     # ablation: v = sg(v_u) + w (v_c - sg(v_u)) in the training forward
+                                        # (Flow-GRPO up to ac4c86e); default: attached, as Flow-GRPO today
     clip_range: float = 1e-4
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.04               # KL to the base model, per latent dim
-    ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights;
-                                        # its recipe: --clip_range 2e-6 (4e-6 PickScore) --lr 1e-4 --kl_beta 0
+    ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights, and
+                                        # GUARD_RECIPE for the keys not given (clip 2e-6, lr 1e-4, ...)
+
+
+# GRPO-Guard's own values (its config/grpo_guard.py, *_rationorm), applied with --ratio_norm to every
+# key the command line does not set: {key: (value, reason)}
+GUARD_RECIPE = {
+    "per_group_std": (True, "GRPO-Guard normalises advantages by the per-prompt std (global_std False)"),
+    "clip_range": (2e-6, "GRPO-Guard's clip range on its normalised ratio (OCR, GenEval; PickScore: 4e-6)"),
+    "lr": (1e-4, "GRPO-Guard's learning rate"),
+    "kl_beta": (0.0, "GRPO-Guard trains without the KL to the base"),
+}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):
@@ -173,13 +204,16 @@ def trained_steps(cfg: TeacherConfig) -> int:
     return max(1, int(cfg.timestep_fraction * cfg.num_steps))
 
 
-def validate_stage1(cfg, dist: Dist, argv, script: str, recipe: str, checks) -> tuple:
+def validate_stage1(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe=None) -> tuple:
     """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
     split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
-    (the algorithm's own), then the run directory and the reward. Every bad input fails here with a
-    one-line error, before any model loads or anything is written. Returns (task, reward_fn, run)."""
+    (the algorithm's own), then the run directory and the reward. `own_recipe(cfg)` ({key: (value,
+    reason)}, e.g. GUARD_RECIPE) is applied first, to the keys the command line does not set. Every bad input fails
+    here with a one-line error, before any model loads or anything is written. Returns (task, reward_fn, run)."""
     try:
-        changed = apply_recipe(cfg, given_keys(type(cfg), argv), cfg.model, recipe)
+        given = given_keys(type(cfg), argv)
+        own = apply_values(cfg, given, own_recipe(cfg) if own_recipe else {})
+        changed = apply_recipe(cfg, given, cfg.model, recipe)
         check_student_config(cfg)
         require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "adv_clip",
                          "updates_per_rollout")
@@ -200,8 +234,11 @@ def validate_stage1(cfg, dist: Dist, argv, script: str, recipe: str, checks) -> 
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
         run = RunDir(cfg.out, cfg, dist, script, argv)
-        reward_fn = make_reward(task.reward, device=dist.device)
+        reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
         print_main(dist, describe_recipe(cfg, changed))
+        if own:
+            print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
+                f"  {key} = {value!r} (default {default!r}): {reason}" for key, (default, value, reason) in own.items()))
         return task, reward_fn, run
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(e)
@@ -215,14 +252,18 @@ def _grpo_checks(cfg: TeacherConfig) -> None:
             "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: keep --ratio_logp mean_per_dim")
 
 
-def start_stage1(cfg, argv, script: str, recipe: str, checks):
+def start_stage1(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
     """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
-    student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer)."""
+    student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer), or None
+    after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
     try:
         dist = Dist(cfg.device)
     except ValueError as e:
         fail(e)
-    task, reward_fn, run = validate_stage1(cfg, dist, argv, script, recipe, checks)
+    task, reward_fn, run = validate_stage1(cfg, dist, argv, script, recipe, checks, own_recipe)
+    if cfg.dry_run:
+        print_main(dist, "dry run: every input checked; the resolved config:", json.dumps(config_dict(cfg), indent=2))
+        return None
     try:
         model = FlowModel.load(cfg.model, device=dist.device)
         model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
@@ -280,10 +321,60 @@ def update(trainer, step: int, losses: list[torch.Tensor]) -> tuple[float, bool]
         fail(e)
 
 
+def kept_rows(adv_all: torch.Tensor, u: int, per_update: int, mine: list[int]) -> tuple[list[int], int]:
+    """Flow-GRPO's filter (departure 4) for optimizer step u: this rank's rows (positions in `mine`) of
+    the update's global images [u per_update, (u+1) per_update) whose advantage is not 0, and the number
+    of such images over all ranks, the denominator of the update's mean loss."""
+    lo, hi = u * per_update, (u + 1) * per_update
+    rows = [r for r, i in enumerate(mine) if lo <= i < hi and adv_all[i] != 0]
+    return rows, int((adv_all[lo:hi] != 0).sum())
+
+
+def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kept: int, traj: dict, embeds, adv,
+                    n_train: int, stats: dict, world: int = 1) -> list[torch.Tensor]:
+    """Accumulate into .grad this rank's share of the gradient of one update's loss (module docstring):
+    the GRPO loss of its kept `rows` at each trained step j, divided by n_kept x n_train, the update's
+    kept images on all `world` ranks times its trained steps (x world, because the update then averages
+    the ranks' gradients: Dist.average_gradients). traj: the rollout's latents (B, N+1, C, h, w), logp_old
+    (B, N), means_old (B, N, C, h, w) or None, grid t (N+1,), sbar (N,). Adds each term's share of that
+    mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the per-row losses (for the guard)."""
+    losses, t_guard = [], traj["t"][1].item()
+    # L = sum over kept images i (all ranks) and steps j of L_ij / (n_kept K): the mean over what is kept
+    scale = world / (n_kept * n_train)
+    for b in range(0, len(rows), cfg.train_batch):
+        sl = torch.tensor(rows[b:b + cfg.train_batch])
+        for j in range(n_train):
+            x, x_next = traj["latents"][sl, j].to(model.device), traj["latents"][sl, j + 1].to(model.device)
+            t, t_next = traj["t"][j].item(), traj["t"][j + 1].item()
+            v = model.velocity(x, t, embeds[sl], cfg.guidance, detach_uncond=cfg.cfg_detach_uncond)
+            mean = transition_mean(x, v, t, t_next, cfg.noise_level, t_guard)
+            sbar = traj["sbar"][j].expand(len(x)).to(model.device)
+            mean_ref = None
+            if cfg.kl_beta > 0:
+                with torch.no_grad(), model.adapter(None):
+                    v_ref = model.velocity(x, t, embeds[sl], cfg.guidance)
+                    mean_ref = transition_mean(x, v_ref, t, t_next, cfg.noise_level, t_guard)
+            mean_old = traj["means_old"][sl, j].to(model.device) if traj["means_old"] is not None else None
+            loss, ratio, kl = grpo_loss(mean, sbar, x_next, traj["logp_old"][sl, j].to(model.device),
+                                        adv[sl].to(model.device), cfg, mean_ref, mean_old, t_next - t)
+            (loss.sum() * scale).backward()
+            losses.append(loss.detach())
+            stats["policy_loss"] += loss.sum().item() * scale
+            stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().sum().item() * scale
+            if kl is not None:
+                stats["kl"] += kl.sum().item() * scale
+            stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
+    return losses
+
+
 def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
-    dist, task, reward_fn, run, model, trainer = start_stage1(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks)
+    started = start_stage1(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks,
+                           lambda c: GUARD_RECIPE if c.ratio_norm else {})
+    if started is None:
+        return cfg
+    dist, task, reward_fn, run, model, trainer = started
     start = trainer.begin()  # the run directory is written only now, after the model has loaded
     train_prompts, train_metas = load_prompts(task.dataset, "train")
     order, mine = update_layout(cfg.batch, cfg.updates_per_rollout, dist)
@@ -303,10 +394,10 @@ def main(argv=None):
                          cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None, adapter="student",
                          keep_means=cfg.ratio_norm)
                  for b in range(0, len(seeds), cfg.rollout_batch)]
-        latents = torch.cat([t.latents for t in trajs])  # (B, N+1, C, h, w)
-        logp_old = torch.cat([t.logp_sum for t in trajs])  # (B, N) summed over dims
-        means_old = torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None  # (B, N, C, h, w)
-        grid_t, t_guard = trajs[0].t, trajs[0].t[1].item()
+        traj = {"latents": torch.cat([t.latents for t in trajs]),      # (B, N+1, C, h, w)
+                "logp_old": torch.cat([t.logp_sum for t in trajs]),    # (B, N) summed over dims
+                "means_old": torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None,  # (B, N, C, h, w)
+                "t": trajs[0].t, "sbar": trajs[0].sbar}
         timer["rollout"] = time.perf_counter() - t0
 
         # ---- reward, gathered over ranks; advantages within each group
@@ -316,46 +407,29 @@ def main(argv=None):
         adv = adv_all[mine]
         timer["reward"] = time.perf_counter() - t0
 
-        # ---- loss: the GRPO loss on each trained step j, recomputing the mean with gradient
+        # ---- loss: the GRPO loss of the kept images at each trained step j, the mean recomputed with gradient
         t0 = time.perf_counter()
-        per_update = len(seeds) // cfg.updates_per_rollout
-        stats = {"ratio_dev": 0.0, "clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0}
-        skipped_any = False
+        per_update = cfg.batch // cfg.updates_per_rollout
+        runs = []  # the stats of each update that ran
+        skipped_any, grad_norm, n_kept_all = False, 0.0, 0
         for u in range(cfg.updates_per_rollout):
-            rows = range(u * per_update, (u + 1) * per_update)
-            losses = []
-            for b in range(rows.start, rows.stop, cfg.train_batch):
-                sl = slice(b, min(b + cfg.train_batch, rows.stop))
-                for j in range(n_train):
-                    x, x_next = latents[sl, j].to(model.device), latents[sl, j + 1].to(model.device)
-                    t, t_next = grid_t[j].item(), grid_t[j + 1].item()
-                    v = model.velocity(x, t, embeds[sl], cfg.guidance, detach_uncond=cfg.cfg_detach_uncond)
-                    mean = transition_mean(x, v, t, t_next, cfg.noise_level, t_guard)
-                    sbar = trajs[0].sbar[j].expand(len(x)).to(model.device)
-                    mean_ref = None
-                    if cfg.kl_beta > 0:
-                        with torch.no_grad(), model.adapter(None):
-                            v_ref = model.velocity(x, t, embeds[sl], cfg.guidance)
-                            mean_ref = transition_mean(x, v_ref, t, t_next, cfg.noise_level, t_guard)
-                    loss, ratio, kl = grpo_loss(mean, sbar, x_next, logp_old[sl, j].to(model.device),
-                                                adv[sl].to(model.device), cfg, mean_ref,
-                                                means_old[sl, j] if cfg.ratio_norm else None, t_next - t)
-                    (loss.sum() / (per_update * n_train)).backward()
-                    losses.append(loss.detach())
-                    n = len(seeds) * n_train
-                    stats["policy_loss"] += loss.sum().item() / n
-                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().sum().item() / n
-                    if kl is not None:
-                        stats["kl"] += kl.sum().item() / n
-                    if u == 0:
-                        stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
-            grad_norm, skipped = update(trainer, step, losses)
+            rows, n_kept = kept_rows(adv_all, u, per_update, mine)
+            n_kept_all += n_kept
+            if n_kept == 0:  # every advantage of this update is 0: nothing to learn, no optimizer step
+                continue
+            runs.append({"clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0, "ratio_dev": 0.0})
+            losses = policy_gradient(cfg, model, rows, n_kept, traj, embeds, adv, n_train, runs[-1], dist.world)
+            grad_norm, skipped = update(trainer, step, losses or [torch.zeros(1)])
             skipped_any |= skipped
+        # each term's mean over updates; ratio_dev of the first update (the on-policy one when it is u = 0)
+        stats = {k: sum(r[k] for r in runs) / max(1, len(runs)) for k in ("clipfrac", "kl", "policy_loss")}
+        stats["ratio_dev"] = runs[0]["ratio_dev"] if runs else 0.0
         timer["train"] = time.perf_counter() - t0
 
         # ---- log, evaluate the EMA weights with the ODE, checkpoint
         metrics = {"step": step, "reward_mean": all_scores.mean().item(), "reward_std": all_scores.std().item(),
-                   "zero_std_groups": zero_std, "grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any),
+                   "zero_std_groups": zero_std, "kept_fraction": n_kept_all / cfg.batch, "grad_norm": grad_norm,
+                   "skipped_nonfinite": int(skipped_any),
                    **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
                    **{f"sec/{k}": v for k, v in timer.items()}}

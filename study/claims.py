@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluate import reported
+from evaluate import bootstrap_picks, reported
 from study.plots import distance_curve, images_to_reach, sample_efficiency
 
 N_BOOT = 2000
@@ -42,33 +42,39 @@ def _column(table: dict, model: str, task: dict) -> tuple[np.ndarray, list | Non
     return np.asarray(per_prompt[task["metric"]], dtype=np.float64), tags
 
 
-def _resampled_columns(table: dict, models: list[str], rng) -> dict[str, list[float]]:
-    """One bootstrap draw of every model's reported number per task, the same prompts for all models."""
-    out = {m: [] for m in models}
+def _bootstrap_tasks(table: dict, models: list[str]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Per task: the models' per-prompt values as one (models, prompts) array, and the prompt groups a
+    bootstrap draw resamples within (GenEval's tags, or all prompts)."""
+    out = []
     for task in table["tasks"]:
-        values = {m: _column(table, m, task) for m in models}
-        tags = next(iter(values.values()))[1]
-        n = len(next(iter(values.values()))[0])
-        if tags is None:
-            idx = rng.integers(0, n, n)
-            picked_tags = None
-        else:
-            groups = [np.flatnonzero(np.asarray(tags) == t) for t in dict.fromkeys(tags)]
-            idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
-            picked_tags = [tags[i] for i in idx]
-        for m in models:
-            out[m].append(reported(values[m][0][idx], picked_tags))
+        columns = [_column(table, m, task) for m in models]
+        tags, n = columns[0][1], len(columns[0][0])
+        groups = [np.arange(n)] if tags is None else [np.flatnonzero(np.asarray(tags) == t) for t in dict.fromkeys(tags)]
+        out.append((np.stack([c[0] for c in columns]), groups))
     return out
 
 
-def _minmax(columns: dict[str, list[float]]) -> dict[str, float]:
-    """study.table.minmax_average on {model: [column values]}."""
-    names = list(columns)
-    cols = list(zip(*[columns[m] for m in names]))
-    keep = [c for c in cols if max(c) > min(c)]
-    if not keep:
-        return dict.fromkeys(names, 0.0)
-    return {m: float(np.mean([(c[i] - min(c)) / (max(c) - min(c)) for c in keep])) for i, m in enumerate(names)}
+def _resampled_columns(tasks: list, models: list[str], rng, n_boot: int) -> np.ndarray:
+    """n_boot bootstrap draws of every model's reported number per task (evaluate.reported: the mean
+    over groups of each group's mean), the same prompts for all models in a draw; `tasks` from
+    _bootstrap_tasks. Returns (n_boot, models, tasks); the draws are those of n_boot successive
+    per-task, per-group resamplings (evaluate.bootstrap_picks)."""
+    groups = [g for _, task_groups in tasks for g in task_groups]
+    picks = iter(bootstrap_picks(rng, groups, n_boot))
+    out = []
+    for values, task_groups in tasks:
+        means = [values[:, g[next(picks)]].mean(-1) for g in task_groups]   # each (models, n_boot)
+        out.append(np.mean(means, axis=0))
+    return np.stack(out, axis=-1).transpose(1, 0, 2)
+
+
+def _minmax(table: np.ndarray) -> np.ndarray:
+    """study.table.minmax_average of (..., models, tasks) tables: (..., models). A column where every
+    model scores the same is left out; where every column is, the average is 0."""
+    lo, hi = table.min(-2, keepdims=True), table.max(-2, keepdims=True)
+    keep = hi > lo                                                     # (..., 1, tasks)
+    normalised = np.where(keep, (table - lo) / np.where(keep, hi - lo, 1), 0.0)
+    return normalised.sum(-1) / np.maximum(keep.sum(-1), 1)
 
 
 def ratio_to_teacher(table: dict, student: str, teacher: str, task_name: str, seed: int = 0) -> dict:
@@ -79,11 +85,11 @@ def ratio_to_teacher(table: dict, student: str, teacher: str, task_name: str, se
         return {"value": None, "interval": None, "verdict": "not distinguishable"}
     rng = np.random.default_rng(seed)
     groups = [np.arange(len(s))] if tags is None else [np.flatnonzero(np.asarray(tags) == g) for g in dict.fromkeys(tags)]
-    ratios = []
-    for _ in range(N_BOOT):
-        picks = [g[rng.integers(0, len(g), len(g))] for g in groups]
-        num, den = np.mean([s[p].mean() for p in picks]), np.mean([t[p].mean() for p in picks])
-        ratios.append(num / den if den else np.nan)
+    picks = bootstrap_picks(rng, groups, N_BOOT)
+    num = np.mean([s[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)   # (N_BOOT,)
+    den = np.mean([t[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(den != 0, num / np.where(den != 0, den, 1), np.nan)
     lo, hi = np.nanpercentile(ratios, [2.5, 97.5])  # a draw whose teacher mean is 0 has no ratio
     value = reported(s, tags) / reported(t, tags)
     return {"value": value, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.95)}
@@ -93,13 +99,12 @@ def average_difference(table: dict, a: str, b: str, seed: int = 0) -> dict:
     """min-max average of `a` minus that of `b` (over all models of the table), bootstrap over prompts."""
     models = [m["name"] for m in table["models"]]
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(N_BOOT):
-        avg = _minmax(_resampled_columns(table, models, rng))
-        diffs.append(avg[a] - avg[b])
-    full = _minmax({m["name"]: [m["columns"][t["name"]] for t in table["tasks"]] for m in table["models"]})
+    avg = _minmax(_resampled_columns(_bootstrap_tasks(table, models), models, rng, N_BOOT))   # (N_BOOT, models)
+    diffs = avg[:, models.index(a)] - avg[:, models.index(b)]
+    full = _minmax(np.array([[m["columns"][t["name"]] for t in table["tasks"]] for m in table["models"]]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"value": full[a] - full[b], "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.0)}
+    return {"value": float(full[models.index(a)] - full[models.index(b)]), "interval": (float(lo), float(hi)),
+            "verdict": verdict(lo, hi, 0.0)}
 
 
 def final_distance_difference(worse: list[str], better: list[str], tasks: list[str], seed: int = 0) -> dict:

@@ -161,9 +161,22 @@ def plot_ablation(panels: list[tuple[str, dict[str, str]]], tasks: list[str], pa
     plt.close(fig)
 
 
+_CURVES: dict[tuple, tuple] = {}  # distance_curve's results by (run, tasks, metrics file's size and time)
+
+
 def distance_curve(run: str, tasks: list[str]) -> tuple[list[float], list[float], list[float]]:
     """(images seen, training seconds, mean over tasks of the held-out distance to the teachers) at every
-    step an opd.py run logged eval/<task>/distance for all tasks (opd.py --distance_every)."""
+    step an opd.py run logged eval/<task>/distance for all tasks (opd.py --distance_every). Read once per
+    state of the run's metrics.jsonl (the bootstraps of study/claims.py ask thousands of times)."""
+    metrics = Path(run) / "metrics.jsonl"
+    stat = metrics.stat() if metrics.is_file() else None
+    key = (str(run), tuple(tasks), stat and (stat.st_size, stat.st_mtime_ns))
+    if key not in _CURVES:
+        _CURVES[key] = _read_distance_curve(run, tasks)
+    return _CURVES[key]
+
+
+def _read_distance_curve(run: str, tasks: list[str]) -> tuple[list[float], list[float], list[float]]:
     cfg = json.loads((Path(run) / "config.json").read_text())
     if "prompts_per_batch" not in cfg:
         raise ValueError(f"run {run} logged no held-out distance for all tasks {tasks} (not an opd.py run)")

@@ -12,6 +12,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import helpers  # noqa: E402,F401  (registers the test rewards, e.g. test_brightness)
+
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
@@ -26,3 +29,11 @@ def tiny_pipe_dir(tmp_path_factory):
 def tiny_model(tiny_pipe_dir):
     from model import FlowModel
     return FlowModel.load(tiny_pipe_dir)
+
+
+@pytest.fixture
+def tiny_model64(tiny_pipe_dir):
+    """The tiny pipeline with its transformer, text encoders and LoRAs in float64: a reference where two
+    computations of one formula must agree to float64 rounding (~1e-16 relative), whatever the CPU."""
+    from model import FlowModel
+    return FlowModel.load(tiny_pipe_dir, dtype=torch.float64)

@@ -69,11 +69,14 @@ def _kill_at(monkeypatch, k: int, during_step: int):
 
 def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_run_bit_for_bit(tiny_pipe_dir, tmp_path,
                                                                                    monkeypatch):
-    teacher_rl.main(_grpo_args(tiny_pipe_dir, tmp_path / "full"))
+    """The last save of a 2-step run (step 2, over the complete checkpoint of step 1) is killed before
+    each of its disk operations in turn, and after it; every resume ends where the uninterrupted run does."""
+    steps = ("--steps", "2")
+    teacher_rl.main(_grpo_args(tiny_pipe_dir, tmp_path / "full", *steps))
     full = _state(tmp_path / "full")
     with monkeypatch.context() as m:  # count the disk operations of one save
         count = _kill_at(m, 10**9, during_step=2)
-        teacher_rl.main(_grpo_args(tiny_pipe_dir, tmp_path / "count"))
+        teacher_rl.main(_grpo_args(tiny_pipe_dir, tmp_path / "count", *steps))
     n_ops = count["n"]
     assert n_ops >= 8  # student files, raw, EMA, trainer state, manifest rename, two publishing renames, cleanup
     for k in range(1, n_ops + 2):
@@ -81,8 +84,8 @@ def test_a_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_run_bit_for_
         with monkeypatch.context() as m:
             _kill_at(m, k, during_step=2)
             with pytest.raises(Killed):
-                teacher_rl.main(_grpo_args(tiny_pipe_dir, run))
-        teacher_rl.main(_grpo_args(tiny_pipe_dir, run, "--resume"))
+                teacher_rl.main(_grpo_args(tiny_pipe_dir, run, *steps))
+        teacher_rl.main(_grpo_args(tiny_pipe_dir, run, *steps, "--resume"))
         weights, metrics = _state(run)
         assert metrics == full[1], f"kill before disk op {k}: metrics differ"
         assert weights.keys() == full[0].keys()

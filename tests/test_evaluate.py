@@ -2,9 +2,6 @@
 computations, the
 table format, written figures, deterministic per-prompt seeding, the cache, and 1 vs 2 ranks."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +9,11 @@ import torch
 from PIL import Image
 
 import evaluate
+from helpers import f32_atol
 from study import plots
 from study import table as table_cli
 from data import Task
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_minmax_average_against_a_hand_computation():
@@ -111,7 +108,9 @@ def test_evaluation_is_deterministic_and_seeded_per_prompt(tiny_pipe_dir, tmp_pa
     a = evaluate.eval_images(one, prompts, [0, 1, 2], 3, 4.5, 0, None)
     b = evaluate.eval_images(two, prompts, [0, 1, 2], 3, 4.5, 0, None)
     assert torch.equal(a, b)
-    torch.testing.assert_close(evaluate.eval_images(one, prompts, [2], 3, 4.5, 0, None)[0], a[2], atol=1e-5, rtol=0)
+    # alone or in a batch of 3: other float32 sums, the same image (pixels in [0, 1])
+    torch.testing.assert_close(evaluate.eval_images(one, prompts, [2], 3, 4.5, 0, None)[0], a[2], atol=f32_atol(1.0),
+                               rtol=0)
     assert not torch.allclose(evaluate.eval_images(two, prompts, [0, 1, 2], 3, 4.5, 0, "other"), a, atol=1e-3)
     assert not torch.allclose(evaluate.eval_images(one, prompts, [0, 1, 2], 3, 4.5, 1, None), a, atol=1e-3)
     task = load_task("aesthetic")
@@ -223,18 +222,6 @@ def test_cli_errors_before_loading_anything(tiny_pipe_dir, tmp_path, cli_inputs)
             table_cli.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"), *extra])
 
 
-def test_two_ranks_give_the_same_table_as_one(tiny_pipe_dir, tmp_path, cli_inputs):
-    adapter, runs = cli_inputs
-    one = table_cli.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "one"))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "study.table", *_cli_args(tiny_pipe_dir, adapter, runs, tmp_path / "two")],
-                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    two = json.loads((tmp_path / "two" / "table.json").read_text())
-    for m1, m2 in zip(one["models"], two["models"]):
-        for task in m1["scores"]:
-            assert m1["scores"][task] == pytest.approx(m2["scores"][task], abs=1e-5)
-
-
 def test_reported_number_and_its_bootstrap_interval():
     import numpy as np
     rng = np.random.default_rng(0)
@@ -311,25 +298,28 @@ def test_split_guidance_takes_each_half_of_cfg_from_its_adapter(tiny_pipe_dir, t
         with m.adapter(adapter):
             return m.velocity(x, t, embeds, w)
     with torch.no_grad():
+        v_u, v_c = own("A", m.negative(2), 1.0), own("A", e, 1.0)
+        # separate forwards against one batched pair: float32 sums of terms 3.5 |v_u| and 4.5 |v_c|
         torch.testing.assert_close(branches.SplitGuidance(m, "A", "A").velocity(x, t, e, 4.5), own("A", e, 4.5),
-                                   atol=1e-5, rtol=1e-4)
+                                   atol=f32_atol(3.5 * v_u, 4.5 * v_c), rtol=0)
         mixed = branches.SplitGuidance(m, "A", "B")
-        torch.testing.assert_close(mixed.velocity(x, t, e, 1.0), own("B", e, 1.0), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(mixed.velocity(x, t, e, 0.0), own("A", m.negative(2), 1.0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mixed.velocity(x, t, e, 1.0), own("B", e, 1.0), atol=f32_atol(v_c), rtol=0)
+        torch.testing.assert_close(mixed.velocity(x, t, e, 0.0), v_u, atol=f32_atol(v_u), rtol=0)
         assert (own("A", e, 4.5) - own("B", e, 4.5)).abs().max() > 1e-3
 
-    data = tmp_path / "task"   # a reward that varies on a random model's images
+    # a reward continuous in the pixels (helpers.py): the two samplers' images differ by float32 rounding
+    data = tmp_path / "task"
     data.mkdir()
     (data / "test.txt").write_text("a red circle\nthe text \"A7\"\na blue square\n")
-    (data / "task.json").write_text(json.dumps({"reward": "jpeg_incompressibility=1"}))
+    (data / "task.json").write_text(json.dumps({"reward": "test_brightness=1"}))
     res = branches.main(["--model", tiny_pipe_dir, "--a", a, "--b", b, "--task", "t", "--dataset", str(data),
                          "--prompts", "3", "--steps", "2", "--out", str(tmp_path / "o" / "branches.json")])
     task = load_task("t", str(data))
     reward = make_reward(task.reward)
     for name, adapter in (("u=A,c=A", "A"), ("u=B,c=B", "B")):
         direct = evaluate.evaluate_task(m, task, reward, Dist("cpu"), adapter, 3, 2)
-        assert res[name]["result"] == pytest.approx(direct, abs=1e-5)
-    assert res["u=A,c=A"]["result"]["reward"] != pytest.approx(res["u=B,c=B"]["result"]["reward"], abs=1e-6)
+        assert res[name]["result"] == pytest.approx(direct, abs=f32_atol(1.0))  # mean pixel values
+    assert res["u=A,c=A"]["result"]["reward"] != pytest.approx(res["u=B,c=B"]["result"]["reward"], abs=f32_atol(1.0))
     assert set(json.loads((tmp_path / "o" / "branches.json").read_text())["results"]) == set(res)
     with pytest.raises(SystemExit, match="--a and --b"):
         branches.main(["--model", tiny_pipe_dir, "--a", a])

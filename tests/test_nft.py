@@ -2,9 +2,6 @@
 against float64 re-derivations written here from the paper notes, their limits, the old-policy
 schedule, 1 vs 2 ranks and exact resume."""
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +13,6 @@ import nft
 import teacher_rl
 from sample import gaussian_logprob, transition_mean
 
-ROOT = Path(__file__).resolve().parents[1]
 A_MAX = 5.0
 
 
@@ -179,22 +175,6 @@ def _state(out):
             for k, v in load_file(ckpt / f"{n}.safetensors").items()}
 
 
-def test_nft_two_ranks_make_the_same_updates_as_one(tiny_pipe_dir, tmp_path):
-    nft.main(_nft_args(tiny_pipe_dir, tmp_path / "one", "--steps", "2"))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "nft.py",
-                    *_nft_args(tiny_pipe_dir, tmp_path / "two", "--steps", "2")],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True)
-    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
-    diff = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm() / torch.cat([v.flatten() for v in one.values()]).norm()
-    assert diff < 1e-6, diff
-    m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["policy_loss"] for m in m1] == pytest.approx([m["policy_loss"] for m in m2], rel=1e-5)
-    # the old policy moved toward the trained weights, and is not equal to them (decay 0.2 x optimizer steps)
-    assert m1[1]["old_decay"] == pytest.approx(0.8) and any(not torch.equal(one[f"old_weights/p{i}"],
-                                                                            one[f"raw_weights/p{i}"]) for i in range(4))
-
-
 def test_nft_resume_reproduces_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
     nft.main(_nft_args(tiny_pipe_dir, tmp_path / "full", "--steps", "3", "--save_every", "1"))
     nft.main(_nft_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "2", "--save_every", "1"))
@@ -211,16 +191,13 @@ def _guard_args(model, out, *extra):
             "--clip_range", "2e-6", "--lr", "1e-4", "--kl_beta", "0", "--updates_per_rollout", "2", *extra]
 
 
-def test_guard_two_ranks_and_resume_match_one_uninterrupted_rank(tiny_pipe_dir, tmp_path):
-    """GRPO-Guard on- and off-policy (2 optimizer steps per rollout): 2 ranks = 1 rank, resume exact."""
+def test_guard_resume_matches_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
+    """GRPO-Guard on- and off-policy (2 optimizer steps per rollout): a resumed run is the uninterrupted
+    one bit for bit (its 2-rank run: tests/test_ranks.py)."""
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "one", "--steps", "2", "--save_every", "1"))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "teacher_rl.py", *_guard_args(tiny_pipe_dir, tmp_path / "two", "--steps", "2")],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True)
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "1", "--save_every", "1"))
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "2", "--save_every", "1", "--resume"))
-    one, two, cut = (load_file(tmp_path / n / "checkpoint" / "raw_weights.safetensors") for n in ("one", "two", "cut"))
-    diff = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm() / torch.cat([v.flatten() for v in one.values()]).norm()
-    assert diff < 1e-6 and all(torch.equal(one[k], cut[k]) for k in one)
+    one, cut = (load_file(tmp_path / n / "checkpoint" / "raw_weights.safetensors") for n in ("one", "cut"))
+    assert all(torch.equal(one[k], cut[k]) for k in one)
     metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["ratio_dev"] < 1e-5 and metrics[0]["grad_norm"] > 0

@@ -1,9 +1,6 @@
 """opd.py: the loss against analytic references, estimator agreement/variance, routing, 1 vs 2 ranks,
 exact resume and input errors."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import opd
+from helpers import f32_atol
 from harness import Dist
 from sample import sde_step
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sde_loss_equals_analytic_gaussian_kl():
@@ -44,24 +41,23 @@ def test_ode_loss_is_delta_squared_velocity_mse_and_sde_identity():
 
 
 def test_estimators_agree_in_expectation_and_closed_form_has_lower_variance():
-    """Linear velocity v_S = theta * x at random states; same rollouts for both estimators."""
+    """Linear velocity v_S = theta * x at R random states, one per row; each row's estimate of the gradient
+    is taken against its own copy of theta (so one backward gives all R); same rollouts for both."""
     torch.manual_seed(2)
     d, R, a, t, t_next = 4, 4000, 0.7, 0.8, 0.6
-    theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    theta = torch.randn(d, dtype=torch.float64)
     w_teacher = torch.randn(d, dtype=torch.float64)
-    grads = {"closed": [], "ppo": []}
-    for _ in range(R):
-        x = torch.randn(1, d, dtype=torch.float64)
-        eps = torch.randn(1, d, dtype=torch.float64)
-        with torch.no_grad():
-            x_next = sde_step(x, theta * x, t, t_next, a, 0.96, eps)[0]  # the student's own sample
-            mu_t = sde_step(x, w_teacher * x, t, t_next, a, 0.96, torch.zeros_like(x))[1]
-        for name in grads:
-            _, mu_s, sbar = sde_step(x, theta * x, t, t_next, a, 0.96, torch.zeros_like(x))
-            loss = (opd.closed_form_loss(mu_s, mu_t, sbar, ode=False) if name == "closed"
-                    else opd.ppo_style_loss(mu_s, mu_t, sbar, x_next))
-            grads[name].append(torch.autograd.grad(loss.sum(), theta)[0])
-    g_cf, g_ppo = torch.stack(grads["closed"]), torch.stack(grads["ppo"])
+    x, eps = torch.randn(R, d, dtype=torch.float64), torch.randn(R, d, dtype=torch.float64)
+    x_next = sde_step(x, theta * x, t, t_next, a, 0.96, eps)[0]  # the student's own samples
+    mu_t = sde_step(x, w_teacher * x, t, t_next, a, 0.96, torch.zeros_like(x))[1]
+    grads = {}
+    for name in ("closed", "ppo"):
+        rows = theta.repeat(R, 1).requires_grad_(True)             # (R, d): row r's copy of theta
+        _, mu_s, sbar = sde_step(x, rows * x, t, t_next, a, 0.96, torch.zeros_like(x))
+        loss = (opd.closed_form_loss(mu_s, mu_t, sbar, ode=False) if name == "closed"
+                else opd.ppo_style_loss(mu_s, mu_t, sbar, x_next))  # (R,), row r depends on rows[r] only
+        grads[name] = torch.autograd.grad(loss.sum(), rows)[0]     # (R, d) per-row gradients
+    g_cf, g_ppo = grads["closed"], grads["ppo"]
     se = (g_ppo - g_cf).std(0) / R**0.5
     assert ((g_ppo.mean(0) - g_cf.mean(0)).abs() < 4 * se).all(), (g_ppo.mean(0), g_cf.mean(0), se)
     assert g_ppo.var(0).sum() > 2 * g_cf.var(0).sum()
@@ -142,26 +138,8 @@ def test_detached_uncond_branch_changes_the_gradient_not_the_loss(teachers):
             p.grad = None
         loss = opd.batch_gradient(cfg, model, teacher, prompts, [11, 12], [0, 1], 1.0)
         out[detach] = loss, torch.cat([p.grad.flatten() for p in params])
-    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=f32_atol(out[False][0]), rtol=0)
     assert (out[True][1] - out[False][1]).norm() > 0.1 * out[False][1].norm()
-
-
-def test_two_ranks_make_the_same_update_as_one(teachers, tmp_path):
-    opd.main(_args(teachers, tmp_path / "one", "--steps", "2"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "opd.py", *_args(teachers, tmp_path / "two", "--steps", "2")],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
-    one = load_file(tmp_path / "one" / "checkpoint" / "raw_weights.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoint" / "raw_weights.safetensors")
-    # compared as a whole: a coordinate whose gradient is ~Adam's eps amplifies float-order noise; a gradient
-    # off by the world size (as before the mean over ranks was fixed) gives ~1e-4 here
-    diff = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm() / torch.cat([one[k].flatten() for k in one]).norm()
-    assert diff < 1e-6, diff
-    m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["loss/ocr"] for m in m1] == pytest.approx([m["loss/ocr"] for m in m2], rel=1e-4)
-    assert m1[1]["loss"] != m1[0]["loss"] and "eval/geneval/reward" in m1[-1]
 
 
 def test_resume_reproduces_the_uninterrupted_run(teachers, tmp_path):
@@ -263,33 +241,10 @@ def test_sft_fits_the_teachers_own_samples_by_flow_matching(tiny_pipe_dir, teach
             with torch.no_grad():
                 v = model.velocity(x_t, t, model.encode_prompts([prompts[i]]), 1.0)
             ref[i] += (v - (eps[k:k + 1] - x0[i:i + 1])).square().sum()
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref, atol=f32_atol(ref), rtol=0)  # other batch shapes, one quantity
     assert all(p.grad is not None for p in params)
     opd.main(_args(teachers, tmp_path / "sft", "--estimator", "sft", "--steps", "2"))
     metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] > 0 and "eval/ocr/distance" in metrics[-1]
 
 
-def test_one_flat_gradient_all_reduce_per_optimizer_step(tiny_pipe_dir, teachers, tmp_path):
-    """2 gloo ranks: every optimizer step all-reduces the student's gradient once, as one flat tensor of
-    all its trainable values (Dist.average_gradients); every other collective carries a few scalars."""
-    from model import FlowModel
-    n_trainable = sum(p.numel() for p in FlowModel.load(tiny_pipe_dir).add_student_lora(rank=4, alpha=8))
-    script = ("import json, os, sys, torch.distributed as tdist, opd\n"
-              "calls, real = [], tdist.all_reduce\n"
-              "def counted(t, *a, **k):\n"
-              "    calls.append(t.numel())\n"
-              "    return real(t, *a, **k)\n"
-              "tdist.all_reduce = counted\n"
-              "opd.main(sys.argv[1:])\n"
-              "print('CALLS', os.environ['RANK'], json.dumps(calls))\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "--no-python", sys.executable, "-c", script,
-                           *_args(teachers, tmp_path / "two", "--steps", "3", "--eval_every", "100",
-                                  "--distance_prompts", "0")],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for line in (line for line in done.stdout.splitlines() if line.startswith("CALLS")):
-        calls = json.loads(line.split(" ", 2)[2])
-        assert calls.count(n_trainable) == 3, calls  # one per optimizer step, the whole gradient at once
-        assert all(c <= 64 for c in calls if c != n_trainable), calls

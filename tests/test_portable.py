@@ -1,9 +1,10 @@
 """The repository works on any machine: no committed file holds a machine's absolute path, and the main
 command run from a copy of the repository, with this checkout made unreachable, uses the copy's model,
-data and teachers."""
+data and teachers, with a quiet console (no library chatter; the user's own warnings still shown)."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,12 +42,12 @@ def _hide_and_run(copy: Path, command: list[str]) -> subprocess.CompletedProcess
     empty.mkdir()
     mounts = " && ".join(f"mount --bind {empty if p.is_dir() else '/dev/null'} {p}"
                          for p in sorted(ROOT.iterdir()) if p.name != ".venv")
-    script = f"{mounts} && cd {copy} && exec " + " ".join(f"'{c}'" for c in command)
+    script = f"{mounts} && cd {copy} && exec " + shlex.join(command)
     for unshare in (["unshare", "-m", "--propagation", "private"], ["unshare", "-rm", "--propagation", "private"]):
         probe = subprocess.run([*unshare, "true"], capture_output=True)
         if probe.returncode == 0:
             return subprocess.run([*unshare, "bash", "-c", script], capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                  env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": ""})
     pytest.skip("no mount namespace here (needs root or unprivileged user namespaces) to hide the checkout")
 
 
@@ -57,11 +58,18 @@ def test_main_command_runs_from_a_copy_with_this_checkout_unreachable(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     teachers = sorted(str(p.relative_to(copy)) for p in (copy / "ckpts").iterdir())
-    # the main command (opd.py --teachers ckpts/*), one small round
-    done = _hide_and_run(copy, [sys.executable, "opd.py", "--teachers", *teachers, "--steps", "1",
-                                "--prompts_per_batch", "2", "--num_steps", "2", "--eval_prompts", "2",
-                                "--eval_steps", "2", "--out", "runs/opd"])
+    # the main command (opd.py --teachers ckpts/*), one small round, run as `python opd.py` runs it; then a
+    # warning of the user's own, which the quiet console must still show
+    args = ["--teachers", *teachers, "--steps", "1", "--prompts_per_batch", "2", "--num_steps", "2",
+            "--eval_prompts", "2", "--eval_steps", "2", "--out", "runs/opd"]
+    script = (f"import runpy, sys, warnings; sys.argv = ['opd.py', *{args!r}]; "
+              "runpy.run_path('opd.py', run_name='__main__'); warnings.warn('a real warning', UserWarning)")
+    done = _hide_and_run(copy, [sys.executable, "-c", script])
     assert done.returncode == 0, done.stderr[-3000:]
+    # a quiet console: no library chatter, real warnings still shown
+    for chatter in ("Loading pipeline components", "Already found a `peft_config`", "Could not find a config file"):
+        assert chatter not in done.stderr, chatter
+    assert "a real warning" in done.stderr
     assert "recipe: toy" in done.stderr  # the teachers' base resolved to the copy's embedded toy model
     saved = copy / "runs" / "opd" / "checkpoint"
     run_config = json.loads((saved / "run_config.json").read_text())

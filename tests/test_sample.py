@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers import f32_atol
 from sample import gaussian_kl, gaussian_logprob, make_noise, rollout, sde_step, time_grid
 
 
@@ -24,8 +25,10 @@ def test_logprob_equals_torch_normal():
     std = torch.rand(4) + 0.1
     logp_sum, logp_mean = gaussian_logprob(x_next, mean, std)
     ref = torch.distributions.Normal(mean.double(), std.double().view(4, 1, 1, 1)).log_prob(x_next.double())
-    torch.testing.assert_close(logp_sum.double(), ref.flatten(1).sum(1), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(logp_mean.double(), ref.flatten(1).mean(1), rtol=1e-5, atol=1e-5)
+    # float32 sums of 75 per-dim terms against float64: the tolerance scales with the terms summed
+    size = ref.abs().flatten(1)
+    torch.testing.assert_close(logp_sum.double(), ref.flatten(1).sum(1), atol=f32_atol(size.sum(1)), rtol=0)
+    torch.testing.assert_close(logp_mean.double(), ref.flatten(1).mean(1), atol=f32_atol(size.mean(1)), rtol=0)
 
 
 def _step_reference_float64(x, v, t, t_next, a, t_guard):
@@ -93,7 +96,8 @@ def test_rollout_shapes_and_determinism(tiny_model, noise_level):
     assert tr1.latents.shape == (3, 5, 8, 16, 16) and tr1.t.shape == (5,)
     assert tr1.logp_sum.shape == (3, 4) and tr1.sbar.shape == (4,) and tr1.images.shape == (3, 3, 32, 32)
     assert 0 <= tr1.images.min() and tr1.images.max() <= 1
-    torch.testing.assert_close(tr1.latents[1:], tr2.latents, atol=1e-5, rtol=1e-5)  # sample i depends on seed i only
+    # sample i depends on seed i only (batches of 3 and 2: other float32 sums, the same latents)
+    torch.testing.assert_close(tr1.latents[1:], tr2.latents, atol=f32_atol(tr1.latents), rtol=0)
     assert not torch.allclose(tr1.latents[0, -1], tr1.latents[1, -1])
     if noise_level > 0:
         # the stored log-prob is the density of the stored next state under the stored step

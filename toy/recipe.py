@@ -33,9 +33,6 @@ TOY_RECIPE = {
         "per_group_std": (True, "with 4 groups per step the global std mixes prompts of very different difficulty"),
         "kl_beta": (0.0, "runs of 100-200 steps do not drift far from the base (Flow-GRPO: 0.04)"),
         "timestep_fraction": (0.6, "6 of 10 steps trained: 40% less compute per step within the 15-min budget"),
-        "cfg_detach_uncond": (False, "the toy teachers are trained with the uncond branch attached: on toy GenEval "
-                                     "it peaked at strict 0.258 vs 0.183 detached (one seed each, within the "
-                                     "run-to-run spread; docs/stage1.md)"),
         "rollout_batch": (32, "CPU: one rollout forward for the whole step (GPU memory sets Flow-GRPO's 9)"),
         "train_batch": (32, "CPU: one training forward for the whole step (GPU memory sets Flow-GRPO's 9)"),
     },
