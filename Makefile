@@ -23,9 +23,9 @@ opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
 # The shipped teachers' commands (docs/stage1.md: the side-by-side they were chosen from)
-TEACHER_geneval := teacher_rl.py --lr 1e-3 --steps 90 --eval_every 30 --save_every 30
-TEACHER_ocr := teacher_rl.py --steps 210 --eval_every 30 --save_every 30
-TEACHER_aesthetic := nft.py --steps 90 --eval_every 90 --save_every 30
+TEACHER_geneval := teacher_rl.py --model models/toy-sd3 --lr 1e-3 --steps 90 --eval_every 30 --save_every 30
+TEACHER_ocr := teacher_rl.py --model models/toy-sd3 --steps 210 --eval_every 30 --save_every 30
+TEACHER_aesthetic := nft.py --model models/toy-sd3 --steps 90 --eval_every 90 --save_every 30
 
 teachers: .venv/done  ## Stage 1 on the toy world: the commands of the three shipped teachers, one after another, into ckpts/ (reproducibility: docs/stage1.md)
 	mkdir -p runs
@@ -47,7 +47,7 @@ pretrain: .venv/done  ## the embedded base model, from scratch (measured time: d
 	$(PY) -m toy.pretrain --out models/toy-sd3
 
 samples: .venv/done  ## a grid from the embedded base
-	$(PY) sample.py --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
+	$(PY) sample.py --model models/toy-sd3 --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
 		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
 
 bench-gpu: .venv/done  ## README's GPU tables: full-size SD3.5-M transformer, random weights, 1 GPU, no download (~8 min)

@@ -1,4 +1,4 @@
-"""The evaluation protocol of paper section 7, shared by teacher_rl.py, opd.py and the study.
+"""The evaluation protocol of paper section 7, shared by teacher_rl.py, nft.py, opd.py and the study.
 
 The deterministic ODE sampler (noise level 0), EVAL_STEPS = 40 steps, CFG EVAL_GUIDANCE = 4.5, one
 image per prompt, prompt i of a task's test file always seeded with `seed + i` (whatever the batch or
@@ -64,7 +64,7 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
         scores.append(s)
         keyed.append(info[key] if key else s)
         images.append(imgs.cpu())
-        for k, v in info.items():  # the reward's other per-image terms (e.g. toy_aesthetic/align)
+        for k, v in info.items():  # the reward's other per-image terms (e.g. a judge's sub-scores)
             if k != key:
                 terms.setdefault(k, []).append(v.float())
     # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score
@@ -96,6 +96,32 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     if grid_path and dist.is_main:
         save_grid(torch.cat(images)[:16], grid_path, scale=4)
     return result
+
+
+def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step: int, guidance: float,
+                     per_task_keys: bool) -> tuple[dict, dict]:
+    """The EMA student of a training run (`trainer`: harness.StudentTrainer) on every task, with the
+    protocol above at `guidance` (the CFG the model samples with), cfg.eval_prompts test prompts and
+    cfg.eval_steps steps; a PNG grid per task in the run's samples/. Returns (metrics, images):
+    {"eval/<task>/<key>" (per_task_keys) or "eval/<key>": value, "sec/eval": seconds} and {tag: png path}."""
+    import time
+
+    from tqdm import tqdm
+    t0, metrics, images = time.perf_counter(), {}, {}
+    with trainer.ema_weights():
+        for task in tasks:
+            suffix = f"_{task.name}" if per_task_keys else ""
+            tag = f"samples/{task.name}" if per_task_keys else "samples"
+            images[tag] = f"{trainer.run.path}/samples/step{step + 1:05d}{suffix}.png"
+            res = evaluate_task(trainer.model, task, rewards[task.name], dist, "student", cfg.eval_prompts,
+                                cfg.eval_steps, guidance, grid_path=images[tag])
+            prefix = f"eval/{task.name}/" if per_task_keys else "eval/"
+            metrics.update({prefix + k: v for k, v in res.items()})
+            if dist.is_main:
+                tqdm.write(f"step {step + 1} evaluation of {task.name} (EMA student, ODE {cfg.eval_steps} steps): "
+                           + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    metrics["sec/eval"] = time.perf_counter() - t0
+    return metrics, images
 
 
 # ---------------------------------------------------------------------- uncertainty

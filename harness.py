@@ -1,7 +1,8 @@
-"""The training-run harness shared by teacher_rl.py, opd.py and toy/pretrain.py.
+"""The training-run harness shared by teacher_rl.py, nft.py, opd.py and toy/pretrain.py.
 
 One place for what every training script needs and none of them is about: a commented config
-dataclass read from the command line, the recipe in force (the paper's, or the toy world's), the
+dataclass read from the command line, the recipe in force (the paper's defaults, or the values a base
+model folder carries in its recipe.json for its own scale), the
 distributed helper (plain `python` or `torchrun`, gloo on CPU, NCCL on CUDA), the run directory
 (resolved config, one JSONL metrics line per step, checkpoints that survive a kill at any instant,
 exact resume), the EMA of the trainable weights (paper section 7) and the update that never lets a
@@ -31,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -40,7 +42,8 @@ import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from evaluate import EVAL_STEPS
-from model import is_toy_model
+from jsonfiles import read_json
+from model import portable_path, repo_path
 from reporting import Trackers, command_line, model_card, parse_report_to, push_to_hub
 
 
@@ -117,26 +120,42 @@ def apply_values(cfg, given: set[str], values: dict[str, tuple]) -> dict[str, tu
     return changed
 
 
-def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
-    """Resolve cfg.recipe ("auto": "toy" on the embedded toy base, else "paper") and, for "toy", set the
-    toy-scale values of toy/recipe.py to the keys still at their default that the command line did not
-    set (apply_values). Returns {key: (paper value, toy value, reason)} of what was changed; cfg.recipe
-    holds the resolved name (saved in config.json)."""
-    require(cfg.recipe in ("auto", "paper", "toy"), f"--recipe must be auto, paper or toy, got {cfg.recipe!r}")
-    if cfg.recipe == "auto":
-        cfg.recipe = "toy" if is_toy_model(model) else "paper"
+RECIPE_FILE = "recipe.json"  # a base model folder's own recipe (values for its scale, with reasons)
+
+
+def recipe_of(cfg, model: str) -> tuple[str, dict]:
+    """The recipe cfg.recipe names: "auto" is the model folder's recipe.json if it has one, else the
+    paper's; "paper" is none; a path is that recipe file. Returns (its name as saved, its contents)."""
     if cfg.recipe == "paper":
-        return {}
-    from toy.recipe import TOY_RECIPE  # the toy world is imported only when its recipe is in force
-    return apply_values(cfg, given, TOY_RECIPE[script])
+        return "paper", {}
+    path = Path(repo_path(model)) / RECIPE_FILE if cfg.recipe == "auto" else Path(repo_path(cfg.recipe))
+    if cfg.recipe == "auto" and not path.is_file():
+        return "paper", {}
+    if not path.is_file():
+        raise ValueError(f"--recipe must be auto, paper or the path of a recipe.json, got {cfg.recipe!r} "
+                         "(no such file)")
+    return portable_path(str(path)), read_json(path, "recipe file")
+
+
+def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
+    """Set the values of the recipe in force (recipe_of) for `script` to the keys still at their default
+    that the command line did not set (apply_values); its "datasets" give a Stage-1 task its prompt
+    folder when --dataset is not given. Returns {key: (default, value, reason)} of what was changed;
+    cfg.recipe holds the resolved name (saved in config.json)."""
+    cfg.recipe, recipe = recipe_of(cfg, model)
+    values = {key: (v["value"], v["reason"]) for key, v in recipe.get(script, {}).items()}
+    datasets = recipe.get("datasets", {})
+    if hasattr(cfg, "dataset") and cfg.task in datasets.get("value", {}):
+        values["dataset"] = (datasets["value"][cfg.task], datasets["reason"])
+    return apply_values(cfg, given, values)
 
 
 def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
     """The lines printed at start: which recipe is in force and every value it changed, with why."""
     if cfg.recipe == "paper":
         return "recipe: the paper's (every default as in paper sections 7-8)"
-    lines = [f"recipe: toy (toy/recipe.py; --recipe paper for the paper's values), {len(changed)} values differ:"]
-    lines += [f"  {key} = {toy!r} (paper {paper!r}): {reason}" for key, (paper, toy, reason) in changed.items()]
+    lines = [f"recipe: {cfg.recipe} (--recipe paper for the paper's values), {len(changed)} values differ:"]
+    lines += [f"  {key} = {value!r} (paper {default!r}): {reason}" for key, (default, value, reason) in changed.items()]
     return "\n".join(lines)
 
 
@@ -206,6 +225,39 @@ class Dist:
     def close(self):
         if self.world > 1 and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def trained_steps(cfg) -> list[int]:
+    """The sampling steps j whose transitions are trained, one meaning for every script: cfg.train_steps
+    when the script has that field and it is set, else Flow-GRPO's and the release's first
+    K = int(N x timestep_fraction) steps 0 .. K-1 (paper: 0..8 of 10; the last step is never trained)."""
+    return list(getattr(cfg, "train_steps", None) or range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
+
+
+class Phases:
+    """Seconds spent in each named phase of a step: `with phases("rollout"): ...`; phases.sec holds
+    them (exact on CUDA: synchronised). A benchmark may pass its own hook with the same call."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sec = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.sec[name] = self.sec.get(name, 0.0) + self._clock() - t0
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def no_phase(name: str):
+    """The phase hook that times nothing."""
+    return contextlib.nullcontext()
 
 
 def step_seed(seed: int, step: int, index: int = 0) -> int:
@@ -453,7 +505,7 @@ class RunDir:
 @dataclasses.dataclass
 class StudentConfig:
     """Fields every student-training script shares (paper section 7 defaults)."""
-    recipe: str = "auto"                # paper | toy | auto (toy on the embedded toy base; toy/recipe.py)
+    recipe: str = "auto"                # auto (the base folder's recipe.json, if any) | paper | a recipe.json
     height: int = 512                   # pixels (paper: 512); 0 = the model's default resolution
     width: int = 512
     lora_rank: int = 32                 # LoRA r on the 8 attention projections
@@ -585,6 +637,16 @@ class StudentTrainer:
             vals = self.dist.sum(vals) / self.dist.world
             vals = torch.where(torch.tensor([k.endswith("_dev") for k in keys], device=vals.device), maxes, vals)
         return dict(zip(keys, vals.tolist()))
+
+
+def update_or_stop(trainer: StudentTrainer, step: int, losses: list[torch.Tensor], metrics: dict | None = None):
+    """trainer.update on this rank's losses; after too many non-finite steps in a row, the step is
+    logged (`skipped_nonfinite`) and the run stops with one line. Returns (grad norm, skipped)."""
+    try:
+        return trainer.update(step, torch.cat(losses))
+    except NonFiniteError as e:
+        trainer.run.log({**(metrics or {}), "step": step, "skipped_nonfinite": 1})
+        fail(e)
 
 
 def check_same_base(adapter_dir: str, model) -> None:

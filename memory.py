@@ -304,9 +304,40 @@ def format_table(table: list[tuple[Setting, int]], chosen: Setting | None, budge
     return "\n".join(lines)
 
 
+def plan_round(cfg, dist, given: set[str], n_teachers: int, dtype: torch.dtype, steps: list[int]) -> str:
+    """opd.py's plan, before anything loads: predict the peak memory of a round for each setting, set on
+    `cfg` the fastest that fits the budget (--max_memory_gb, or the GPU's memory on CUDA) for the chunk
+    sizes and checkpointing the command line did not set (`given`). Returns the plan's table to print
+    ("" without a budget, or a line saying why it was skipped); a ValueError naming the numbers when
+    nothing fits, or when --max_memory_gb is given for a model without local configs."""
+    budget = cfg.max_memory_gb * GiB
+    if not budget and dist.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(dist.device).total_memory
+    if not budget:
+        return ""
+    from model import resolution_rule
+    try:
+        rule = resolution_rule(cfg.model)
+        if rule is None:
+            raise FileNotFoundError(f"{cfg.model} has no local configs to plan from")
+        height, width = cfg.height or rule[1], cfg.width or rule[1]
+        fp = footprint(cfg.model, height, width, dtype, cfg.lora_rank, text_length(cfg.model))
+    except FileNotFoundError as e:
+        if cfg.max_memory_gb:
+            raise ValueError(f"--max_memory_gb: {e}") from None
+        return f"memory plan skipped ({e})"
+    prompts = cfg.prompts_per_batch // dist.world
+    fixed = {k for k in ("train_chunk", "teacher_chunk", "grad_checkpointing") if k in given}
+    chosen, table = plan(fp, budget, prompts, len(steps), cfg.num_steps, n_teachers,
+                         fixed={k: getattr(cfg, k) for k in fixed})
+    for key in ("train_chunk", "teacher_chunk", "grad_checkpointing"):
+        setattr(cfg, key, getattr(chosen, key))
+    return format_table(table, chosen, budget)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Predict the peak memory of an OPD round for each setting.")
-    ap.add_argument("--model", default="models/toy-sd3")
+    ap.add_argument("--model", required=True, help="SD3 pipeline folder (or a cached hub id)")
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

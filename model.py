@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 REPO = Path(__file__).resolve().parent     # the repository root
-TOY_MODEL = "models/toy-sd3"               # the embedded default base, a path inside the repository
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"  # the paper's base model (section 7)
 MAX_SEQUENCE_LENGTH = 128                  # T5 tokens per prompt: the release's and Flow-GRPO's (section 7)
 STUDENT = "student"                        # the trainable adapter's name
 PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = (
@@ -74,10 +74,12 @@ def portable_path(path: str) -> str:
         return path
 
 
-def is_toy_model(path: str) -> bool:
-    """Whether `path` is the embedded toy base (the scripts then apply the toy recipe, toy/recipe.py)."""
-    resolved = Path(repo_path(path))
-    return resolved.exists() and resolved.resolve() == (REPO / TOY_MODEL).resolve()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # transformer weights (opd.py --dtype)
+
+
+def weights_dtype(name: str, dist) -> torch.dtype:
+    """--dtype as a torch dtype: "auto" is bfloat16 on CUDA and float32 on CPU."""
+    return DTYPES[name] if name != "auto" else torch.bfloat16 if dist.device.type == "cuda" else torch.float32
 
 
 @dataclass

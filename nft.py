@@ -25,8 +25,9 @@ Notation (paper -> code)
 The defaults are the NVlabs recipe for SD3.5-M GenEval (config/nft.py sd3_geneval): 48 prompts x 24
 images per step, one optimizer step, global std, beta 1.0, beta_ref 1e-4, lr 3e-4, guidance 1.0, 10
 steps, EMA 0.9 every step for evaluation, 512 px; OCR: --beta 0.1 --updates_per_rollout 2
---old_decay_flat 75 --old_decay_rate 0.0075 --old_decay_max 0.999. On the embedded toy model the toy
-recipe (toy/recipe.py) changes a few values, printed at start and saved in config.json.
+--old_decay_flat 75 --old_decay_rate 0.0075 --old_decay_max 0.999. A base model folder's recipe.json
+(the embedded base's holds its CPU-scale values) changes a few values, printed at start and saved in
+config.json. What Stage 1's scripts share is in stage1.py.
 
 Departures from the reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py)
 1. Rollouts use the Euler ODE step (sample.rollout with a = 0), not the 2nd-order DPM solver; the
@@ -43,25 +44,24 @@ Departures from the reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.p
    `max_skipped_steps` in a row (harness.StudentTrainer.update).
 
 Run:
-    python nft.py --task geneval --out runs/nft-geneval                   # CPU, toy world
-    torchrun --nproc_per_node=8 nft.py --model stabilityai/stable-diffusion-3.5-medium \\
-        --task geneval --dataset dataset/geneval --reward geneval=1 --out runs/nft-geneval   # SD3.5-M
-    python nft.py --task mixed --out runs/multitask-nft                   # multi-task NFT baseline
-    python nft.py --task ocr --init_lora runs/nft-geneval/checkpoint --out runs/cascade-2-ocr   # cascade NFT
+    python nft.py --model models/toy-sd3 --task geneval --out runs/nft-geneval     # CPU, the embedded base
+    torchrun --nproc_per_node=8 nft.py --task geneval --dataset dataset/geneval --out runs/nft-geneval  # SD3.5-M
+    python nft.py --model models/toy-sd3 --task mixed --out runs/multitask-nft     # multi-task NFT baseline
+    python nft.py --model models/toy-sd3 --task ocr --init_lora runs/nft-geneval/checkpoint \\
+        --out runs/cascade-2-ocr                                                   # cascade NFT, second stage
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import stage1
 from data import load_prompts
-from harness import parse_config, require, require_positive, step_seed
+from harness import Phases, parse_config, require, require_positive, step_seed, trained_steps, update_or_stop
 from sample import rollout
-from teacher_rl import (Stage1Config, finish_step, score, start_stage1, step_prompts, trained_steps, update,
-                        update_layout)
+from stage1 import Stage1Config
 
 OLD = "old"  # the old policy's adapter name
 
@@ -69,7 +69,7 @@ OLD = "old"  # the old policy's adapter name
 @dataclass
 class NFTConfig(Stage1Config):
     """DiffusionNFT teacher training (one task, or several rewards on a mixed prompt set).
-    Fields shared with teacher_rl.py are in teacher_rl.Stage1Config."""
+    Fields shared with teacher_rl.py are in stage1.Stage1Config."""
     updates_per_rollout: int = 1        # optimizer steps per rollout batch (NVlabs OCR: 2)
     guidance: float = 1.0               # CFG of the rollouts and the training forwards (CFG-free)
     beta: float = 1.0                   # implicit-policy strength (NVlabs: 1.0 GenEval/PickScore, 0.1 OCR)
@@ -120,10 +120,14 @@ def update_old(old: list[torch.Tensor], params: list[torch.Tensor], decay: float
         o.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+# a prime offset of the image's seed: its training points draw from another stream than its rollout
+POINTS_STREAM = 7919
+
+
 def training_points(seed: int, step: int, index: int, grid: torch.Tensor, k: int, shape):
     """Image `index`'s K training times (a random order of the grid's t_0..t_{N-1}, the first K) and
     its noise at each, from its own generator (departure 2). Returns (t (K,), eps (K, *shape))."""
-    g = torch.Generator().manual_seed(step_seed(seed, step, index) + 7919)  # not the rollout's stream
+    g = torch.Generator().manual_seed(step_seed(seed, step, index) + POINTS_STREAM)
     order = torch.randperm(len(grid) - 1, generator=g)[:k]
     return grid[order], torch.randn((k, *shape), generator=g)
 
@@ -139,7 +143,7 @@ def _nft_checks(cfg: NFTConfig) -> None:
 def main(argv=None):
     cfg = parse_config(NFTConfig, argv)
     cfg.out = cfg.out or f"runs/nft-{cfg.task}"
-    started = start_stage1(cfg, argv, "nft.py", "nft", _nft_checks)
+    started = stage1.start(cfg, argv, "nft.py", "nft", _nft_checks)
     if started is None:
         return cfg
     dist, task, reward_fn, run, model, trainer = started
@@ -147,78 +151,75 @@ def main(argv=None):
     trainer.tensors[OLD] = old         # saved with every checkpoint, restored on --resume
     start = trainer.begin()
     train_prompts, train_metas = load_prompts(task.dataset, "train")
-    order, mine = update_layout(cfg.batch, cfg.updates_per_rollout, dist)
-    n_train = trained_steps(cfg)
+    order, mine = stage1.update_layout(cfg.batch, cfg.updates_per_rollout, dist)
+    n_train = len(trained_steps(cfg))  # K training points per image (random grid times, not steps 0..K-1)
     saved = {"task": task.name, "dataset": task.dataset, "reward": task.reward, "guidance": task.guidance,
              "eval_key": task.eval_key, "algorithm": "nft"}
 
     bar = tqdm(range(start, cfg.steps), desc=f"nft {task.name}", disable=not dist.is_main, initial=start,
                total=cfg.steps)
     for step in bar:
-        timer = {}
+        phase = Phases(dist.device)
         # ---- rollout with the old policy: deterministic sampler, CFG cfg.guidance; keep the clean x0
-        t0 = time.perf_counter()
-        prompts, metas, seeds = step_prompts(cfg, step, mine, train_prompts, train_metas)
-        embeds = model.encode_prompts(prompts)
-        trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
-                         cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
-                 for b in range(0, len(seeds), cfg.rollout_batch)]
-        x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
-        grid = trajs[0].t
-        timer["rollout"] = time.perf_counter() - t0
+        with phase("rollout"):
+            prompts, metas, seeds = stage1.step_prompts(cfg, step, mine, train_prompts, train_metas)
+            embeds = model.encode_prompts(prompts)
+            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
+                             cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
+                     for b in range(0, len(seeds), cfg.rollout_batch)]
+            x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
+            grid = trajs[0].t
 
         # ---- reward, gathered over ranks; advantages and optimality probabilities
-        t0 = time.perf_counter()
-        all_scores, adv_all, zero_std, info = score(reward_fn, torch.cat([t.images for t in trajs]), prompts, metas,
-                                                    order, cfg, dist)
-        r_all = optimality(adv_all[mine], cfg.adv_clip)
-        timer["reward"] = time.perf_counter() - t0
+        with phase("reward"):
+            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, torch.cat([t.images for t in trajs]),
+                                                               prompts, metas, order, cfg, dist)
+            r_all = optimality(adv_all[mine], cfg.adv_clip)
 
         # ---- loss at K forward-process points per image
-        t0 = time.perf_counter()
-        points = [training_points(cfg.seed, step, i, grid, n_train, x0.shape[1:]) for i in mine]
-        t_all = torch.stack([p[0] for p in points])      # (B, K)
-        eps_all = torch.stack([p[1] for p in points])    # (B, K, C, h, w)
-        per_update = len(seeds) // cfg.updates_per_rollout
-        stats = {"policy_loss": 0.0, "ref_dev": 0.0}
-        skipped_any = False
-        for u in range(cfg.updates_per_rollout):
-            losses = []
-            for b in range(u * per_update, (u + 1) * per_update, cfg.train_batch):
-                sl = slice(b, min(b + cfg.train_batch, (u + 1) * per_update))
-                x0_b, r_b = x0[sl].to(model.device), r_all[sl].to(model.device)
-                for k in range(n_train):
-                    t, eps = t_all[sl, k].to(model.device), eps_all[sl, k].to(model.device)
-                    tt = t.reshape(-1, 1, 1, 1)
-                    # x_t = (1 - t) x0 + t eps
-                    x_t = (1 - tt) * x0_b + tt * eps
-                    with torch.no_grad():
-                        with model.adapter(OLD):
-                            v_old = model.velocity(x_t, t, embeds[sl], cfg.guidance)
-                        v_ref = None
-                        if cfg.ref_beta > 0:
-                            with model.adapter(None):
-                                v_ref = model.velocity(x_t, t, embeds[sl], cfg.guidance)
-                    v = model.velocity(x_t, t, embeds[sl], cfg.guidance)
-                    loss, terms = nft_loss(v, v_old, v_ref, x_t, x0_b, t, r_b, cfg)
-                    (loss.sum() / (per_update * n_train)).backward()
-                    losses.append(loss.detach())
-                    for key, value in terms.items():
-                        stats[key] += value.sum().item() / (len(seeds) * n_train)
-            grad_norm, skipped = update(trainer, step, losses)
-            skipped_any |= skipped
-        # ---- the old policy follows the trained one
-        decay = old_decay(cfg, (step + 1) * cfg.updates_per_rollout)
-        update_old(old, trainer.params, decay)
-        timer["train"] = time.perf_counter() - t0
+        with phase("train"):
+            points = [training_points(cfg.seed, step, i, grid, n_train, x0.shape[1:]) for i in mine]
+            t_all = torch.stack([p[0] for p in points])      # (B, K)
+            eps_all = torch.stack([p[1] for p in points])    # (B, K, C, h, w)
+            per_update = len(seeds) // cfg.updates_per_rollout
+            stats = {"policy_loss": 0.0, "ref_dev": 0.0}
+            skipped_any = False
+            for u in range(cfg.updates_per_rollout):
+                losses = []
+                for b in range(u * per_update, (u + 1) * per_update, cfg.train_batch):
+                    sl = slice(b, min(b + cfg.train_batch, (u + 1) * per_update))
+                    x0_b, r_b = x0[sl].to(model.device), r_all[sl].to(model.device)
+                    for k in range(n_train):
+                        t, eps = t_all[sl, k].to(model.device), eps_all[sl, k].to(model.device)
+                        tt = t.reshape(-1, 1, 1, 1)
+                        # x_t = (1 - t) x0 + t eps
+                        x_t = (1 - tt) * x0_b + tt * eps
+                        with torch.no_grad():
+                            with model.adapter(OLD):
+                                v_old = model.velocity(x_t, t, embeds[sl], cfg.guidance)
+                            v_ref = None
+                            if cfg.ref_beta > 0:
+                                with model.adapter(None):
+                                    v_ref = model.velocity(x_t, t, embeds[sl], cfg.guidance)
+                        v = model.velocity(x_t, t, embeds[sl], cfg.guidance)
+                        loss, terms = nft_loss(v, v_old, v_ref, x_t, x0_b, t, r_b, cfg)
+                        (loss.sum() / (per_update * n_train)).backward()
+                        losses.append(loss.detach())
+                        for key, value in terms.items():
+                            stats[key] += value.sum().item() / (len(seeds) * n_train)
+                grad_norm, skipped = update_or_stop(trainer, step, losses)
+                skipped_any |= skipped
+            # ---- the old policy follows the trained one
+            decay = old_decay(cfg, (step + 1) * cfg.updates_per_rollout)
+            update_old(old, trainer.params, decay)
 
         # ---- log, evaluate the EMA weights, checkpoint
         metrics = {"step": step, "reward_mean": all_scores.mean().item(), "reward_std": all_scores.std().item(),
                    "zero_std_groups": zero_std, "grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any),
                    "old_decay": decay, **trainer.mean_over_ranks(stats),
                    **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
-                   **{f"sec/{k}": v for k, v in timer.items()}}
-        finish_step(cfg, step, metrics, trainer, model, task, reward_fn, dist, saved, bar)
+                   **{f"sec/{k}": v for k, v in phase.sec.items()}}
+        stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)
     trainer.finish()
     dist.close()
 

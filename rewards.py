@@ -16,12 +16,13 @@ Rewards (section 10; s = scores):
   clipscore        s = cos(text, image), openai/clip-vit-large-patch14
   aesthetic        s = MLP(image_emb / |image_emb|), LAION improved aesthetic predictor on CLIP-L/14
   ocr              s = 1 - min(d, |y|) / |y|, y = first "quoted" span, d = 0 if y in OCR text else Levenshtein
-  geneval          geneval_rules.py on Mask2Former detections + CLIP-L/14 colours; s = Flow-GRPO partial
+  geneval          rules.py's GenEval rules on Mask2Former detections + CLIP-L/14 colours; s = Flow-GRPO partial
                    credit, info["strict"] = GenEval's all-clauses accuracy (the number the paper reports)
   http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
   jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
   hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
-  toy_geneval, toy_ocr, toy_aesthetic   tiny stand-ins implemented in toy/world.py
+Other modules register their own rewards with `register` (a dataset's task.json names the module that
+registers its reward as "reward_module": data.load_task imports it), e.g. the embedded world's.
 
 Options and environment variables (an option wins over its variable, which wins over the default):
   pickscore   model (PICKSCORE_MODEL, yuvalkirstain/PickScore_v1),
@@ -62,7 +63,7 @@ Departures from the paper / reference code, with reasons:
  5. info["strict"] is GenEval's own rule (evaluate_images.py: at least n objects, exclude clauses),
     not Flow-GRPO's exact-count "strict_rewards".
  6. OCR: a prompt without a double-quoted span raises ValueError (Flow-GRPO: IndexError), OCR errors
-    propagate instead of scoring 0, and Levenshtein is computed here (python-Levenshtein is not a dep).
+    propagate instead of scoring 0, and Levenshtein is computed in rules.py (python-Levenshtein is not a dep).
  7. CLIPScore is the plain cosine of the paper's table (Flow-GRPO trains on 100 * cos / 30).
  8. JPEG rewards are DDPO's (kB, negated); Flow-GRPO divides the compressibility by 500.
  (Not a departure: every image reward quantises images to uint8 first, as the reference scorers do.)
@@ -82,7 +83,6 @@ import json
 import numbers
 import os
 import pickle
-import re
 import threading
 import time
 import urllib.error
@@ -93,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from geneval_rules import COLORS, _kept_objects, _relations, geneval_score  # noqa: F401 (re-exported)
+from rules import COLORS, _kept_objects, geneval_score, ocr_score, quoted_target
 
 REWARDS = {}  # name -> factory(device, dtype, **options) -> fn(images, prompts, metadata)
 _LOADED = {}  # (name, device, dtype, options) -> fn
@@ -345,35 +345,6 @@ def _aesthetic(device, dtype, clip_model=None, mlp_path=None):
 # -------------------- OCR -------------------------------------------------------------------------
 
 
-def quoted_target(prompt):
-    """The text an OCR prompt asks to render: its first double-quoted span."""
-    match = re.search(r'"([^"]*)"', prompt)
-    if match is None:
-        raise ValueError(f'OCR reward: the prompt has no double-quoted text to render: {prompt!r}')
-    return match.group(1)
-
-
-def _levenshtein(a, b):
-    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
-def ocr_score(recognised, target):
-    """Flow-GRPO's OCR reward of one image, in [0, 1]; case and spaces are ignored."""
-    recognised, target = recognised.replace(" ", "").lower(), target.replace(" ", "").lower()
-    if not target:
-        raise ValueError("OCR reward: the quoted target text is empty")
-    # d = 0 if y is a substring of the recognised text, else Levenshtein(text, y), capped at |y|
-    distance = 0 if target in recognised else min(_levenshtein(recognised, target), len(target))
-    # r = 1 - d / |y|
-    return 1 - distance / len(target)
-
-
 def _ocr_reader(engine, device):
     """A callable: (H, W, 3) uint8 RGB array -> all recognised text."""
     if engine not in ("auto", "easyocr", "paddleocr"):
@@ -407,7 +378,7 @@ def _ocr(device, dtype, engine="auto", reader=None):
     return ocr
 
 
-# -------------------- GenEval: geneval_rules.py's rules on Mask2Former + CLIP colour detections -----
+# -------------------- GenEval: rules.py's rules on Mask2Former + CLIP colour detections -----
 
 COLOR_TEMPLATES = ["a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object"]
 _COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
@@ -609,22 +580,3 @@ def _imagereward(device, dtype, model="ImageReward-v1.0"):
         pils = _pil_images(images, prompts, metadata)
         return _scores([float(scorer.score(prompt, pil)) for prompt, pil in zip(prompts, pils)]), {}
     return imagereward
-
-
-# -------------------- toy rewards (toy/world.py): pure functions with the standard signature, no device or options ---
-
-
-def _toy(name, function_name):
-    @register(name)
-    def factory(device, dtype, **options):
-        if options:
-            raise ValueError(f"reward {name!r} takes no options, got {options}")
-        from toy import world
-        return getattr(world, function_name)
-    return factory
-
-
-_toy("toy_geneval", "geneval_reward")
-_toy("toy_ocr", "ocr_reward")
-_toy("toy_aesthetic", "aesthetic_reward")
-

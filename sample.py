@@ -22,7 +22,8 @@ Departures from the reference code (Flow-GRPO)
    regenerable alone, on any device and in any batch.
 
 Run:
-    python sample.py --prompt 'a photo of two red circles' --prompt 'a sign that says "A7"' --out grid.png
+    python sample.py --model models/toy-sd3 --prompt 'a photo of two red circles' --prompt 'a sign that says "A7"' \\
+        --out grid.png                                                   # CPU, the embedded base
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --lora ckpts/x --height 512 --width 512
 """
 from __future__ import annotations
@@ -204,9 +205,9 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    from model import TOY_MODEL, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
+    from model import SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
-    ap.add_argument("--model", default=TOY_MODEL, help="pipeline folder or hub id (default: the embedded toy model)")
+    ap.add_argument("--model", default=SD35_MEDIUM, help="pipeline folder or hub id (default: the paper's SD3.5-M)")
     ap.add_argument("--lora", default=None, help="PEFT LoRA folder to apply")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--n-per-prompt", type=int, default=1)

@@ -68,9 +68,10 @@ import memory
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Dist, StudentTrainer, apply_recipe, given_keys, parse_config
-from model import LORA_TARGETS, STUDENT, FlowModel
+from harness import Dist, Phases, StudentTrainer, apply_recipe, given_keys, parse_config, trained_steps
+from model import LORA_TARGETS, STUDENT, FlowModel, weights_dtype
 from sample import rollout
+from teachers import load_teachers, resolve_teachers, validate
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
@@ -323,21 +324,21 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
     tmp = tempfile.TemporaryDirectory(prefix="bench-")
     if cfg.sd35m_random:
         model = FlowModel(sd35m_random_pipeline(cfg.layers, cfg.text_len, dist.device), dist.device,
-                          opd.weights_dtype(cfg, dist), cfg.text_len, name="sd35m-random")
+                          weights_dtype(cfg.dtype, dist), cfg.text_len, name="sd35m-random")
         # one random LoRA, saved and loaded once per task exactly as opd.py loads trained teachers
         model.add_student_lora(cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed + 1)
         model.save_student(f"{tmp.name}/teacher", {"base_model": "sd35m-random"})
         model.transformer.delete_adapters(STUDENT)
-        tasks = [load_task(name, guidance=w) for name, w in PAPER_TEACHER_CFG.items()]
+        tasks = [load_task(name, f"data/toy/{name}", guidance=w) for name, w in PAPER_TEACHER_CFG.items()]
         specs = [{"path": f"{tmp.name}/teacher", "kind": "lora", "task": task} for task in tasks]
         prompts_by_task = {task.name: load_prompts(task.dataset, "train")[0] for task in tasks}
         rewards = {}
     else:
         checked = dataclasses.replace(cfg, out=f"{tmp.name}/run")  # opd.py's checks; its run dir is never written
-        specs, prompts_by_task, rewards, _ = opd.validate(checked, dist)
-        model = FlowModel.load(checked.model, device=dist.device, dtype=opd.weights_dtype(cfg, dist))
+        specs, prompts_by_task, rewards, _ = validate(checked, dist)
+        model = FlowModel.load(checked.model, device=dist.device, dtype=weights_dtype(cfg.dtype, dist))
     trainer = StudentTrainer(model, cfg, dist, None)
-    teachers = opd.load_teachers(model, specs, dist, model.dtype if cfg.teacher_dtype == "model" else torch.float32)
+    teachers = load_teachers(model, specs, dist, model.dtype if cfg.teacher_dtype == "model" else torch.float32)
     if cfg.compile:
         model.compile_blocks()
     h, w = cfg.height or model.default_resolution(), cfg.width or model.default_resolution()
@@ -359,9 +360,9 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     if meter.cuda:  # peak of this variant alone: its own memory + this round's transient peak
         held = torch.cuda.memory_allocated(dist.device)
         torch.cuda.reset_peak_memory_stats(dist.device)
-    train_steps = opd.trained_steps(cfg)
+    train_steps = trained_steps(cfg)
     meter.take()
-    phases = opd.Phases(dist.device)
+    phases = Phases(dist.device)
     start = clock(dist.device)
     images, losses = 0, []
     for teacher, prompts, seeds in opd.round_batches(cfg, s.teachers, step, dist, s.prompts_by_task):
@@ -380,7 +381,7 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     setting = memory.Setting(cfg.train_chunk, cfg.teacher_chunk, cfg.grad_checkpointing)
     out["predicted_peak_mem_mb"] = max(memory.predict(s.footprint, setting, cfg.prompts_per_batch // dist.world,
-                                                      len(opd.trained_steps(cfg)), cfg.num_steps,
+                                                      len(trained_steps(cfg)), cfg.num_steps,
                                                       len(s.teachers)).values()) / 2**20
     return out
 
@@ -422,7 +423,7 @@ def variants(cfg: BenchConfig, argv: list[str], dist: Dist) -> dict[str, BenchCo
         if c.sd35m_random:
             c.recipe = "paper"
         else:
-            c.model = c.model or opd.resolve_teachers(c)[0]
+            c.model = c.model or resolve_teachers(c)[0]
             apply_recipe(c, given_keys(BenchConfig, argv + ([] if name == "baseline" else
                                                          [f"--{kv}" for kv in alias.get(name, name).split(",")])),
                          c.model, "opd")
@@ -561,7 +562,7 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
         raise ValueError("GRPO steps run teacher_rl.py on a model folder, not --sd35m-random")
     total = cfg.warmup + cfg.grpo_steps + 1
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
-        base, specs = opd.resolve_teachers(cfg)
+        base, specs = resolve_teachers(cfg)
         task = specs[0]["task"]
         argv = [f"--{k}={v}" for k, v in dict(
             model=cfg.model or base, task=task.name, dataset=task.dataset, reward=task.reward, steps=total,

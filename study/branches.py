@@ -31,7 +31,7 @@ from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
 from harness import Dist, check_same_base, parse_config
 from model import FlowModel, check_model_path
 from rewards import make_reward
-from study.table import resolve_adapter
+from study.table import resolve_adapter, toy_dataset
 
 
 class SplitGuidance:
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         if not cfg.a or not cfg.b:
             raise ValueError("--a and --b must each name a LoRA folder or a run directory")
         adapters = {"A": resolve_adapter(cfg.a), "B": resolve_adapter(cfg.b)}
-        task = load_task(cfg.task, cfg.dataset)
+        task = load_task(cfg.task, cfg.dataset or toy_dataset(cfg.task))
         check_model_path(cfg.model)
         model = FlowModel.load(cfg.model)
         for name, folder in adapters.items():

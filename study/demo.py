@@ -5,14 +5,16 @@ Stages, in order; each skips the work already done, so an interrupted demo conti
 (an OUT holding runs of another base model is refused):
   1. teachers   the teachers to distil: --teachers (default ckpts/*, made by `make teachers`); their
                 training minutes come from their metrics.jsonl
-  2. opd        DiffusionOPD from them: ODE (a = 0), closed form (opd.py)                 OUT/opd/
+  2. opd        DiffusionOPD from them: ODE (a = 0), closed form (opd.py's loop, run by
+                study/instruments.py to log the held-out distance)                        OUT/opd/
   3. baselines  at OPD's compute (images x steps), each a documented command:
                 multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py --task mixed --ratio_norm),
                 multi-task NFT (nft.py --task mixed), cascade NFT (nft.py one task after another,
-                chained by --init_lora), SFT on teacher samples (opd.py --estimator sft)
+                chained by --init_lora), SFT on teacher samples (study/instruments.py --baseline sft)
   4. fig6       OPD variants x seeds, the held-out distance to the teachers logged every round:
                 ODE closed form, SDE (a = 0.7) closed form, SDE PPO-style                 OUT/fig6/
-  5. variance   the gradient-variance ratio PPO-style / closed form (opd.py --variance_rollouts)
+  5. variance   the gradient-variance ratio PPO-style / closed form (study/instruments.py
+                --variance_rollouts)
   6. results    study.table (Table 1 with bootstrap intervals, curves, samples), fig6.png and
                 claims.md (study/claims.py)                                               OUT/results/
 Every command run is appended to OUT/commands.txt; OUT/plan.json holds each run's steps and compute.
@@ -44,15 +46,14 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import check_same_base, config_dict, parse_config
-from model import TOY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
 TASKS = ("geneval", "ocr", "aesthetic")      # the cascade's order too
+TOY_MODEL = "models/toy-sd3"                 # the embedded base, whose world the study runs in
 
 
 @dataclass
@@ -60,6 +61,7 @@ class DemoConfig:
     """The toy study: OPD, multi-task and cascade baselines, SFT, Fig. 6 seeds, Table 1, claims."""
     teachers: list[str] = field(default_factory=lambda: sorted(str(p) for p in (ROOT / "ckpts").glob("toy-*")))
     model: str = TOY_MODEL              # base pipeline folder (the embedded toy model)
+    recipe: str = f"{TOY_MODEL}/recipe.json"  # every run's recipe: the toy world's, also on another --model
     out: str = "runs/demo"
     quick: bool = False                 # tiny sizes that exercise every stage (CI)
     preset: str = "default"             # default | long: 3x OPD rounds, Fig. 6 rounds and evaluation prompts
@@ -153,9 +155,10 @@ def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
 def by_task(cfg: DemoConfig) -> list[str]:
     """cfg.teachers in the order of TASKS, each teacher's task read as opd.py reads it (its run_config.json;
     no weights loaded): the table's rows and claim C1 pair each task with its own teacher."""
-    import opd
+    from opd import OPDConfig
+    from teachers import resolve_teachers
     try:
-        _, specs = opd.resolve_teachers(opd.OPDConfig(teachers=list(cfg.teachers)))
+        _, specs = resolve_teachers(OPDConfig(teachers=list(cfg.teachers)))
     except (ValueError, FileNotFoundError) as e:  # a folder that is no teacher, or names no task
         raise SystemExit(f"error: --teachers: {e}") from None
     found = {s["task"].name: ref for ref, s in zip(cfg.teachers, specs)}
@@ -192,7 +195,7 @@ def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) 
     if finished(run, steps):
         print(f"[skip] {name}: {steps} steps done", flush=True)
         return run
-    launch(cfg, module, [*args, "--model", cfg.model, "--recipe", "toy", "--steps", str(steps), "--num_steps",
+    launch(cfg, module, [*args, "--model", cfg.model, "--recipe", cfg.recipe, "--steps", str(steps), "--num_steps",
                          str(cfg.num_steps), "--eval_every", str(steps), "--save_every", str(steps),
                          "--eval_prompts", str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps),
                          "--out", str(run), "--resume"])
@@ -202,8 +205,9 @@ def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) 
 
 
 def distil(cfg: DemoConfig, name: str, steps: int, prompts: int, *args: str) -> Path:
-    return train(cfg, "opd", name, steps, ["--teachers", *cfg.teachers, "--prompts_per_batch", str(prompts),
-                                           "--distance_prompts", str(cfg.distance_prompts), *args])
+    return train(cfg, "study.instruments", name, steps, ["--teachers", *cfg.teachers, "--prompts_per_batch",
+                                                         str(prompts), "--distance_prompts", str(cfg.distance_prompts),
+                                                         *args])
 
 
 def stage1(cfg: DemoConfig, module: str, name: str, steps: int, *args: str) -> Path:
@@ -212,25 +216,28 @@ def stage1(cfg: DemoConfig, module: str, name: str, steps: int, *args: str) -> P
 
 
 def gradient_variance(cfg: DemoConfig) -> dict:
-    """opd.main's variance ratio of the PPO-style / closed-form gradients at a = fig6_noise, saved to
-    OUT/variance.json (one process; reused while R and a are unchanged)."""
+    """study.instruments' variance ratio of the PPO-style / closed-form gradients at a = fig6_noise, saved
+    to OUT/variance.json (one process; reused while R and a are unchanged)."""
     import torch
 
-    import opd
+    from study import instruments
     path = Path(cfg.out) / "variance.json"
     setting = {"rollouts": cfg.variance_rollouts, "noise_level": cfg.fig6_noise}
     if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in setting} == setting:
         print(f"[skip] variance: {path} holds it", flush=True)
         return json.loads(path.read_text())
     args = ["--teachers", *cfg.teachers, "--model", cfg.model, "--noise_level", str(cfg.fig6_noise),
-            "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", "toy", "--prompts_per_batch",
+            "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", cfg.recipe, "--prompts_per_batch",
             str(cfg.opd_prompts), "--num_steps", str(cfg.num_steps)]
-    print("\n$ opd.main(" + shlex.join(args) + ")", flush=True)
+    print("\n$ study.instruments.main(" + shlex.join(args) + ")", flush=True)
     with open(Path(cfg.out) / "commands.txt", "a") as f:
-        f.write(f"OMP_NUM_THREADS={cfg.threads} {shlex.join([sys.executable, '-m', 'opd', *args])}\n")
+        f.write(f"OMP_NUM_THREADS={cfg.threads} {shlex.join([sys.executable, '-m', 'study.instruments', *args])}\n")
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    with tempfile.TemporaryDirectory() as scratch:  # the measurement trains nothing: no run directory
-        result = {**setting, **opd.main([*args, "--out", scratch])}
+    try:  # the measurement trains nothing and writes no run directory
+        result = {**setting, **instruments.main(args)}
+    finally:
+        torch.set_num_threads(threads)
     path.write_text(json.dumps(result, indent=2))
     return result
 
@@ -287,7 +294,7 @@ def main(argv=None) -> dict:
 
     # ---- 2. OPD, 3. baselines at OPD's compute
     opd_run = distil(cfg, "opd", cfg.opd_rounds, cfg.opd_prompts)
-    sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--estimator", "sft")
+    sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft")
     guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], "--task", "mixed",
                    "--ratio_norm", "--clip_range", "2e-6", "--lr", "1e-3")
     nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed", "--beta", "0.1",

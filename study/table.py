@@ -40,7 +40,7 @@ from pathlib import Path
 from data import Task, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
 from harness import Dist, check_same_base, config_dict, parse_config
-from model import FlowModel
+from model import FlowModel, repo_path
 from rewards import make_reward
 
 
@@ -80,6 +80,13 @@ def chain_minutes(runs: list[str]) -> dict[str, float]:
     """Training minutes of each run of a chain (plots.run_seconds: sec/* summed, sec/eval left out)."""
     from study.plots import run_seconds
     return {run: run_seconds(run) / 60 for run in runs}
+
+
+def toy_dataset(task: str) -> str:
+    """The embedded world's prompt folder of `task` (data/toy/<task>) when it has one, else "" (data.py's
+    default, dataset/<task>)."""
+    folder = f"data/toy/{task}"
+    return folder if Path(repo_path(folder)).is_dir() else ""
 
 
 # ---------------------------------------------------------------------- models
@@ -142,7 +149,7 @@ class EvalConfig:
     """Evaluate models on tasks: Table 1 (Markdown + JSON), reward curves and sample grids."""
     models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER]; ADAPTER: PEFT folder or run dir
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
-    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> (its task.json)
+    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> if it exists
     time: list[str] = field(default_factory=list)       # NAME=RUN[+RUN...]: training time, chain summed
     curves: list[str] = field(default_factory=list)     # NAME=RUN[+RUN...] to plot; default: the --time chains
     out: str = "runs/eval"
@@ -167,7 +174,7 @@ def validate(cfg: EvalConfig):
         unknown = sorted(set(datasets) - set(cfg.tasks))
         if unknown:
             raise ValueError(f"--datasets names tasks {unknown} not in --tasks {cfg.tasks}")
-        tasks = [load_task(name, datasets.get(name, "")) for name in cfg.tasks]
+        tasks = [load_task(name, datasets.get(name) or toy_dataset(name)) for name in cfg.tasks]
         for task in tasks:
             load_prompts(task.dataset, "test")
         times = parse_named(cfg.time, "--time")

@@ -49,7 +49,8 @@ def _teacher(base, path, task, guidance):
     with torch.no_grad():
         for p in m.add_student_lora(rank=4, alpha=8, seed=len(task)):
             p.normal_(0, 0.3)
-    m.save_student(path, {"task": task, "reward": "jpeg_incompressibility=1", "guidance": guidance,
+    m.save_student(path, {"task": task, "dataset": f"data/toy/{task}", "reward": "jpeg_incompressibility=1",
+                          "guidance": guidance,
                           "base_model": base})
     return str(path)
 

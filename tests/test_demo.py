@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import load_prompts, load_task, write_mixed_dataset
+from data import load_prompts, load_task
+from study.mixed import write_mixed_dataset
 from study import demo
 from test_opd import _teacher
 
@@ -29,7 +30,7 @@ def test_plan_gives_each_baseline_the_compute_of_opd():
 
 def test_mixed_prompt_set_interleaves_tasks_and_routes_each_prompt_to_its_own_reward(tmp_path):
     from rewards import make_reward
-    tasks = [load_task(t) for t in ("geneval", "ocr", "aesthetic")]
+    tasks = [load_task(t, f"data/toy/{t}") for t in ("geneval", "ocr", "aesthetic")]
     mixed = write_mixed_dataset(tasks, tmp_path / "mixed")
     assert mixed.reward == "toy_geneval=1,toy_ocr=1,toy_aesthetic=1" and mixed.eval_key == ""
     test, test_meta = load_prompts(mixed.dataset, "test")

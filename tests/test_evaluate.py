@@ -113,7 +113,7 @@ def test_evaluation_is_deterministic_and_seeded_per_prompt(tiny_pipe_dir, tmp_pa
                                rtol=0)
     assert not torch.allclose(evaluate.eval_images(two, prompts, [0, 1, 2], 3, 4.5, 0, "other"), a, atol=1e-3)
     assert not torch.allclose(evaluate.eval_images(one, prompts, [0, 1, 2], 3, 4.5, 1, None), a, atol=1e-3)
-    task = load_task("aesthetic")
+    task = load_task("aesthetic", "data/toy/aesthetic")
     reward = make_reward(task.reward)
     runs = [evaluate.evaluate_task(m, task, reward, Dist("cpu"), None, 3, 3, batch=b) for m, b in ((one, 3), (two, 2))]
     assert runs[0] == pytest.approx(runs[1], abs=1e-6)
@@ -243,7 +243,8 @@ def test_reported_number_and_its_bootstrap_interval():
 def test_evaluate_task_hands_out_the_per_prompt_values_it_reports(tiny_pipe_dir, tmp_path):
     from harness import Dist
     from model import FlowModel
-    lines = [json.dumps({"prompt": f"p{i}", "tag": "single_object" if i % 3 else "two_object", "include": []})
+    lines = [json.dumps({"prompt": f"p{i}", "tag": "single_object" if i % 3 else "two_object",
+                          "include": [{"class": "cat", "count": 1}]})
              for i in range(6)]
     (tmp_path / "test.txt").write_text("".join(f"p{i}\n" for i in range(6)))
     (tmp_path / "test_metadata.jsonl").write_text("\n".join(lines) + "\n")

@@ -62,7 +62,8 @@ OPD_CASES = {
     "one task twice": (lambda t, o, tmp: [t[0], t[0]], [], "same task"),
     "missing dataset": (lambda t, o, tmp: t, ["--teacher_dataset", "ocr=/nonexistent/ocr"], "does not exist"),
     "teachers of two bases": (lambda t, o, tmp: [*t, o["other"]], [], "different base models"),
-    "release folder without --model": (lambda t, o, tmp: [o["release"]], ["--teacher_task", "ocr"],
+    "release folder without --model": (lambda t, o, tmp: [o["release"]], ["--teacher_task", "ocr",
+                                                                           "--teacher_dataset", "ocr=data/toy/ocr"],
                                        "pass --model"),
     "release folder without its task": (lambda t, o, tmp: [t[0], o["release"]], [], "pass --teacher_task"),
     "truncated teacher weights": (lambda t, o, tmp: [t[0], o["truncated"]], [], "damaged"),
@@ -110,7 +111,7 @@ def test_opd_run_directory_errors(teachers, tmp_path, monkeypatch):
 
 
 def _grpo_args(model, out, *extra):
-    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+    return ["--model", model, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--height", "0", "--width", "0", *extra]
 
 

@@ -162,7 +162,7 @@ def test_guard_gradient_on_policy_is_a_per_step_reweighted_reinforce():
 
 # ---------------------------------------------------------------------- end to end
 def _nft_args(model, out, *extra):
-    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+    return ["--model", model, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2", "--eval_steps", "2",
             "--height", "0", "--width", "0", "--updates_per_rollout", "2", "--old_decay_rate", "0.2", "--old_decay_max", "0.9",
@@ -184,7 +184,7 @@ def test_nft_resume_reproduces_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
 
 
 def _guard_args(model, out, *extra):
-    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+    return ["--model", model, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2", "--eval_steps", "2",
             "--ema_every", "1", "--timestep_fraction", "0.67", "--height", "0", "--width", "0", "--ratio_norm",

@@ -70,12 +70,13 @@ def test_main_command_runs_from_a_copy_with_this_checkout_unreachable(tmp_path):
     for chatter in ("Loading pipeline components", "Already found a `peft_config`", "Could not find a config file"):
         assert chatter not in done.stderr, chatter
     assert "a real warning" in done.stderr
-    assert "recipe: toy" in done.stderr  # the teachers' base resolved to the copy's embedded toy model
+    # the teachers' base resolved to the copy's embedded toy model, whose recipe.json is in force
+    assert "recipe: models/toy-sd3/recipe.json" in done.stderr
     saved = copy / "runs" / "opd" / "checkpoint"
     run_config = json.loads((saved / "run_config.json").read_text())
     assert run_config["base_model"] == "models/toy-sd3" and run_config["step"] == 1
     assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/toy-sd3"
     config = json.loads((copy / "runs" / "opd" / "config.json").read_text())
-    assert config["model"] == "models/toy-sd3" and config["recipe"] == "toy"
+    assert config["model"] == "models/toy-sd3" and config["recipe"] == "models/toy-sd3/recipe.json"
     for f in saved.iterdir():
         assert str(copy).encode() not in f.read_bytes() and str(ROOT).encode() not in f.read_bytes(), f

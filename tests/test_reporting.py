@@ -15,7 +15,7 @@ from test_opd import _teacher
 
 
 def _grpo_args(model, out, *extra):
-    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+    return ["--model", model, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "2", "--eval_prompts", "2", "--eval_steps", "2",
             "--height", "0", "--width", "0", "--save_every", "1", *extra]

@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards  # noqa: E402
+import rules  # noqa: E402
 from helpers import f32_atol  # noqa: E402
 
 
@@ -275,24 +276,24 @@ LAPTOP = det("laptop", (0, 0, 10, 10))
     ([det("cat", BOX, color="red")], COLOR_ATTR, 0.5, False),  # [1, 1, 0, 0]
 ])
 def test_geneval_rules(detections, metadata, partial, strict):
-    got_partial, got_strict = rewards.geneval_score(detections, metadata)
+    got_partial, got_strict = rules.geneval_score(detections, metadata)
     assert got_partial == pytest.approx(partial) and got_strict is strict
 
 
 def test_geneval_relations_follow_geneval_directions():
     # image y points down: smaller y is "above"
-    assert rewards._relations((0, 0, 10, 10), (0, 30, 10, 40), 0.1) == {"above"}
-    assert rewards._relations((0, 30, 10, 40), (0, 0, 10, 10), 0.1) == {"below"}
-    assert rewards._relations((-30, 0, -20, 10), (0, 0, 10, 10), 0.1) == {"left of"}
-    assert rewards._relations((30, 30, 40, 40), (0, 0, 10, 10), 0.1) == {"right of", "below"}
-    assert rewards._relations((0, 0, 10, 10), (1, 1, 11, 11), 0.1) == set()
+    assert rules._relations((0, 0, 10, 10), (0, 30, 10, 40), 0.1) == {"above"}
+    assert rules._relations((0, 30, 10, 40), (0, 0, 10, 10), 0.1) == {"below"}
+    assert rules._relations((-30, 0, -20, 10), (0, 0, 10, 10), 0.1) == {"left of"}
+    assert rules._relations((30, 30, 40, 40), (0, 0, 10, 10), 0.1) == {"right of", "below"}
+    assert rules._relations((0, 0, 10, 10), (1, 1, 11, 11), 0.1) == set()
     # revised offset 0.0007 < 1e-3 (GenEval's dead zone) although 0.0007 / 0.0009 > 0.5
-    assert rewards._relations((0.0009, 0, 0.0019, 0.001), (0, 0, 0.001, 0.001), 0.1) == set()
+    assert rules._relations((0.0009, 0, 0.0019, 0.001), (0, 0, 0.001, 0.001), 0.1) == set()
 
 
 def test_geneval_needs_colors_where_asked():
     with pytest.raises(ValueError, match="color"):
-        rewards.geneval_score([det("car", BOX)], COLORS)
+        rules.geneval_score([det("car", BOX)], COLORS)
 
 
 def test_object_crop_puts_object_on_grey():
@@ -343,12 +344,12 @@ def test_geneval_end_to_end(tiny):
 
 
 def test_quoted_target():
-    assert rewards.quoted_target('a sign that says "Hello World" on a wall') == "Hello World"
-    assert rewards.quoted_target('"first" and "second"') == "first"
+    assert rules.quoted_target('a sign that says "Hello World" on a wall') == "Hello World"
+    assert rules.quoted_target('"first" and "second"') == "first"
     with pytest.raises(ValueError, match="no double-quoted text"):
-        rewards.quoted_target("a sign with no quotes")
+        rules.quoted_target("a sign with no quotes")
     with pytest.raises(ValueError, match="no double-quoted text"):
-        rewards.quoted_target('an unmatched " quote')
+        rules.quoted_target('an unmatched " quote')
 
 
 @pytest.mark.parametrize("recognised, target, expected", [
@@ -362,12 +363,12 @@ def test_quoted_target():
     ("cta", "cat", 1 - 2 / 3),
 ])
 def test_ocr_score(recognised, target, expected):
-    assert rewards.ocr_score(recognised, target) == pytest.approx(expected)
+    assert rules.ocr_score(recognised, target) == pytest.approx(expected)
 
 
 def test_ocr_score_rejects_empty_target():
     with pytest.raises(ValueError, match="empty"):
-        rewards.ocr_score("anything", "  ")
+        rules.ocr_score("anything", "  ")
 
 
 def test_ocr_reward_with_known_reader():
@@ -580,11 +581,15 @@ def test_composition_rejects_bad_component_output(monkeypatch):
 
 
 def test_registry_has_every_reward_and_imports_nothing_heavy():
+    """rewards.py's own rewards, and the embedded world's once a toy task is loaded (its task.json names
+    the module that registers them); importing rewards loads no model library."""
     assert {"pickscore", "clipscore", "aesthetic", "ocr", "geneval", "http", "jpeg_compressibility",
-            "jpeg_incompressibility", "hpsv2", "imagereward", "toy_geneval", "toy_ocr",
-            "toy_aesthetic"} <= set(rewards.REWARDS)
+            "jpeg_incompressibility", "hpsv2", "imagereward"} <= set(rewards.REWARDS)
+    from data import load_task
+    load_task("ocr", "data/toy/ocr")
+    assert {"toy_geneval", "toy_ocr", "toy_aesthetic"} <= set(rewards.REWARDS)
     import subprocess
-    code = "import sys, rewards; print('transformers' in sys.modules)"
+    code = "import sys, rewards; print('transformers' in sys.modules, any(m.startswith('toy') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(rewards.__file__).parent))
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"

@@ -6,23 +6,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import stage1
 import teacher_rl
+from harness import trained_steps
 from sample import gaussian_logprob
 
 
 
 def test_group_advantages_zero_mean_per_group_and_equal_groups_contribute_nothing():
     r = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 3.0])
-    adv, zero = teacher_rl.group_advantages(r, 4, per_group_std=True, clip=5.0)
+    adv, zero = stage1.group_advantages(r, 4, per_group_std=True, clip=5.0)
     g = adv.view(3, 4)
     torch.testing.assert_close(g.mean(1), torch.zeros(3), atol=1e-6, rtol=0)
     assert (g[1] == 0).all() and zero == pytest.approx(1 / 3)
     ref = (r[:4] - r[:4].mean()) / (r[:4].std(unbiased=False) + 1e-4)
     torch.testing.assert_close(g[0], ref)
-    adv_global, _ = teacher_rl.group_advantages(r, 4, per_group_std=False, clip=5.0)
+    adv_global, _ = stage1.group_advantages(r, 4, per_group_std=False, clip=5.0)
     ref_global = (r[:4] - r[:4].mean()) / (r.std(unbiased=False) + 1e-4)
     torch.testing.assert_close(adv_global.view(3, 4)[0], ref_global)
-    assert teacher_rl.group_advantages(r * 100, 4, True, clip=1.0)[0].abs().max() <= 1.0
+    assert stage1.group_advantages(r * 100, 4, True, clip=1.0)[0].abs().max() <= 1.0
 
 
 def test_ppo_clip_gradient_is_reinforce_for_a_gaussian_policy():
@@ -46,7 +48,7 @@ def test_ppo_clip_gradient_is_reinforce_for_a_gaussian_policy():
 
 
 def _args(model, out, *extra):
-    return ["--model", model, "--task", "geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
+    return ["--model", model, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1", "--out", str(out),
             "--batch", "8", "--group_size", "4", "--num_steps", "3", "--rollout_batch", "4", "--train_batch", "4",
             "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2",
             "--eval_steps", "2", "--ema_every", "1", "--kl_beta", "0.01", "--timestep_fraction", "0.67",
@@ -74,7 +76,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--reward", "nope=1"], "nope"),
-    (["--task", "nonexistent_task"], "does not exist"),
+    (["--task", "nonexistent_task", "--dataset", ""], "dataset folder dataset/nonexistent_task does not exist.*"
+                                                     "python -m data fetch flowgrpo"),
     (["--group_size", "3"], "does not divide"),
 ])
 def test_bad_input_fails_before_any_rollout(tiny_pipe_dir, tmp_path, extra, message):
@@ -137,14 +140,15 @@ def test_zero_advantage_samples_leave_the_mean_as_in_flow_grpo(tiny_model64):
     assert teacher_rl.kept_rows(adv_all, 1, 2, [2, 3]) == ([0], 1)  # second of two updates: images 2, 3
     rows, n_kept = teacher_rl.kept_rows(adv_all, 0, 4, [0, 1, 2, 3])
     assert (rows, n_kept) == ([0, 2], 2)
-    n_train = teacher_rl.trained_steps(cfg)
+    steps = trained_steps(cfg)
+    n_train = len(steps)
     stats = {"clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0, "ratio_dev": 0.0}
-    teacher_rl.policy_gradient(cfg, m, rows, n_kept, traj, embeds, adv_all, n_train, stats)
+    teacher_rl.policy_gradient(cfg, m, rows, n_kept, traj, embeds, adv_all, steps, stats)
     grad = torch.cat([p.grad.flatten() for p in params])
 
     ref = torch.zeros_like(grad)
     for i in (0, 2):
-        for j in range(n_train):
+        for j in steps:
             x, t, t_next = tr.latents[i:i + 1, j], tr.t[j].item(), tr.t[j + 1].item()
             mean = transition_mean(x, m.velocity(x, t, embeds[i:i + 1], cfg.guidance), t, t_next,
                                    cfg.noise_level, tr.t[1].item())
@@ -160,7 +164,7 @@ def test_zero_advantage_samples_leave_the_mean_as_in_flow_grpo(tiny_model64):
 def test_ratio_norm_brings_grpo_guards_recipe_for_every_key_not_given(tiny_pipe_dir, tmp_path, capsys):
     """--ratio_norm: GRPO-Guard's per-prompt std, clip 2e-6, lr 1e-4, no KL (its config/grpo_guard.py);
     a flag given on the command line wins; without --ratio_norm Flow-GRPO's global std stays."""
-    base = ["--model", tiny_pipe_dir, "--task", "geneval", "--reward", "jpeg_incompressibility=1",
+    base = ["--model", tiny_pipe_dir, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1",
             "--recipe", "paper", "--out", str(tmp_path / "run"), "--dry_run"]
     guard = teacher_rl.main(base + ["--ratio_norm"])
     assert (guard.per_group_std, guard.clip_range, guard.lr, guard.kl_beta) == (True, 2e-6, 1e-4, 0.0)

@@ -317,7 +317,7 @@ def test_committed_datasets_are_current_and_disjoint(tmp_path):
         for name in [f"{task}/{split}{suffix}" for split in ("train", "test") for suffix in (".txt", "_metadata.jsonl")]:
             assert (tmp_path / name).read_text() == (DATA / name).read_text(), f"data/toy/{name} is stale"
         assert (DATA / task / "task.json").read_text() == (tmp_path / task / "task.json").read_text()
-        assert load_task(task).reward == f"toy_{task}=1"
+        assert load_task(task, f"data/toy/{task}").reward == f"toy_{task}=1"
         train, train_meta = load_prompts(DATA / task, "train")
         test, test_meta = load_prompts(DATA / task, "test")
         assert not set(train) & set(test), task

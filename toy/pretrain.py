@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from toy import world
-from data import TOY_DATA, load_prompts
+from data import load_prompts
 from harness import parse_config, publish_dir
 from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
@@ -87,7 +87,7 @@ def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
 
 
 def held_out_prompts() -> set[str]:
-    return {p for task in world.TASKS for p in load_prompts(f"{TOY_DATA}/{task}", "test")[0]}
+    return {p for task in world.TASKS for p in load_prompts(f"{world.DATA}/{task}", "test")[0]}
 
 
 def task_shares(spec: str) -> tuple[str, ...]:

@@ -33,13 +33,13 @@ Departures from the paper's rewards (section 10), each because the toy world has
     confidence IoU x box aspect ratio (shapes are drawn in square boxes; GenEval: Mask2Former's
     score); regions under MIN_CONFIDENCE are dropped. The region's colour is the object's colour
     (GenEval: CLIP zero-shot). One confidence threshold for all tags (GenEval: 0.9 for counting).
- 2. The GenEval rules are geneval_rules.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
+ 2. The GenEval rules are rules.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
     strict accuracy as info["strict"]), with the partial credit clamped at 0 (Flow-GRPO's can be
     negative).
  3. Counting prompts use counts 1-4 (GenEval: 2-4), and position prompts may name colours (GenEval's
     do not), so that a world of 3 classes still has enough distinct prompts to split.
  4. OCR: a template-matching reader for the toy font (`read_text`) instead of PaddleOCR; the reward
-    rule is Flow-GRPO's (rewards.ocr_score). The strings are exactly two glyphs of 10x14 px (font
+    rule is Flow-GRPO's (rules.ocr_score). The strings are exactly two glyphs of 10x14 px (font
     scale 2), always drawn at the same central place (OCR_JITTER = 0). A 4-layer model
     pretrained on CPU (docs/toy-world.md) renders them legibly; with 3-4 glyphs of 5x7 px anywhere in the
     frame it drew stroke soup, and with the text jittered by 1 px it drew crisp glyphs that ignored
@@ -53,6 +53,7 @@ Departures from the paper's rewards (section 10), each because the toy world has
 
 Run (CPU, seconds):
   python -m toy.world --write-datasets        # regenerate data/toy/<task>/ (prompts, metadata, task.json)
+  python -m study.mixed --tasks data/toy/geneval data/toy/ocr data/toy/aesthetic --out data/toy/mixed
   python -m toy.world --grid toy_grid.png    # PNG grid of ground-truth renders with captions
   python -m pytest tests/test_toy.py -q
 """
@@ -67,19 +68,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geneval_rules import COLORS as GENEVAL_COLORS, geneval_score
-from rewards import ocr_score, quoted_target
+from rewards import REWARDS, register
+from rules import COLORS as GENEVAL_COLORS, GENEVAL_TAGS, RELATIONS, geneval_score, ocr_score, quoted_target
 
 IMAGE_SIZE = 32
 TASKS = ("geneval", "ocr", "aesthetic")
+DATA = "data/toy"      # the tasks' prompt folders, data/toy/<task> (inside the repository)
 BACKGROUND = (0, 0, 0)
 PALETTE = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 80, 235), "yellow": (240, 220, 30),
            "purple": (190, 40, 210), "white": (240, 240, 240)}  # GenEval colour names, far apart in RGB
 COLORS = tuple(PALETTE)
-assert set(COLORS) <= set(GENEVAL_COLORS), f"geneval_rules.geneval_score only knows the colours {GENEVAL_COLORS}"
+assert set(COLORS) <= set(GENEVAL_COLORS), f"rules.geneval_score only knows the colours {GENEVAL_COLORS}"
 SHAPES = ("circle", "square", "triangle")
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MIN_AREA = 10          # px; smaller same-colour regions are specks, not objects
 MIN_CONFIDENCE = 0.5   # detection threshold on (IoU with the best ideal shape) x (box aspect ratio)
@@ -228,7 +228,7 @@ def sample_scene(task, rng):
 def render(task, metadata, rng):
     """uint8 (32, 32, 3) ground-truth image satisfying `metadata` (the pretraining distribution)."""
     if task == "geneval":
-        # the true objects, as detections (score 1) that geneval_rules.geneval_score can check
+        # the true objects, as detections (score 1) that rules.geneval_score can check
         objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
                    for clause in metadata["include"] for _ in range(clause["count"])]
         if not (1 <= len(objects) <= len(GRID_SLOTS)):
@@ -379,7 +379,7 @@ def _check_batch(images, prompts, metadata):
 
 def geneval_reward(images, prompts, metadata):
     """scores = Flow-GRPO's partial credit, info["strict"] = GenEval accuracy (0/1), both (B,), from
-    geneval_rules.geneval_score on detect_objects' detections."""
+    rules.geneval_score on detect_objects' detections."""
     _check_batch(images, prompts, metadata)
     for meta in metadata:
         if "include" not in meta:
@@ -431,7 +431,7 @@ def read_text(image):
 
 
 def ocr_reward(images, prompts, metadata):
-    """scores = rewards.ocr_score (Flow-GRPO: 1 - capped edit distance / length, substring -> 1) of
+    """scores = rules.ocr_score (Flow-GRPO: 1 - capped edit distance / length, substring -> 1) of
     read_text against the prompt's quoted text (B,); info["exact"] = recognised == target (B,)."""
     _check_batch(images, prompts, metadata)
     targets, read = [quoted_target(p) for p in prompts], [read_text(img) for img in images]
@@ -503,7 +503,7 @@ def _split_prompts(metadatas, n_test, n_train):
     return metadatas[:n_test], metadatas[n_test:n_test + n_train]
 
 
-def write_datasets(root="data/toy", seed=0):
+def write_datasets(root=DATA, seed=0):
     """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl; returns
     {task: (n_train, n_test)}: geneval (per tag a third, at most 32 prompts, to test; the test file
     interleaves the tags, 32 lines each, repeating prompts of the smaller tags), ocr 320/80 (distinct
@@ -531,6 +531,8 @@ def write_datasets(root="data/toy", seed=0):
     splits["aesthetic"] = _split_prompts([aesthetic[i] for i in rng.permutation(len(aesthetic))], 60, 300)
     task_specs = {"geneval": {"reward": "toy_geneval=1", "guidance": 4.5, "eval_key": "strict"},
                   "ocr": {"reward": "toy_ocr=1", "guidance": 4.5}, "aesthetic": {"reward": "toy_aesthetic=1", "guidance": 4.5}}
+    for spec in task_specs.values():
+        spec["reward_module"] = "toy.world"  # data.load_task imports this module, which registers toy_*
     for task, (test, train) in splits.items():
         overlap = {m["prompt"] for m in test} & {m["prompt"] for m in train}
         assert not overlap, f"{task}: train and test share prompts {sorted(overlap)[:3]}"
@@ -540,9 +542,6 @@ def write_datasets(root="data/toy", seed=0):
             (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
             (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
         (folder / "task.json").write_text(json.dumps(task_specs[task], indent=1) + "\n")
-    # the joint multi-task baseline's prompt set: all three tasks, each prompt routed to its reward
-    from data import load_task, write_mixed_dataset
-    write_mixed_dataset([load_task(task, str(Path(root) / task)) for task in splits], Path(root) / "mixed")
     return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
 
 
@@ -566,10 +565,28 @@ def write_grid(path, per_row=8, seed=0):
     grid.save(path)
 
 
+
+# ---------------------------------------------------------------- the rewards in the registry
+
+def _register(name, fn):
+    """REWARDS[name]: a pure function with the registry's signature, no device and no options."""
+    @register(name)
+    def factory(device, dtype, **options):
+        if options:
+            raise ValueError(f"reward {name!r} takes no options, got {options}")
+        return fn
+    return factory
+
+
+# data/toy/<task>/task.json names this module as its "reward_module": loading a toy task registers these
+for _name, _fn in (("toy_geneval", geneval_reward), ("toy_ocr", ocr_reward), ("toy_aesthetic", aesthetic_reward)):
+    if _name not in REWARDS:  # once, also when this file runs as `python -m toy.world` and is imported too
+        _register(_name, _fn)
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
-    parser.add_argument("--root", default="data/toy", help="dataset folder for --write-datasets")
+    parser.add_argument("--root", default=DATA, help="dataset folder for --write-datasets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
     args = parser.parse_args()

@@ -1,11 +1,21 @@
-"""GenEval's scoring rules (github.com/djghosh13/geneval, evaluation/evaluate_images.py), on detections.
+"""The scoring rules of the paper's rule-based rewards (section 10), shared by the real rewards
+(rewards.py: Mask2Former + CLIP for GenEval, an OCR engine for OCR) and the toy world's pixel readers
+(toy/world.py).
 
-`geneval_score(detections, metadata)` -> (Flow-GRPO's partial credit, GenEval's strict all-clauses
-accuracy) for one image, from detections {"class", "color", "box", "score"}. Two detectors feed it:
-rewards.py's Mask2Former + CLIP colour reward (`geneval`) and toy/world.py's pixel detector (`toy_geneval`).
-Paper section 10: thresholds 0.3 (0.9 for counting), at most 16 objects, position margin 0.1; a count
-clause earns 1 - |n_req - n_found| / n_req.
+GenEval (github.com/djghosh13/geneval, evaluation/evaluate_images.py): `geneval_score(detections,
+metadata)` -> (Flow-GRPO's partial credit, GenEval's strict all-clauses accuracy) for one image, from
+detections {"class", "color", "box", "score"}. Thresholds 0.3 (0.9 for counting), at most 16 objects,
+position margin 0.1; a count clause earns 1 - |n_req - n_found| / n_req. `check_geneval_metadata`
+type-checks a prompt's metadata when a dataset is loaded (data.py), before any model.
+
+OCR (Flow-GRPO's ocr.py): the target is the prompt's first double-quoted span (`quoted_target`); both
+strings lower-cased with spaces removed; distance 0 if the target is a substring of the recognised text,
+else their Levenshtein distance capped at the target's length; `ocr_score` = 1 - distance / length.
+
+Departures: see rewards.py (4-6), which applies these rules.
 """
+import re
+
 import torch
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
@@ -102,3 +112,69 @@ def geneval_score(detections, metadata, *, threshold=0.3, counting_threshold=0.9
             credits.append(float(matched))
         groups.append(found if matched else None)
     return sum(credits) / len(credits) if credits else 0.0, strict
+
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def check_geneval_metadata(meta, where: str) -> None:
+    """Every field geneval_score reads, type-checked (a ValueError naming `where`, e.g. the file and
+    line, and the field): "tag", "include" clauses {"class": str, "count": int >= 1, "color"?: one of
+    COLORS, "position"?: [relation, index of an earlier clause]}, optional "exclude" clauses."""
+    def bad(what):
+        raise ValueError(f"{where}: {what} (GenEval metadata: {{\"tag\", \"include\": [{{\"class\", \"count\", "
+                         f"\"color\"?, \"position\"?}}], \"exclude\"?}}); fix that line of the file")
+    if not isinstance(meta, dict):
+        bad(f"a line is a {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("tag"), str):
+        bad(f"'tag' must be a string, got {meta.get('tag')!r}")
+    for key in ("include", "exclude"):
+        clauses = meta.get(key, [])
+        if not isinstance(clauses, list) or (key == "include" and not clauses):
+            bad(f"'{key}' must be a {'non-empty ' if key == 'include' else ''}list of clauses, got {clauses!r}")
+        for k, clause in enumerate(clauses):
+            if not isinstance(clause, dict) or not isinstance(clause.get("class"), str):
+                bad(f"{key}[{k}] needs a string 'class', got {clause!r}")
+            count = clause.get("count")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                bad(f"{key}[{k}] 'count' must be an integer >= 1, got {count!r}")
+            if "color" in clause and clause["color"] not in COLORS:
+                bad(f"{key}[{k}] 'color' must be one of {COLORS}, got {clause['color']!r}")
+            if "position" in clause:
+                pos = clause["position"]
+                if not (isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS
+                        and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < k):
+                    bad(f"{key}[{k}] 'position' must be [one of {list(RELATIONS)}, the index of an earlier "
+                        f"clause], got {pos!r}")
+
+
+# ---------------------------------------------------------------------- OCR
+def quoted_target(prompt):
+    """The text an OCR prompt asks to render: its first double-quoted span."""
+    match = re.search(r'"([^"]*)"', prompt)
+    if match is None:
+        raise ValueError(f'OCR reward: the prompt has no double-quoted text to render: {prompt!r}')
+    return match.group(1)
+
+
+def levenshtein(a, b):
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_score(recognised, target):
+    """Flow-GRPO's OCR reward of one image, in [0, 1]; case and spaces are ignored."""
+    recognised, target = recognised.replace(" ", "").lower(), target.replace(" ", "").lower()
+    if not target:
+        raise ValueError("OCR reward: the quoted target text is empty")
+    # d = 0 if y is a substring of the recognised text, else Levenshtein(text, y), capped at |y|
+    distance = 0 if target in recognised else min(levenshtein(recognised, target), len(target))
+    # r = 1 - d / |y|
+    return 1 - distance / len(target)

@@ -1,0 +1,180 @@
+"""What the Stage-1 teacher scripts share (paper section 8): teacher_rl.py (Flow-GRPO, GRPO-Guard)
+and nft.py (DiffusionNFT) differ in their losses only; everything around the loss is here.
+
+- `Stage1Config`: the fields both read (task, prompt batch of P prompts x G images, sampling steps,
+  CFG, advantage normalisation), with Flow-GRPO's and NVlabs' SD3.5-M values as defaults.
+- `start`: parse-time to first step: the checks of every input before any model loads (`validate`),
+  the model and the trainable student (harness.StudentTrainer).
+- One step's data: `step_prompts` (P prompts, each G times, seeded per global image), `update_layout`
+  (which global images each rank holds, so that 1 and N ranks make the same updates), `score`
+  (rewards gathered over ranks, then `group_advantages`).
+- `finish_step`: evaluation of the EMA weights (evaluate.evaluate_student), the metrics line, the
+  checkpoint.
+
+Advantages (section 8a): A_i = (r_i - mean_group) / (std + 1e-4), clipped to +-adv_clip, the std over
+the image's group (`per_group_std`, GRPO-Guard) or over the whole batch (Flow-GRPO's global_std, NFT).
+
+Departures: each script's docstring lists its own; the ones made here are teacher_rl.py's 3-4
+(rank layout, groups) and harness.py's 2 (seeds).
+
+Run: a library; `python teacher_rl.py --help`, `python nft.py --help`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data import load_prompts, load_task
+from evaluate import evaluate_student
+from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values, check_student_config,
+                     config_dict, describe_recipe, fail, given_keys, print_main, require, require_positive, step_seed)
+from model import SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
+from rewards import make_reward
+
+
+@dataclass
+class Stage1Config(StudentConfig):
+    """Fields every Stage-1 script shares (teacher_rl.py, nft.py); LoRA, AdamW, EMA, evaluation and
+    checkpoints are in harness.StudentConfig. Defaults: Flow-GRPO's and NVlabs' SD3.5-M recipes."""
+    model: str = SD35_MEDIUM            # base pipeline folder or hub id
+    task: str = "geneval"               # task name; its prompts: --dataset, else dataset/<task>
+    dataset: str = ""                   # Flow-GRPO prompt folder (train.txt, test.txt, metadata)
+    reward: str = ""                    # "name=w,name=w"; default: the dataset's task.json
+    out: str = ""                       # run directory; default runs/<script>-<task>
+    init_lora: str = ""                 # start from this adapter (cascade baseline)
+    seed: int = 0
+    steps: int = 60                     # rollout steps (x updates_per_rollout optimizer steps)
+    batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
+    group_size: int = 24                # G images per prompt
+    updates_per_rollout: int = 2        # optimizer steps per rollout batch
+    rollout_batch: int = 9              # images per forward pass during rollouts (per rank)
+    train_batch: int = 9                # images per forward/backward during training (per rank)
+    num_steps: int = 10                 # sampling steps N
+    guidance: float = 4.5               # CFG during rollouts and training
+    timestep_fraction: float = 0.99     # train K = int(fraction * N) steps
+    per_group_std: bool = False         # False: divide by the std over the whole batch (global_std)
+    adv_clip: float = 5.0               # advantages clipped to +-adv_clip
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):
+    """A = (r - mean_group) / (std + 1e-4), std per group or over the batch; rewards (P*G,) grouped
+    contiguously. Returns (A (P*G,), fraction of groups whose rewards are all equal)."""
+    r = rewards.view(-1, group_size).double()
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False) if per_group_std else r.std(unbiased=False).expand_as(mean)
+    adv = ((r - mean) / (std + 1e-4)).clamp(-clip, clip)
+    zero = (r.max(1).values == r.min(1).values).float().mean().item()
+    return adv.flatten().float(), zero
+
+
+def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list[int]]:
+    """Which of the step's `batch` images (global index, grouped by prompt) each rank holds, so that
+    optimizer step u trains on global images [u batch/U, (u+1) batch/U) whatever the world size: the
+    run is the same on 1 or N ranks. Returns (order: the global index of each row of an all_gather,
+    mine: this rank's global indices, in its row order)."""
+    per_update = batch // updates
+    share = per_update // dist.world   # this rank's rows of one update
+    order = [u * per_update + r * share + i for r in range(dist.world) for u in range(updates) for i in range(share)]
+    per_rank = batch // dist.world
+    return order, order[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+
+
+def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe=None) -> tuple:
+    """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
+    split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
+    (the algorithm's own), then the run directory and the reward. `own_recipe(cfg)` ({key: (value,
+    reason)}, e.g. teacher_rl.GUARD_RECIPE) is applied first, to the keys the command line does not set.
+    Every bad input fails here with a one-line error, before any model loads or anything is written.
+    Returns (task, reward_fn, run); reward_fn is None with --dry_run."""
+    try:
+        given = given_keys(type(cfg), argv)
+        own = apply_values(cfg, given, own_recipe(cfg) if own_recipe else {})
+        changed = apply_recipe(cfg, given, cfg.model, recipe)
+        check_student_config(cfg)
+        require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "adv_clip",
+                         "updates_per_rollout")
+        require(cfg.group_size >= 2, f"--group_size must be >= 2 (advantages compare images of one prompt), "
+                                     f"got {cfg.group_size}")
+        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+        require(cfg.batch % cfg.group_size == 0,
+                f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
+        require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
+                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
+                f"of equal shares over {dist.world} ranks")
+        checks(cfg)
+        check_model_path(cfg.model)
+        rule = resolution_rule(cfg.model)
+        if rule and (cfg.height or cfg.width):
+            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
+        if cfg.init_lora:
+            check_lora_folder(cfg.init_lora)
+        task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
+        load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
+        run = RunDir(cfg.out, cfg, dist, script, argv)
+        reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
+        print_main(dist, describe_recipe(cfg, changed))
+        if own:
+            print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
+                f"  {key} = {value!r} (default {default!r}): {reason}" for key, (default, value, reason) in own.items()))
+        return task, reward_fn, run
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(e)
+
+
+def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
+    """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
+    student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer), or None
+    after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
+    try:
+        dist = Dist(cfg.device)
+    except ValueError as e:
+        fail(e)
+    task, reward_fn, run = validate(cfg, dist, argv, script, recipe, checks, own_recipe)
+    if cfg.dry_run:
+        print_main(dist, "dry run: every input checked; the resolved config:", json.dumps(config_dict(cfg), indent=2))
+        return None
+    try:
+        model = FlowModel.load(cfg.model, device=dist.device)
+        model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
+        trainer = StudentTrainer(model, cfg, dist, run)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    return dist, task, reward_fn, run, model, trainer
+
+
+def step_prompts(cfg, step: int, mine: list[int], train_prompts, train_metas):
+    """The step's P prompts x G images of this rank: (prompts, metadatas, seeds); image i of the step
+    (global index) is seeded step_seed(seed, step, i), so any rollout can be regenerated."""
+    rng = np.random.default_rng([cfg.seed, step])
+    n_prompts = cfg.batch // cfg.group_size
+    chosen = rng.choice(len(train_prompts), n_prompts, replace=len(train_prompts) < n_prompts)
+    idx = np.repeat(chosen, cfg.group_size)[mine]  # groups are contiguous; they may span ranks
+    return ([train_prompts[i] for i in idx], [train_metas[i] for i in idx],
+            [step_seed(cfg.seed, step, i) for i in mine])
+
+
+def score(reward_fn, images, prompts, metas, order, cfg, dist):
+    """Rewards of this rank's images, gathered into global image order; group advantages.
+    Returns (all rewards (batch,), advantages (batch,), fraction of all-equal groups, reward info)."""
+    scores, info = reward_fn(images, prompts, metas)
+    all_scores = torch.empty(cfg.batch)
+    all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()
+    adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
+    return all_scores, adv_all, zero_std, info
+
+
+def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, saved: dict, bar) -> None:
+    """The end of a Stage-1 step: evaluate the EMA weights on the task's test prompts (evaluate.py, at
+    the guidance the model samples with) every eval_every steps and at the end, log, checkpoint."""
+    last, images = step + 1 == cfg.steps, {}
+    if (step + 1) % cfg.eval_every == 0 or last:
+        evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step, cfg.guidance,
+                                             per_task_keys=False)
+        metrics.update(evaluated)
+    trainer.run.log(metrics, images)
+    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+    if (step + 1) % cfg.save_every == 0 or last:
+        trainer.save(step + 1, saved)
