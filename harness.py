@@ -27,6 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -39,10 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from evaluate import EVAL_STEPS
-from jsonfiles import read_json
+from jsonfiles import read_json, read_jsonl
 from model import portable_path, repo_path
 from reporting import Trackers, command_line, model_card, parse_report_to, push_to_hub
 
@@ -329,8 +333,10 @@ def read_manifest(folder: Path) -> tuple[int | None, str]:
         return None, f"{folder.name}/ has no {MANIFEST} (its writing was interrupted)"
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None, f"{folder.name}/{MANIFEST} is not valid JSON"
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "step" in manifest):
+        return None, f"{folder.name}/{MANIFEST} lacks its 'files' or 'step' entry"
     for name, want in manifest["files"].items():
         p = folder / name
         if not p.is_file():
@@ -340,6 +346,16 @@ def read_manifest(folder: Path) -> tuple[int | None, str]:
         if _sha256(p) != want["sha256"]:
             return None, f"{folder.name}/{name} does not match its SHA-256 in {MANIFEST}"
     return manifest["step"], ""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` such that a kill at any instant leaves the old file or the new one:
+    written to path.tmp, fsynced, renamed over path."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -355,6 +371,10 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 # ---------------------------------------------------------------------- run directory
+LOCK = ".lock"                  # out/.lock: held (flock) by the process that runs in out/
+_CLAIMED: list["RunDir"] = []   # the run folders this process claimed (fail() removes unused ones)
+
+
 class RunDir:
     """out/config.json, out/metrics.jsonl, out/checkpoint/ (sealed by a manifest), out/samples/*.png.
 
@@ -375,11 +395,23 @@ class RunDir:
         self.last_eval: dict = {}
         self.resume_from: Path | None = None
         self.start = 0
+        self.saved_step = 0  # the step of the newest complete checkpoint (0: none yet)
+        self._created, self._lock_fd = False, None
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {out} is a file, not a directory")
+        if not self.cfg.get("dry_run"):
+            self.claim()
+        try:
+            self._check(out, cfg)
+        except BaseException:
+            self.release(remove_if_unused=True)
+            raise
+        self.saved_step = self.start
+
+    def _check(self, out: str, cfg) -> None:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
+            old = read_json(cfg_file, "the run's config", "restore it from a copy, or start over with another --out")
             # a field added to the script after the run started counts as its default
             defaults = json.loads(json.dumps(config_dict(type(cfg)())))
             diff = sorted(k for k in set(old) | set(self.cfg)
@@ -390,8 +422,58 @@ class RunDir:
             if not self.cfg.get("resume"):
                 raise ValueError(f"output directory {out} already holds this run; pass --resume to continue it")
             self._find_checkpoint()
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and any(p.name != LOCK for p in self.path.iterdir()):
             raise ValueError(f"output directory {out} is not empty and holds no run; choose another --out")
+
+    def claim(self) -> None:
+        """Take the run folder for this run, on every rank or none: rank 0 creates it if missing and holds
+        an OS lock on out/.lock (flock) for the life of the process, so a killed run leaves no stale lock
+        and a second process on the same folder fails here with one line naming the holder's PID. An
+        unwritable --out (read-only, under a file) fails here too, before any model loads."""
+        error = ""
+        for stale in [r for r in _CLAIMED if r.path.resolve() == self.path.resolve()]:
+            stale.release()  # a run of this process that ended without finish(): its folder is free again
+        if self.dist.is_main:
+            try:
+                self._created = not self.path.exists()
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                error = (f"--out {self.path} cannot be created or written ({e.strerror or e}); choose a "
+                         "folder you can write to")
+                if self._created and self.path.is_dir() and not any(self.path.iterdir()):
+                    self.path.rmdir()
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    error = (f"--out {self.path} is in use by another run (PID {holder}); wait for it to end "
+                             "or choose another --out")
+                else:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    self._lock_fd = fd
+                    _CLAIMED.append(self)
+        if self.dist.world > 1:  # every rank stops if rank 0 could not claim the folder
+            failed = self.dist.sum(torch.tensor([float(bool(error))], device=self.dist.device)).item() > 0
+            error = error or ("rank 0 could not claim --out" if failed else "")
+        if error:
+            raise ValueError(error)
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Let go of the run folder's lock (the end of the run, or a failure). remove_if_unused: after a
+        failure before the run wrote anything, remove the folder this process created for it (only its
+        lock inside), so bad input leaves nothing behind."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self in _CLAIMED:
+            _CLAIMED.remove(self)
+        if remove_if_unused and self._created and self.path.is_dir() and \
+                all(p.name == LOCK for p in self.path.iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def _find_checkpoint(self) -> None:
         """The newest complete checkpoint among the slots save() writes, or an error if only damaged
@@ -432,15 +514,10 @@ class RunDir:
             for slot in ("checkpoint.tmp", "checkpoint.old"):
                 shutil.rmtree(self.path / slot, ignore_errors=True)
             metrics = self.path / "metrics.jsonl"
-            if metrics.exists():
-                kept = []
-                for line in metrics.read_text().splitlines():
-                    try:
-                        if json.loads(line).get("step", -1) < self.start:
-                            kept.append(line)
-                    except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                        pass
-                metrics.write_text("".join(ln + "\n" for ln in kept))
+            if metrics.exists():  # the steps past the checkpoint go; a kill at any moment keeps every line
+                kept = [r for r in read_jsonl(metrics, "the run's metrics", torn_tail_ok=True)
+                        if r.get("step", -1) < self.start]
+                write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         self.resume_from = self.checkpoint if self.start > 0 else None
         self.trackers = Trackers(parse_report_to(self.cfg.get("report_to", "none")), self.path, self.cfg, self.start,
                                  self.dist.is_main)
@@ -481,6 +558,7 @@ class RunDir:
             torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, tmp / "trainer_state.pt")
             write_manifest(tmp, step)
             publish_dir(tmp, self.checkpoint)
+        self.saved_step = step
         self.dist.barrier()
 
     def load(self, optimizer, ema: EMA, tensors: dict[str, list[torch.Tensor]]) -> dict:
@@ -537,7 +615,7 @@ def check_student_config(cfg) -> None:
                                                 f"got {cfg.height}x{cfg.width}")
     require(0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
     require(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
-    require(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+    require(cfg.steps > 0, f"--steps must be > 0, got {cfg.steps}")
     parse_report_to(cfg.report_to)
     require(not cfg.push_to_hub or (cfg.push_to_hub.count("/") == 1 and all(cfg.push_to_hub.split("/"))),
             f"--push_to_hub expects OWNER/NAME, got {cfg.push_to_hub!r}")
@@ -604,13 +682,15 @@ class StudentTrainer:
         return norm.item(), skipped
 
     def finish(self) -> None:
-        """End of a run: close the trackers; upload the checkpoint with --push_to_hub (rank 0)."""
+        """End of a run: close the trackers; upload the checkpoint with --push_to_hub (rank 0); let go of
+        the run folder."""
         if self.dist.is_main:
             self.run.trackers.close()
             if self.cfg.push_to_hub:
                 url = push_to_hub(self.run.checkpoint, self.cfg.push_to_hub, f"{self.run.script}: step {self.cfg.steps}")
                 print_main(self.dist, f"uploaded {self.run.checkpoint} to {url}")
         self.dist.barrier()
+        self.run.release()
 
     def ema_weights(self):
         """Context: the student's weights are the EMA copy inside (for evaluation)."""
@@ -655,14 +735,56 @@ def check_same_base(adapter_dir: str, model) -> None:
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist")
     if cfg_file.is_file():
-        saved = json.loads(cfg_file.read_text()).get("base_fingerprint")
+        saved = read_json(cfg_file, "the adapter's run_config").get("base_fingerprint")
         if saved and saved != model.fingerprint():
             raise ValueError(f"adapter {adapter_dir} was trained on another base model "
                              f"(fingerprint {saved}, this base {model.fingerprint()})")
 
 
+def _disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+
+
+def one_line_stops(main):
+    """Decorator of a script's main(): Ctrl-C, or a full disk during a save, ends the run with one line
+    that says what was kept and the command that resumes (exit 130 after Ctrl-C, 1 for the disk).
+    The newest complete checkpoint is never touched by either (RunDir.save, publish_dir)."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            _stop("interrupted", 130)
+        except (OSError, SafetensorError) as e:
+            if not _disk_full(e):
+                raise
+            _stop("the disk is full", 1, "free some space, then ")
+    return wrapped
+
+
+def _stop(what: str, code: int, then: str = "") -> typing.NoReturn:
+    run = next((r for r in reversed(_CLAIMED) if r.command), None)
+    if run is None:
+        line = f"{what}; nothing was written"
+    elif run.saved_step:
+        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} is intact (steps after it are "
+                f"lost); {then}resume with: {run.command.removesuffix(' --resume')} --resume")
+    else:
+        line = f"{what} before the first checkpoint; {then}start again with: {run.command}"
+    for r in list(_CLAIMED):
+        r.release(remove_if_unused=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def fail(error: Exception) -> typing.NoReturn:
-    """End the process with a one-line error (the scripts' bad-input path)."""
+    """End the process with a one-line error (the scripts' bad-input path): printed by rank 0 only (every
+    rank fails with it), and a run folder this process created for nothing is removed."""
+    for run in list(_CLAIMED):
+        run.release(remove_if_unused=True)
+    if int(os.environ.get("RANK", 0)) != 0:
+        raise SystemExit(1)
     raise SystemExit(f"error: {error}") from None
 
 

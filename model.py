@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from jsonfiles import read_json
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -104,15 +106,43 @@ def t5_length(path: str) -> int:
     config without loading it: min(MAX_SEQUENCE_LENGTH, the tokenizer's limit); MAX_SEQUENCE_LENGTH for
     a hub id."""
     config = Path(repo_path(path)) / "tokenizer_3" / "tokenizer_config.json"
-    limit = json.loads(config.read_text()).get("model_max_length", MAX_SEQUENCE_LENGTH) if config.is_file() else \
-        MAX_SEQUENCE_LENGTH
+    limit = read_json(config, "tokenizer config").get("model_max_length", MAX_SEQUENCE_LENGTH) \
+        if config.is_file() else MAX_SEQUENCE_LENGTH
     return min(MAX_SEQUENCE_LENGTH, int(limit))
 
 
+def check_hub_repo(repo: str, what: str, filename: str = "model_index.json") -> None:
+    """A hub repo `repo` is usable: `filename` of it is in the local hub cache, or (online) it can be
+    fetched. Otherwise a FileNotFoundError in one line that says why (offline, unknown or private, the
+    hub unreachable) and what to do; nothing big is downloaded."""
+    from huggingface_hub import hf_hub_download
+    try:
+        hf_hub_download(repo, filename, local_files_only=True)
+        return
+    except Exception:  # not cached: the cache's own error types vary across hub versions
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise FileNotFoundError(f"{what} {repo} is not in the local hub cache and HF_HUB_OFFLINE is set: download "
+                                f"it first (huggingface-cli download {repo}) or unset HF_HUB_OFFLINE")
+    try:
+        hf_hub_download(repo, filename)
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, EntryNotFoundError, connection errors
+        kind = type(e).__name__
+        why = {"RepositoryNotFoundError": "does not exist on the hub, or is private (huggingface-cli login)",
+               "GatedRepoError": "is gated: accept its terms on huggingface.co, then huggingface-cli login",
+               "EntryNotFoundError": f"has no {filename}: not a diffusers pipeline repo"}.get(
+            kind, f"could not be reached on the hub ({kind}): check the connection, or download it elsewhere "
+                  "and pass its folder")
+        raise FileNotFoundError(f"{what} {repo} {why}") from None
+
+
 def check_model_path(path: str) -> None:
-    """Fail fast on a model path that is neither a readable SD3 folder nor a hub id (before loading)."""
+    """Fail fast on a model path that is neither a readable SD3 folder nor a usable hub id (before
+    loading)."""
     p = Path(repo_path(path))
     looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
+    if not looks_local:
+        check_hub_repo(path, "model")
     if looks_local:
         if not p.is_dir():
             raise FileNotFoundError(f"model path {path!r} does not exist (expected a diffusers pipeline folder "
@@ -120,7 +150,7 @@ def check_model_path(path: str) -> None:
         index = p / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{path!r} has no model_index.json: not a diffusers pipeline folder")
-        cls = json.loads(index.read_text()).get("_class_name", "")
+        cls = read_json(index, "pipeline index").get("_class_name", "")
         if not cls.startswith("StableDiffusion3"):
             raise ValueError(f"{path!r} holds a {cls or 'unknown'} pipeline; only SD3-family pipelines "
                              "(StableDiffusion3Pipeline) are supported")
@@ -132,8 +162,8 @@ def resolution_rule(path: str) -> tuple[int, int] | None:
     p = Path(repo_path(path))
     if not (p / "transformer" / "config.json").is_file() or not (p / "vae" / "config.json").is_file():
         return None
-    tr = json.loads((p / "transformer" / "config.json").read_text())
-    vae_scale = 2 ** (len(json.loads((p / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    tr = read_json(p / "transformer" / "config.json", "transformer config")
+    vae_scale = 2 ** (len(read_json(p / "vae" / "config.json", "VAE config")["block_out_channels"]) - 1)
     return vae_scale * tr["patch_size"], tr["sample_size"] * vae_scale
 
 
@@ -160,10 +190,7 @@ def check_lora_folder(folder: str) -> None:
     for f in (PEFT_CONFIG, PEFT_WEIGHTS):
         if not (p / f).is_file():
             raise FileNotFoundError(f"LoRA folder {folder} has no {f} (expected a PEFT adapter folder)")
-    try:
-        json.loads((p / PEFT_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"LoRA folder {folder}: {PEFT_CONFIG} is not valid JSON ({e}); re-save or re-download it") from None
+    read_json(p / PEFT_CONFIG, "LoRA config", "re-save or re-download the adapter")
     try:
         with safe_open(str(p / PEFT_WEIGHTS), "pt") as f:
             f.keys()

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, parse_config, require, require_positive, step_seed, trained_steps, update_or_stop
+from harness import Phases, one_line_stops, parse_config, require, require_positive, step_seed, trained_steps, update_or_stop
 from sample import rollout
 from stage1 import Stage1Config
 
@@ -140,6 +140,7 @@ def _nft_checks(cfg: NFTConfig) -> None:
     require(not cfg.full_finetune, "NFT keeps its old policy as a second LoRA adapter: --full_finetune is not supported")
 
 
+@one_line_stops
 def main(argv=None):
     cfg = parse_config(NFTConfig, argv)
     cfg.out = cfg.out or f"runs/nft-{cfg.task}"

@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 from evaluate import evaluate_student
 from harness import (Dist, Phases, StudentConfig, StudentTrainer, config_dict, fail, no_phase,
-                     parse_config, print_main, step_seed, trained_steps, update_or_stop)
+                     one_line_stops, parse_config, print_main, step_seed, trained_steps,
+                     update_or_stop)
 from model import FlowModel, TextEmbeds, weights_dtype
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from teachers import load_teachers, validate
@@ -265,6 +266,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
     return model, teachers, trainer, dist
 
 
+@one_line_stops
 def main(argv=None):
     done = train(parse_config(OPDConfig, argv), argv)
     if done is not None:

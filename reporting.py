@@ -23,6 +23,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from jsonfiles import read_json, read_jsonl
 from model import MAX_SEQUENCE_LENGTH, t5_length
 
 TRACKERS = ("tensorboard", "wandb")
@@ -59,7 +60,7 @@ class Trackers:
         if "wandb" in names:
             import wandb
             state_file = out / "tracker.json"
-            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            state = read_json(state_file, "tracker state") if state_file.is_file() else {}
             if "wandb_id" not in state:
                 state["wandb_id"] = uuid.uuid4().hex[:8]
                 state_file.write_text(json.dumps(state))
@@ -178,11 +179,12 @@ def rewrite_card(folder: str) -> Path:
     missing = [f for f in ("config.json", "run_config.json") if not (root / f).is_file()]
     if missing:
         raise SystemExit(f"error: {folder} has no {' or '.join(missing)}: not an adapter folder this project saved")
-    config = json.loads((root / "config.json").read_text())
-    run_config = json.loads((root / "run_config.json").read_text())
+    config = read_json(root / "config.json", "training config")
+    run_config = read_json(root / "run_config.json", "run config")
     run_config.setdefault("max_sequence_length", t5_length(run_config.get("base_model", "")))
-    lines = (root / "metrics.jsonl").read_text().splitlines() if (root / "metrics.jsonl").is_file() else []
-    evals = [m for m in map(json.loads, filter(None, lines)) if any(k.startswith("eval/") for k in m)]
+    records = read_jsonl(root / "metrics.jsonl", "metrics", torn_tail_ok=True) if (root / "metrics.jsonl").is_file() \
+        else []
+    evals = [m for m in records if any(k.startswith("eval/") for k in m)]
     script = {"nft": "nft.py"}.get(run_config.get("algorithm"), "opd.py" if "tasks" in run_config else "teacher_rl.py")
     model_card(root, config, run_config, evals[-1] if evals else {}, equivalent_command(script, config), script)
     return root / "README.md"

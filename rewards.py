@@ -83,9 +83,11 @@ import json
 import numbers
 import os
 import pickle
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 
@@ -474,6 +476,20 @@ def _geneval(device, dtype, detector=None, clip_model=None, threshold=0.3, count
 # -------------------- external reward server ------------------------------------------------------
 
 
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """The reward server's host and port accept a connection (checked when the reward is built, before
+    any model loads); else a ValueError in one line."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"http reward: {url!r} is not an http(s) URL, e.g. http://127.0.0.1:18085")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=min(timeout_s, 5.0)).close()
+    except OSError as e:
+        raise ValueError(f"http reward: the reward server {url} is not reachable ({e.strerror or e}); start it, "
+                         "or point url= / REWARD_SERVER_URL at it") from None
+
+
 @register("http")
 def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wire="pickle", jpeg_quality=95):
     url = _setting(url, "REWARD_SERVER_URL")
@@ -481,6 +497,7 @@ def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wir
         raise ValueError("http reward needs url=... or REWARD_SERVER_URL, e.g. http://127.0.0.1:18085")
     if wire not in ("pickle", "json"):
         raise ValueError(f"http reward: wire must be 'pickle' or 'json', got {wire!r}")
+    check_reachable(url, timeout_s)
 
     def post(body):
         request = urllib.request.Request(url, data=body, method="POST", headers={

@@ -78,7 +78,7 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, parse_config, require, require_positive, trained_steps, update_or_stop
+from harness import Phases, one_line_stops, parse_config, require, require_positive, trained_steps, update_or_stop
 from model import FlowModel
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from stage1 import Stage1Config
@@ -202,6 +202,7 @@ def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kep
     return losses
 
 
+@one_line_stops
 def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"

@@ -66,9 +66,11 @@ def fetch_teacher(ref: str) -> str:
     from huggingface_hub import snapshot_download
     try:
         root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
-    except Exception as e:  # offline, unknown repo, no access: all end here with the hub's reason
+    except Exception as e:  # offline, unknown repo, no access: all end here, with the hub's reason in one line
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise FileNotFoundError(f"teacher {ref} is not a local folder and could not be fetched from the hub "
-                                f"({type(e).__name__}: {e})") from None
+                                f"({type(e).__name__}: {reason}); check the id, huggingface-cli login for a "
+                                "private repo, or download it and pass its folder") from None
     return str(Path(root) / sub)
 
 
@@ -90,7 +92,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
     for i, ref in enumerate(cfg.teachers):
         path = fetch_teacher(ref)
         p = Path(path)
-        saved = read_json(p / "run_config.json", "teacher file") if (p / "run_config.json").is_file() else {}
+        saved = read_json(p / "run_config.json", "teacher file", "copy the teacher folder again from its source") \
+            if (p / "run_config.json").is_file() else {}
         kind = "lora" if (p / "adapter_config.json").is_file() else "full" if (p / "model_index.json").is_file() else ""
         if not kind:
             raise ValueError(f"teacher {path} is neither a PEFT LoRA folder nor an SD3 pipeline folder")

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import check_same_base, config_dict, parse_config
+from jsonfiles import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
 TASKS = ("geneval", "ocr", "aesthetic")      # the cascade's order too
@@ -186,7 +187,7 @@ def check_runs_share_the_base(cfg) -> None:
 def finished(run: Path, steps: int) -> bool:
     """A run is done when its checkpoint holds `steps` optimizer steps."""
     saved = run / "checkpoint" / "run_config.json"
-    return saved.is_file() and json.loads(saved.read_text()).get("step", 0) >= steps
+    return saved.is_file() and read_json(saved, "run config").get("step", 0) >= steps
 
 
 def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) -> Path:
@@ -223,9 +224,9 @@ def gradient_variance(cfg: DemoConfig) -> dict:
     from study import instruments
     path = Path(cfg.out) / "variance.json"
     setting = {"rollouts": cfg.variance_rollouts, "noise_level": cfg.fig6_noise}
-    if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in setting} == setting:
+    if path.is_file() and {k: read_json(path, "variance measurement").get(k) for k in setting} == setting:
         print(f"[skip] variance: {path} holds it", flush=True)
-        return json.loads(path.read_text())
+        return read_json(path, "variance measurement")
     args = ["--teachers", *cfg.teachers, "--model", cfg.model, "--noise_level", str(cfg.fig6_noise),
             "--variance_rollouts", str(cfg.variance_rollouts), "--recipe", cfg.recipe, "--prompts_per_batch",
             str(cfg.opd_prompts), "--num_steps", str(cfg.num_steps)]
@@ -328,7 +329,7 @@ def main(argv=None) -> dict:
                                 "--time", *[f"{k}={'+'.join(v)}" for k, v in chains.items()],
                                 "--tasks", *TASKS, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
-    table = json.loads((results / "table.json").read_text())
+    table = read_json(results / "table.json", "table")
     from study.plots import plot_distance, run_seconds
     plot_distance([("closed form vs PPO-style (a = %g)" % cfg.fig6_noise, {"closed form": fig6["sde"], "PPO-style": fig6["ppo"]}),
                    ("ODE vs SDE (closed form)", {"ODE (a = 0)": fig6["ode"], f"SDE (a = {cfg.fig6_noise:g})": fig6["sde"]})],

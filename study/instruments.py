@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from harness import Dist, StudentTrainer, fail, no_phase, parse_config, print_main, trained_steps
+from harness import Dist, StudentTrainer, fail, no_phase, one_line_stops, parse_config, print_main, trained_steps
 from model import FlowModel, TextEmbeds, weights_dtype
 from sample import rollout, time_grid
 from teachers import load_teachers, validate
@@ -162,6 +162,7 @@ def gradient_variance(cfg, argv=None) -> dict:
     return out
 
 
+@one_line_stops
 def main(argv=None):
     cfg = parse_config(InstrumentsConfig, argv)
     checks = [(cfg.baseline in ("", "sft"), f"--baseline must be sft or empty, got {cfg.baseline!r}"),

@@ -26,7 +26,6 @@ Run (regenerates the figures from logs, no model needed):
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from jsonfiles import read_json, read_jsonl  # noqa: E402
 
 
 # ---------------------------------------------------------------------- reading run logs
@@ -43,12 +44,10 @@ def read_metrics(run: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"run {run} has no metrics.jsonl (expected a teacher_rl.py / opd.py run directory)")
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "step" not in record:
-                raise ValueError(f"{path}: a record without 'step': {line[:200]}")
-            by_step[record["step"]] = record
+    for number, record in enumerate(read_jsonl(path, "metrics", torn_tail_ok=True), 1):  # a killed run's tail
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}: record {number} has no 'step': {str(record)[:200]}")
+        by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -64,7 +63,7 @@ def run_seconds(run: str) -> float:
 def run_task(run: str) -> str | None:
     """The task a teacher_rl.py run trained on (config.json), or None for an opd.py run."""
     path = Path(run) / "config.json"
-    return json.loads(path.read_text()).get("task") if path.is_file() else None
+    return read_json(path, "the run's config").get("task") if path.is_file() else None
 
 
 def eval_reward(record: dict, task: str, own_task: str | None) -> float | None:
@@ -177,7 +176,7 @@ def distance_curve(run: str, tasks: list[str]) -> tuple[list[float], list[float]
 
 
 def _read_distance_curve(run: str, tasks: list[str]) -> tuple[list[float], list[float], list[float]]:
-    cfg = json.loads((Path(run) / "config.json").read_text())
+    cfg = read_json(Path(run) / "config.json", "the run's config")
     if "prompts_per_batch" not in cfg:
         raise ValueError(f"run {run} logged no held-out distance for all tasks {tasks} (not an opd.py run)")
     per_round = cfg["prompts_per_batch"] * len(tasks)
@@ -305,7 +304,7 @@ def main(argv=None):
             plot_curves(parse_named(args.runs, "--runs"), args.tasks, args.out)
         else:
             panels = [(p[0], {k: v[0] for k, v in parse_named(p[1:], "--panel").items()}) for p in args.panel]
-            variance = json.loads(Path(args.variance).read_text()) if args.variance else None
+            variance = read_json(args.variance, "variance measurement") if args.variance else None
             plot_ablation(panels, args.tasks, args.out, variance)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import Task, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
 from harness import Dist, check_same_base, config_dict, parse_config
-from model import FlowModel, repo_path
+from jsonfiles import read_json
+from model import FlowModel, check_model_path, repo_path
 from rewards import make_reward
 
 
@@ -130,7 +132,7 @@ def model_guidance(spec: ModelSpec, cfg) -> float:
     NFT teacher: 1.0) with --own_guidance, else --guidance (the protocol's 4.5)."""
     run_config = Path(spec.adapter or "") / "run_config.json"
     if cfg.own_guidance and spec.adapter and run_config.is_file():
-        saved = json.loads(run_config.read_text())
+        saved = read_json(run_config, "run config")
         if "tasks" not in saved and "guidance" in saved:  # a teacher (a student names its tasks)
             return float(saved["guidance"])
     return cfg.guidance
@@ -164,9 +166,17 @@ class EvalConfig:
 
 
 def validate(cfg: EvalConfig):
-    """Every bad input fails here with a one-line error, before any model loads."""
+    """Every bad input fails here with a one-line error, before any model loads and before --out is
+    written."""
     from study.plots import parse_named, read_metrics
     try:
+        for name in ("prompts", "steps", "batch"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+        if cfg.grid_prompts < 0:
+            raise ValueError(f"--grid_prompts must be >= 0, got {cfg.grid_prompts}")
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise ValueError(f"--out {cfg.out} is a file, not a directory")
         models = parse_models(cfg.models)
         if not models:
             raise ValueError("no models given (--models NAME=BASE[+ADAPTER] ...)")
@@ -184,6 +194,8 @@ def validate(cfg: EvalConfig):
         curves = parse_named(cfg.curves, "--curves") if cfg.curves else times
         for run in {r for chain in list(times.values()) + list(curves.values()) for r in chain}:
             read_metrics(run)
+        for spec in models:
+            check_model_path(spec.base)
         return models, tasks, times, curves
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -198,7 +210,7 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
     out = Path(cfg.out)
     cache_file, grid_file = out / "cache" / f"{spec.name}.json", out / "samples" / f"{spec.name}.png"
     key = cache_key(spec, cfg)
-    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cached = read_json(cache_file, "evaluation cache", "delete it to evaluate again") if cache_file.is_file() else {}
     old = cached.get("tasks", {}) if cached.get("key") == key else {}
     results = {t.name: old[t.name] for t in tasks
                if t.name in old and (old[t.name]["dataset"], old[t.name]["reward"]) == (t.dataset, t.reward)}
@@ -240,17 +252,27 @@ def main(argv=None) -> dict:
     from study.plots import plot_curves
     cfg = parse_config(EvalConfig, argv)
     models, tasks, times, curves = validate(cfg)
-    dist = Dist(cfg.device)
+    try:
+        dist = Dist(cfg.device)
+        rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     out = Path(cfg.out)
-    if dist.is_main:
-        for sub in ("cache", "samples"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=2))
+    created = not out.exists()
+    try:
+        if dist.is_main:
+            for sub in ("cache", "samples"):
+                (out / sub).mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=2))
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} cannot be written ({e.strerror or e}); choose a folder you can "
+                         "write to") from None
     dist.barrier()
-    rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
     try:
         results = {spec.name: evaluate_model(spec, i, tasks, rewards, cfg, dist, loaded) for i, spec in enumerate(models)}
     except (ValueError, FileNotFoundError) as e:  # e.g. an adapter trained on another base
+        if created and dist.is_main and not any((out / "cache").iterdir()):  # nothing evaluated: leave nothing
+            shutil.rmtree(out, ignore_errors=True)
         raise SystemExit(f"error: {e}") from None
 
     # ---- Table 1: the task's eval key (GenEval: strict) or its reward; time; normalised average

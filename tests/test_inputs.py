@@ -132,7 +132,7 @@ GRPO_CASES = {
     "negative KL weight": (["--kl_beta", "-1"], "--kl_beta must be >= 0"),
     "missing init adapter": (["--init_lora", "/nonexistent/lora"], "has no adapter_config.json"),
     "cuda without a GPU": (["--device", "cuda"], "no CUDA device"),
-    "negative steps": (["--steps", "-1"], "--steps must be >= 0"),
+    "zero steps": (["--steps", "0"], "--steps must be > 0"),
 }
 
 

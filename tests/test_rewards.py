@@ -479,11 +479,17 @@ def test_http_timeout(server):
 
 
 def test_http_unreachable(monkeypatch):
-    with socket.socket() as probe:  # a port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    listener = socket.socket()  # a server that accepts connections while the reward is built, then goes away
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fn = rewards.load_reward("http", url=f"http://127.0.0.1:{port}", retries=1, backoff_s=0.0)
+    listener.close()
     with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} unreachable after 2 attempts"):
-        rewards.load_reward("http", url=f"http://127.0.0.1:{port}", retries=1, backoff_s=0.0)(*http_batch())
+        fn(*http_batch())
+    # a server that is not up when the run starts: one line when the reward is built, before any model loads
+    with pytest.raises(ValueError, match=f"reward server http://127.0.0.1:{port} is not reachable"):
+        rewards.load_reward("http", url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.0)
     monkeypatch.delenv("REWARD_SERVER_URL", raising=False)
     with pytest.raises(ValueError, match="REWARD_SERVER_URL"):
         rewards.load_reward("http")

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from toy import world
 from data import load_prompts
-from harness import parse_config, publish_dir
+from harness import parse_config, publish_dir, write_atomic
+from jsonfiles import read_jsonl
 from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
@@ -190,8 +191,9 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])  # the T5 encoder's dropout draws from it
         start = state["step"]
     metrics = ckpt / "metrics.jsonl"
-    kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] < start] if metrics.exists() else []
-    metrics.write_text("".join(ln + "\n" for ln in kept))  # drop lines past the resumed checkpoint
+    kept = [r for r in read_jsonl(metrics, "pretraining metrics", torn_tail_ok=True) if r["step"] < start] \
+        if metrics.exists() else []
+    write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))  # lines past the checkpoint go; kill-safe
     log = open(metrics, "a")
     trackers = Trackers(parse_report_to(cfg.report_to), ckpt, vars(cfg), start, True)
     bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)

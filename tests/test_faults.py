@@ -1,0 +1,320 @@
+"""What a user does to a run never loses its history (issue: run locks, crash-safe logs, every bad
+input named). Each case is a tiny run; the kinds of faults:
+
+- two processes on one --out: the second fails at once, naming the first one's PID (an OS lock on
+  out/.lock that dies with its process, so a killed run leaves none behind);
+- a kill at any instant of resume's rewrite of metrics.jsonl, or a torn last line from a kill mid-append:
+  every earlier step's metrics survive and the next resume carries on;
+- a malformed JSON or JSONL file the project reads: one line naming the file (and line);
+- a bad GenEval metadata field, an unreachable reward server, an unwritable or file-blocked --out,
+  --steps 0, an unknown hub id: one line before any model loads, nothing left behind;
+- Ctrl-C and a full disk: one line saying what was kept and the command that resumes; the resume is exact;
+- study.table: the same rules (nothing left behind, one line)."""
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file
+
+import harness
+import teacher_rl
+from model import FlowModel
+from study import table as table_cli
+
+DATA = "data/toy/geneval"
+
+
+def _args(model, out, *extra):
+    return ["--model", model, "--task", "geneval", "--dataset", DATA, "--reward", "test_brightness=1", "--out", str(out),
+            "--batch", "4", "--group_size", "2", "--num_steps", "2", "--rollout_batch", "4", "--train_batch", "4",
+            "--lora_rank", "4", "--lora_alpha", "8", "--eval_every", "100", "--eval_prompts", "2", "--eval_steps", "2",
+            "--ema_every", "1", "--timestep_fraction", "0.5", "--height", "0", "--width", "0", "--save_every", "1",
+            "--steps", "2", *extra]
+
+
+def _one_line(call, match):
+    with pytest.raises(SystemExit, match=match) as e:
+        call()
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value), e.value
+    return str(e.value)
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _no_sec(records):
+    """The training metrics of every step: timings and evaluations (a shorter run evaluates its last
+    step, the one it stopped at) left out."""
+    return [{k: v for k, v in r.items() if not k.startswith(("sec/", "eval/"))} for r in records]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the fault was reported")
+    monkeypatch.setattr(FlowModel, "load", refuse)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_pipe_dir, tmp_path_factory):
+    """The uninterrupted 2-step run every interrupted one must end equal to."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, out))
+    return out
+
+
+def _same_run(a, b):
+    wa, wb = (load_file(Path(r) / "checkpoint" / "raw_weights.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _no_sec(_metrics(a)) == _no_sec(_metrics(b))
+
+
+# ---------------------------------------------------------------------- one run per folder
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds the run lock of `folder`, as a run in it does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / harness.LOCK)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("second", [[], ["--seed", "1"]], ids=["same config", "another seed"])
+def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(second, tiny_pipe_dir, tmp_path,
+                                                                        no_model_load):
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", *second)),
+                  rf"--out .*run is in use by another run \(PID {holder.pid}\)")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [harness.LOCK]  # nothing of the second run
+    fd = os.open(tmp_path / "run" / harness.LOCK, os.O_RDWR)  # the lock died with its process
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_the_run_lock_is_held_for_the_whole_run_and_gone_with_it(tiny_pipe_dir, tmp_path, monkeypatch):
+    seen = []
+    real = harness.RunDir.log
+
+    def log(self, metrics, images=None):  # during the run: another process cannot take the lock
+        code = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        seen.append(subprocess.run([sys.executable, "-c", code, str(self.path / harness.LOCK)]).returncode)
+        return real(self, metrics, images)
+    monkeypatch.setattr(harness.RunDir, "log", log)
+    teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
+    assert seen == [1]
+
+
+# ---------------------------------------------------------------------- logs that survive a kill
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the scripts catches it."""
+
+
+@pytest.mark.parametrize("point", range(4))
+def test_a_kill_during_resumes_metrics_rewrite_loses_no_history(point, tiny_pipe_dir, full_run, tmp_path,
+                                                                monkeypatch):
+    """Killed before each disk operation of the rewrite (write, fsync, rename, fsync of the folder), the
+    next resume still holds every earlier step and ends equal to the uninterrupted run."""
+    run = tmp_path / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1"))
+    with open(run / "metrics.jsonl", "a") as f:  # a line past the checkpoint, which the rewrite cuts
+        f.write(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+    kept = (run / "metrics.jsonl").read_text().splitlines()[0]
+
+    def killed_write(path, text):  # harness.write_atomic's steps, killed before step `point`
+        tmp = path.with_name(path.name + ".tmp")
+        steps = [lambda: tmp.write_text(text), lambda: harness._fsync(tmp), lambda: os.replace(tmp, path),
+                 lambda: harness._fsync(path.parent)]
+        for k, do in enumerate(steps):
+            if k == point:
+                raise Killed(f"before step {k} of the rewrite")
+            do()
+    with monkeypatch.context() as m:
+        m.setattr(harness, "write_atomic", killed_write)
+        with pytest.raises(Killed):
+            teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+        harness._CLAIMED[-1].release()  # what the killed process's exit would do
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == kept  # the history survives every kill point
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+    _same_run(full_run, run)
+
+
+def test_a_torn_last_line_is_dropped_by_readers_and_by_resume(tiny_pipe_dir, full_run, tmp_path):
+    from study.plots import read_metrics
+    run = tmp_path / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "reward_mean": 0.5')  # a kill in the middle of the next append
+    assert [r["step"] for r in read_metrics(str(run))] == [0]
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+    _same_run(full_run, run)
+
+
+# ---------------------------------------------------------------------- every JSON file named
+def _damage(path: Path, text='{"task": "ocr", "reward": "unterminated\n'):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def a_teacher(tiny_pipe_dir, tmp_path_factory):
+    from test_opd import _teacher
+    return Path(_teacher(tiny_pipe_dir, tmp_path_factory.mktemp("teacher") / "teacher", "ocr", 1))
+
+
+def test_malformed_json_files_are_named_with_their_line(tiny_pipe_dir, a_teacher, tmp_path, no_model_load):
+    import opd
+    from test_opd import _args as opd_args
+    teacher = tmp_path / "teacher"
+    shutil.copytree(a_teacher, teacher)
+    _damage(teacher / "run_config.json")
+    _one_line(lambda: opd.main(opd_args([str(teacher)], tmp_path / "o1")),
+              r"teacher file .*teacher/run_config.json is not valid JSON \(line 1 column 40.*copy the teacher")
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    _damage(data / "task.json")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o2", "--dataset", str(data), "--reward", "")),
+              r"task file .*data/task.json is not valid JSON")
+    shutil.copy(Path(DATA) / "task.json", data / "task.json")
+    lines = (data / "train_metadata.jsonl").read_text().splitlines()
+    (data / "train_metadata.jsonl").write_text("\n".join(lines[:2] + ['{"prompt": "x"'] + lines[3:]) + "\n")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o3", "--dataset", str(data))),
+              r"metadata file .*train_metadata.jsonl line 3 is not valid JSON")
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_pipe_dir, pipe)
+    _damage(pipe / "model_index.json")
+    _one_line(lambda: teacher_rl.main(_args(str(pipe), tmp_path / "o4")), r"pipeline index .*model_index.json is not valid")
+    for out in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / out).exists()
+
+
+def test_a_damaged_run_config_or_manifest_is_named(tiny_pipe_dir, tmp_path):
+    run = tmp_path / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1"))
+    manifest = run / "checkpoint" / harness.MANIFEST
+    saved = manifest.read_text()
+    manifest.write_text(json.dumps({"step": 1}))  # no "files"
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, run, "--resume")), "lacks its 'files' or 'step' entry")
+    manifest.write_text(saved)
+    _damage(run / "config.json")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, run, "--resume")),
+              r"the run's config .*config.json is not valid JSON.*another --out")
+
+
+# ---------------------------------------------------------------------- late failures made early
+def test_bad_inputs_that_used_to_fail_after_loading_fail_before(tiny_pipe_dir, tmp_path, no_model_load, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    lines = [json.loads(line) for line in (data / "train_metadata.jsonl").read_text().splitlines()]
+    lines[4]["include"][0]["count"] = "2"  # a string where GenEval needs an integer
+    (data / "train_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o1", "--dataset", str(data))),
+              r"train_metadata.jsonl line 5: include\[0\] 'count' must be an integer >= 1, got '2'")
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o2", "--reward", "http=1")),
+              "REWARD_SERVER_URL")
+    monkeypatch.setenv("REWARD_SERVER_URL", f"http://127.0.0.1:{port}")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o2", "--reward", "http=1")),
+              rf"reward server http://127.0.0.1:{port} is not reachable")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o3", "--steps", "0")), "--steps must be > 0")
+    (tmp_path / "file").write_text("x")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "file" / "run")),
+              r"--out .*file/run cannot be created or written")
+    _one_line(lambda: teacher_rl.main(_args("nobody/no-such-model-here", tmp_path / "o4")),
+              "model nobody/no-such-model-here is not in the local hub cache and HF_HUB_OFFLINE is set")
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only "
+                        "file system")) if str(path).endswith(harness.LOCK) else real_open(path, *a, **k))
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o5")),
+              r"--out .*o5 cannot be created or written \(Read-only file system\)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]
+
+
+# ---------------------------------------------------------------------- Ctrl-C and a full disk
+def _stop_at_step(monkeypatch, step: int, error: BaseException, where=("harness", "RunDir.log")):
+    real = harness.RunDir.log
+
+    def log(self, metrics, images=None):
+        if metrics["step"] == step:
+            raise error
+        return real(self, metrics, images)
+    monkeypatch.setattr(harness.RunDir, "log", log)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume_and_the_resume_is_exact(tiny_pipe_dir, full_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_at_step(m, 1, KeyboardInterrupt())
+        with pytest.raises(SystemExit) as e:
+            teacher_rl.main(_args(tiny_pipe_dir, run))
+    assert e.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: the checkpoint of step 1 in") and line.endswith("--resume"), line
+    assert "python teacher_rl.py --model" in line and "Traceback" not in line
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+    _same_run(full_run, run)
+
+
+def test_a_full_disk_during_a_save_says_what_was_kept_and_the_resume_is_exact(tiny_pipe_dir, full_run, tmp_path,
+                                                                               monkeypatch, capsys):
+    run = tmp_path / "run"
+    real = safetensors.torch.save_file
+    saves = {"n": 0}
+
+    def full(tensors, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 3:  # the second checkpoint: after its first files
+            raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(harness, "save_file", full)
+        with pytest.raises(SystemExit) as e:
+            teacher_rl.main(_args(tiny_pipe_dir, run))
+    assert e.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("the disk is full: the checkpoint of step 1 in") and "free some space, then resume with:" \
+        in line and line.endswith("--resume"), line
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+    _same_run(full_run, run)
+
+
+# ---------------------------------------------------------------------- study.table
+TABLE_CASES = {
+    "zero batch": (["--batch", "0"], "--batch must be > 0"),
+    "zero prompts": (["--prompts", "0"], "--prompts must be > 0"),
+    "cuda without a GPU": (["--device", "cuda"], "no CUDA device"),
+    "missing adapter": (["--models", "x=models/toy-sd3+/nonexistent"], "neither a PEFT LoRA folder"),
+    "unknown task": (["--tasks", "nope"], "dataset folder dataset/nope does not exist"),
+    "out is a file": (["--out", "FILE"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_CASES))
+def test_study_table_bad_inputs_leave_nothing(case, tiny_pipe_dir, tmp_path, no_model_load):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "FILE").write_text("x")
+    extra, match = TABLE_CASES[case]
+    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "ocr", "--out", str(tmp_path / "out"),
+            *[str(tmp_path / "FILE") if a == "FILE" else a for a in extra]]
+    _one_line(lambda: table_cli.main(args), match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
