@@ -299,22 +299,26 @@ def plan(fp: Footprint, budget: float, prompts: int, trained_steps: int, num_ste
 
 
 def format_table(table: list[tuple[Setting, int]], chosen: Setting | None, budget: float) -> str:
-    lines = [f"memory plan (budget {budget / GiB:.1f} GiB):"]
+    limit = "none" if budget == float("inf") else f"{budget / GiB:.1f} GiB"
+    lines = [f"memory plan (budget {limit}; predicted peak per GPU process):"]
     lines += [f"  {'->' if s == chosen else '  '} {peak / GiB:6.2f} GiB  {s.describe()}" for s, peak in table]
     return "\n".join(lines)
 
 
-def plan_round(cfg, dist, given: set[str], n_teachers: int, dtype: torch.dtype, steps: list[int]) -> str:
+def plan_round(cfg, dist, given: set[str], n_teachers: int, dtype: torch.dtype, steps: list[int],
+               always: bool = False) -> str:
     """opd.py's plan, before anything loads: predict the peak memory of a round for each setting, set on
     `cfg` the fastest that fits the budget (--max_memory_gb, or the GPU's memory on CUDA) for the chunk
     sizes and checkpointing the command line did not set (`given`). Returns the plan's table to print
-    ("" without a budget, or a line saying why it was skipped); a ValueError naming the numbers when
-    nothing fits, or when --max_memory_gb is given for a model without local configs."""
+    ("" without a budget, unless `always`: then every setting's predicted peak with no budget; or a line
+    saying why it was skipped); a ValueError naming the numbers when nothing fits, or when
+    --max_memory_gb is given for a model without local configs."""
     budget = cfg.max_memory_gb * GiB
     if not budget and dist.device.type == "cuda":
         budget = torch.cuda.get_device_properties(dist.device).total_memory
-    if not budget:
+    if not budget and not always:
         return ""
+    budget = budget or float("inf")
     from model import resolution_rule
     try:
         rule = resolution_rule(cfg.model)

@@ -28,13 +28,17 @@ Options and environment variables (an option wins over its variable, which wins 
   pickscore   model (PICKSCORE_MODEL, yuvalkirstain/PickScore_v1),
               processor (PICKSCORE_PROCESSOR, laion/CLIP-ViT-H-14-laion2B-s32B-b79K), divide_by_26
   clipscore   model (CLIP_MODEL, openai/clip-vit-large-patch14)
-  aesthetic   clip_model (CLIP_MODEL), mlp_path (AESTHETIC_MLP; no default: download it, see below)
+  aesthetic   clip_model (CLIP_MODEL), mlp_path (AESTHETIC_MLP; default: the LAION MLP, downloaded once into
+              the hub cache and checked against its sha256)
   ocr         engine ("auto" | "easyocr" | "paddleocr") or reader (a callable: HxWx3 uint8 array -> str)
   geneval     detector (GENEVAL_DETECTOR, facebook/mask2former-swin-small-coco-instance),
               clip_model (CLIP_MODEL), threshold 0.3, counting_threshold 0.9, max_objects 16,
               position_margin 0.1
   http        url (REWARD_SERVER_URL), timeout_s 60, retries 3, backoff_s 1, wire "pickle" | "json"
-  hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub)
+  hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub cache)
+With HF_HUB_OFFLINE set, weights not in the cache fail with one line naming what to download and where.
+`check_spec` says, without loading anything, whether every reward of a spec can be built here (its
+weights cached or downloadable, its package installed, its server reachable): the scripts' --dry_run.
 Model ids may be local folders; with HF_HUB_OFFLINE set, loads pass local_files_only=True.
 
 HTTP wire format (Flow-GRPO's reward-server, github.com/yifan123/reward-server, app_geneval.py): one
@@ -103,8 +107,12 @@ _LOAD_LOCK = threading.Lock()
 _TOKENIZER_LOCK = threading.Lock()  # a fast tokenizer called from two threads at once can fail ("Already borrowed")
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
+AESTHETIC_MLP_NAME = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                      "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+# the published file (3,714,759 bytes; the same bytes as Flow-GRPO's flow_grpo/assets copy at ac4c86e)
+AESTHETIC_MLP_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+HPSV2_REPO, HPSV2_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 
 
 def register(name):
@@ -159,6 +167,74 @@ def make_reward(spec, device="cpu", dtype=torch.float32, **options):
         raise ValueError(f"options given for rewards {stray} that are not in the spec {spec!r}")
     fns = {name: load_reward(name, device, dtype, **options.get(name, {})) for name in weights}
     return ComposedReward(weights, fns)
+
+
+def _hub_status(ref: str, what: str, filename: str = "config.json") -> str:
+    """Where the model `ref` (a folder or a hub id) comes from, checked without loading it."""
+    if os.path.isdir(ref):
+        return f"{what} {ref}: a local folder"
+    from model import check_hub_repo
+    check_hub_repo(ref, what, filename)
+    return f"{what} {ref}: in the hub cache or fetchable"
+
+
+def _check_clip(clip_model=None):
+    return [_hub_status(_setting(clip_model, "CLIP_MODEL", CLIP_L14), "CLIP model")]
+
+
+def _check_aesthetic(clip_model=None, mlp_path=None):
+    path = aesthetic_mlp_path(_setting(mlp_path, "AESTHETIC_MLP"), download=False)
+    mlp = f"LAION MLP {path}" + ("" if os.path.isfile(path) else f" (downloaded from {AESTHETIC_MLP_URL} on first use)")
+    return [mlp, *_check_clip(clip_model)]
+
+
+def _check_hpsv2(checkpoint=None):
+    if not _importable("hpsv2"):
+        raise ImportError("the hpsv2 reward (HPSv2.1) needs its package: pip install hpsv2")
+    path = hpsv2_checkpoint(checkpoint, download=False)
+    return [f"HPSv2.1 checkpoint {path or HPSV2_REPO + '/' + HPSV2_FILE + ' (downloaded on first use)'}"]
+
+
+def _check_ocr(engine="auto", reader=None):
+    if reader is None and not any(_importable(m) for m in ("easyocr", "paddleocr") if engine in ("auto", m)):
+        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, or pip install "
+                          "paddleocr paddlepaddle (Flow-GRPO's engine)")
+    return [f"OCR engine {engine}" if reader is None else "OCR reader given"]
+
+
+def _check_http(url=None, timeout_s=60.0):
+    url = _setting(url, "REWARD_SERVER_URL")
+    if not url:
+        raise ValueError("http reward needs url=... or REWARD_SERVER_URL, e.g. http://127.0.0.1:18085")
+    check_reachable(url, timeout_s)
+    return [f"reward server {url}: reachable"]
+
+
+CHECKS = {  # name -> fn(**options) -> lines: what each reward needs, checked without loading it
+    "pickscore": lambda model=None, processor=None, divide_by_26=False: [
+        _hub_status(_setting(model, "PICKSCORE_MODEL", "yuvalkirstain/PickScore_v1"), "PickScore model"),
+        _hub_status(_setting(processor, "PICKSCORE_PROCESSOR", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                    "PickScore processor", "preprocessor_config.json")],
+    "clipscore": lambda model=None: _check_clip(model),
+    "aesthetic": _check_aesthetic,
+    "geneval": lambda detector=None, clip_model=None, **rules: [
+        _hub_status(_setting(detector, "GENEVAL_DETECTOR", "facebook/mask2former-swin-small-coco-instance"),
+                    "GenEval detector"), *_check_clip(clip_model)],
+    "hpsv2": _check_hpsv2,
+    "ocr": _check_ocr,
+    "http": lambda url=None, timeout_s=60.0, **wire: _check_http(url, timeout_s),
+}
+
+
+def check_spec(spec, **options) -> list[str]:
+    """What every reward of `spec` needs and where it comes from, checked without loading anything
+    (the scripts' --dry_run): weights cached or fetchable, packages installed, servers reachable.
+    Returns one line per need; raises the one-line error of the first that cannot be met."""
+    lines = []
+    for name in parse_spec(spec):
+        for line in CHECKS.get(name, lambda **kw: ["nothing to fetch"])(**options.get(name, {})):
+            lines.append(f"{name}: {line}")
+    return lines
 
 
 class ComposedReward:
@@ -314,13 +390,52 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def aesthetic_mlp_path(path=None, download: bool = True) -> str:
+    """The LAION MLP's weights file: `path` (mlp_path= or AESTHETIC_MLP) when given; else its copy in the hub
+    cache (<HF_HUB_CACHE>/diffusion-opd/), downloaded once from AESTHETIC_MLP_URL and checked against
+    AESTHETIC_MLP_SHA256 (download=False: only say whether it could be). A FileNotFoundError in one line
+    says what to download and where to put it."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"aesthetic reward: MLP weights not found at {path!r} (mlp_path= or AESTHETIC_MLP); "
+                                    f"unset it to download {AESTHETIC_MLP_NAME} automatically")
+        return path
+    from huggingface_hub import constants
+    cached = os.path.join(constants.HF_HUB_CACHE, "diffusion-opd", AESTHETIC_MLP_NAME)
+    if os.path.isfile(cached):
+        return cached
+    if _offline():
+        raise FileNotFoundError(f"aesthetic reward: the LAION MLP is not in the cache and HF_HUB_OFFLINE is set: "
+                                f"download {AESTHETIC_MLP_URL} to {cached}, or set AESTHETIC_MLP to its path")
+    if not download:
+        return cached
+    import hashlib
+    try:
+        with urllib.request.urlopen(AESTHETIC_MLP_URL, timeout=120) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise FileNotFoundError(f"aesthetic reward: cannot download {AESTHETIC_MLP_URL} ({getattr(e, 'reason', e)}); "
+                                f"download it to {cached}, or set AESTHETIC_MLP to its path") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != AESTHETIC_MLP_SHA256:
+        raise FileNotFoundError(f"aesthetic reward: {AESTHETIC_MLP_URL} has sha256 {digest[:12]}, not the pinned "
+                                f"{AESTHETIC_MLP_SHA256[:12]} (changed upstream or damaged); set AESTHETIC_MLP to a "
+                                "copy you trust")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(cached + ".tmp", cached)
+    return cached
+
+
 def load_aesthetic_mlp(path):
     """AestheticMLP from sac+logos+ava1-l14-linearMSE.pth (a torch state dict) or a .safetensors copy."""
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"aesthetic reward: MLP weights not found at {path!r}. Download sac+logos+ava1-l14-linearMSE.pth "
-            f"from {AESTHETIC_MLP_URL} and pass mlp_path=... (make_reward(..., aesthetic={{'mlp_path': ...}})) "
-            f"or set AESTHETIC_MLP.")
+        raise FileNotFoundError(f"aesthetic reward: MLP weights not found at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
@@ -333,7 +448,7 @@ def load_aesthetic_mlp(path):
 
 @register("aesthetic")
 def _aesthetic(device, dtype, clip_model=None, mlp_path=None):
-    mlp = load_aesthetic_mlp(_setting(mlp_path, "AESTHETIC_MLP")).to(device)  # kept in float32
+    mlp = load_aesthetic_mlp(aesthetic_mlp_path(_setting(mlp_path, "AESTHETIC_MLP"))).to(device)  # kept in float32
     clip, clip_processor = _load_clip(_setting(clip_model, "CLIP_MODEL", CLIP_L14), device, dtype)
 
     @torch.no_grad()
@@ -554,22 +669,39 @@ def _jpeg_compressibility(device, dtype):
 # -------------------- optional packages -----------------------------------------------------------
 
 
+def hpsv2_checkpoint(checkpoint=None, download: bool = True) -> str:
+    """HPSv2.1's weights file: `checkpoint` (or HPSV2_CHECKPOINT), else xswu/HPSv2's HPS_v2.1_compressed.pt from
+    the hub cache, downloaded once (the hub checks it); one line saying what to download when offline."""
+    path = _setting(checkpoint, "HPSV2_CHECKPOINT")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"hpsv2 reward: checkpoint {path!r} does not exist (checkpoint= or HPSV2_CHECKPOINT)")
+        return path
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(HPSV2_REPO, HPSV2_FILE, local_files_only=_offline() or not download)
+    except Exception as e:  # not cached offline, unknown, unreachable: the hub's error types vary by version
+        if not download and not _offline():
+            return ""  # not cached, will be downloaded on first use
+        raise FileNotFoundError(f"hpsv2 reward: {HPSV2_FILE} of {HPSV2_REPO} is not in the hub cache and could not be "
+                                f"fetched ({type(e).__name__}): huggingface-cli download {HPSV2_REPO} {HPSV2_FILE}, "
+                                "or set HPSV2_CHECKPOINT to its path") from None
+
+
 @register("hpsv2")
 def _hpsv2(device, dtype, checkpoint=None):
     try:
         from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
     except ImportError as error:
         raise ImportError("the hpsv2 reward (HPSv2.1) needs its package: pip install hpsv2") from error
+    checkpoint = hpsv2_checkpoint(checkpoint)
     # the model construction of Flow-GRPO's hpsv2_scorer.py, then the HPSv2.1 weights
     model, _, preprocess = create_model_and_transforms(
         "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, force_quick_gelu=False,
         force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
         image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
         with_score_predictor=False, with_region_predictor=False)
-    if checkpoint is None and "HPSV2_CHECKPOINT" not in os.environ:
-        from huggingface_hub import hf_hub_download
-        checkpoint = hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt", **_hub_kwargs())
-    state = torch.load(_setting(checkpoint, "HPSV2_CHECKPOINT"), map_location="cpu", weights_only=True)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])
     model = model.to(device).eval().requires_grad_(False)
     tokenizer = get_tokenizer("ViT-H-14")

@@ -32,7 +32,7 @@ from evaluate import evaluate_student
 from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values, check_student_config,
                      config_dict, describe_recipe, fail, given_keys, print_main, require, require_positive, step_seed)
 from model import SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
-from rewards import make_reward
+from rewards import check_spec, make_reward
 
 
 @dataclass
@@ -114,13 +114,14 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
         run = RunDir(cfg.out, cfg, dist, script, argv)
+        needs = check_spec(task.reward) if cfg.dry_run else []   # what the reward needs, nothing loaded
         reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
-        print_main(dist, describe_recipe(cfg, changed))
+        print_main(dist, describe_recipe(cfg, changed), *needs)
         if own:
             print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
                 f"  {key} = {value!r} (default {default!r}): {reason}" for key, (default, value, reason) in own.items()))
         return task, reward_fn, run
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)
 
 

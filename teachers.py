@@ -30,7 +30,7 @@ from harness import (Dist, RunDir, apply_recipe, check_same_base, check_student_
                      given_keys, print_main, require, require_positive, trained_steps)
 from jsonfiles import read_json
 from model import DTYPES, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule, weights_dtype
-from rewards import make_reward
+from rewards import check_spec, make_reward
 
 
 @dataclass
@@ -54,10 +54,13 @@ def _kv(items: list[str], what: str) -> dict[str, str]:
 
 
 def fetch_teacher(ref: str) -> str:
-    """A local teacher folder, or a hub reference "owner/repo[/sub/folder]" (e.g. the DiffusionOPD
-    release's quanhaol/DiffusionOPD/AesTeacher/lora) downloaded to the hub cache; returns a folder."""
+    """A local teacher folder (a run directory of teacher_rl.py or nft.py stands for its checkpoint/),
+    or a hub reference "owner/repo[/sub/folder]" (e.g. the DiffusionOPD release's
+    quanhaol/DiffusionOPD/AesTeacher/lora) downloaded to the hub cache; returns a folder."""
     if Path(ref).is_dir():
-        return ref
+        run = Path(ref) / "checkpoint"
+        return str(run) if not (Path(ref) / "adapter_config.json").is_file() and (run / "adapter_config.json").is_file() \
+            else ref
     parts = ref.split("/")
     if len(parts) < 2 or Path(ref).is_absolute() or ref.startswith(".") or Path(ref).exists():
         raise FileNotFoundError(f"teacher {ref} does not exist (expected a PEFT LoRA folder, an SD3 pipeline "
@@ -175,15 +178,17 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         rule = resolution_rule(cfg.model)
         if rule and (cfg.height or cfg.width):
             check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
-        plan = memory.plan_round(cfg, dist, given, len(specs), weights_dtype(cfg.dtype, dist), trained_steps(cfg))
+        plan = memory.plan_round(cfg, dist, given, len(specs), weights_dtype(cfg.dtype, dist), trained_steps(cfg),
+                                 always=cfg.dry_run)
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
         dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)")
         run = RunDir(cfg.out, cfg, dist, script, argv)
+        needs = [line for s in specs for line in check_spec(s["task"].reward)] if cfg.dry_run else []
         rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=dist.device)
                                           for s in specs}
-        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]))
+        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)
         return specs, prompts_by_task, rewards, run
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)

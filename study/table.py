@@ -152,6 +152,7 @@ class EvalConfig:
     models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER]; ADAPTER: PEFT folder or run dir
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
     datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> if it exists
+    rewards: list[str] = field(default_factory=list)    # TASK=SPEC: another reward than the dataset's task.json
     time: list[str] = field(default_factory=list)       # NAME=RUN[+RUN...]: training time, chain summed
     curves: list[str] = field(default_factory=list)     # NAME=RUN[+RUN...] to plot; default: the --time chains
     out: str = "runs/eval"
@@ -181,10 +182,13 @@ def validate(cfg: EvalConfig):
         if not models:
             raise ValueError("no models given (--models NAME=BASE[+ADAPTER] ...)")
         datasets = {k: v[0] for k, v in parse_named(cfg.datasets, "--datasets").items()}
-        unknown = sorted(set(datasets) - set(cfg.tasks))
+        rewards = dict(item.split("=", 1) for item in cfg.rewards if "=" in item)
+        if len(rewards) != len(cfg.rewards):
+            raise ValueError(f"--rewards expects TASK=SPEC, e.g. pickscore=pickscore=1, got {cfg.rewards}")
+        unknown = sorted((set(datasets) | set(rewards)) - set(cfg.tasks))
         if unknown:
-            raise ValueError(f"--datasets names tasks {unknown} not in --tasks {cfg.tasks}")
-        tasks = [load_task(name, datasets.get(name) or toy_dataset(name)) for name in cfg.tasks]
+            raise ValueError(f"--datasets/--rewards name tasks {unknown} not in --tasks {cfg.tasks}")
+        tasks = [load_task(name, datasets.get(name) or toy_dataset(name), rewards.get(name, "")) for name in cfg.tasks]
         for task in tasks:
             load_prompts(task.dataset, "test")
         times = parse_named(cfg.time, "--time")
@@ -197,7 +201,7 @@ def validate(cfg: EvalConfig):
         for spec in models:
             check_model_path(spec.base)
         return models, tasks, times, curves
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -255,7 +259,7 @@ def main(argv=None) -> dict:
     try:
         dist = Dist(cfg.device)
         rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(cfg.out)
     created = not out.exists()

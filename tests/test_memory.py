@@ -83,7 +83,7 @@ def test_opd_plans_before_loading_sets_the_choice_and_refuses_what_cannot_fit(ti
     teachers = [_teacher(tiny_pipe_dir, tmp_path / "g", "geneval", 1), _teacher(tiny_pipe_dir, tmp_path / "o", "ocr", 2)]
     opd.main(_args(teachers, tmp_path / "run", "--steps", "1", "--max_memory_gb", "2"))
     printed = capsys.readouterr().err
-    assert "memory plan (budget 2.0 GiB):" in printed and "-> " in printed
+    assert "memory plan (budget 2.0 GiB;" in printed and "-> " in printed
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["train_chunk"], saved["grad_checkpointing"]) == (0, False)  # the fastest fits 2 GiB
 

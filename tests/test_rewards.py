@@ -198,7 +198,7 @@ def test_aesthetic_mlp_loads_published_layout(tmp_path, suffix):
 
 def test_aesthetic_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     monkeypatch.delenv("AESTHETIC_MLP", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE.pth.*AESTHETIC_MLP"):
+    with pytest.raises(FileNotFoundError, match=r"missing.pth.*AESTHETIC_MLP.*sac\+logos\+ava1-l14-linearMSE.pth"):
         rewards.load_reward("aesthetic", mlp_path=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor"):
         rewards.load_reward("aesthetic", clip_model="unused-because-the-mlp-is-checked-first")

@@ -46,6 +46,8 @@ class TinySD3Config:
     clip_max_len: int = 77
     t5_max_len: int = 32
     words: tuple = ("a", "the", "photo", "of", "red", "blue", "cat", "dog")
+    dual_attention_layers: tuple = ()   # SD3.5's MMDiT-X blocks (a second, image-only attention): their indices
+    qk_norm: str | None = None          # SD3.5's "rms_norm" of queries and keys; None as SD3
 
 
 def build_tiny_pipeline(cfg: TinySD3Config = TinySD3Config(), seed: int = 0):
@@ -67,7 +69,8 @@ def build_tiny_pipeline(cfg: TinySD3Config = TinySD3Config(), seed: int = 0):
         out_channels=cfg.latent_channels, num_layers=cfg.layers, attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.heads, joint_attention_dim=cfg.text_dim,
         caption_projection_dim=cfg.heads * cfg.head_dim, pooled_projection_dim=4 * cfg.clip_dim,
-        pos_embed_max_size=cfg.image_size // factor)
+        pos_embed_max_size=cfg.image_size // factor, dual_attention_layers=tuple(cfg.dual_attention_layers),
+        qk_norm=cfg.qk_norm)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
