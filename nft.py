@@ -45,7 +45,7 @@ Departures from the reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.p
 
 Run:
     python nft.py --model models/toy-sd3 --task geneval --out runs/nft-geneval     # CPU, the embedded base
-    torchrun --nproc_per_node=8 nft.py --task geneval --dataset dataset/geneval --out runs/nft-geneval  # SD3.5-M
+    torchrun --nproc_per_node=8 nft.py --task geneval --dataset dataset/geneval --out runs/nft  # SD3.5-M
     python nft.py --model models/toy-sd3 --task mixed --out runs/multitask-nft     # multi-task NFT baseline
     python nft.py --model models/toy-sd3 --task ocr --init_lora runs/nft-geneval/checkpoint \\
         --out runs/cascade-2-ocr                                                   # cascade NFT, second stage
@@ -59,7 +59,8 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, one_line_stops, parse_config, require, require_positive, step_seed, trained_steps, update_or_stop
+from harness import (Phases, one_line_stops, parse_config, require, require_positive, step_seed, trained_steps,
+                     update_or_stop)
 from sample import rollout
 from stage1 import Stage1Config
 
@@ -137,7 +138,8 @@ def _nft_checks(cfg: NFTConfig) -> None:
     require(cfg.ref_beta >= 0, f"--ref_beta must be >= 0, got {cfg.ref_beta}")
     require(0 <= cfg.old_decay_max < 1 and cfg.old_decay_flat >= 0,
             "--old_decay_max must be in [0, 1) and --old_decay_flat >= 0")
-    require(not cfg.full_finetune, "NFT keeps its old policy as a second LoRA adapter: --full_finetune is not supported")
+    require(not cfg.full_finetune,
+            "NFT keeps its old policy as a second LoRA adapter: --full_finetune is not supported")
 
 
 @one_line_stops
@@ -165,16 +167,17 @@ def main(argv=None):
         with phase("rollout"):
             prompts, metas, seeds = stage1.step_prompts(cfg, step, mine, train_prompts, train_metas)
             embeds = model.encode_prompts(prompts)
-            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
-                             cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
+            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch],
+                             cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
                      for b in range(0, len(seeds), cfg.rollout_batch)]
             x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
             grid = trajs[0].t
 
         # ---- reward, gathered over ranks; advantages and optimality probabilities
         with phase("reward"):
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, torch.cat([t.images for t in trajs]),
-                                                               prompts, metas, order, cfg, dist)
+            images = torch.cat([t.images for t in trajs])
+            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, images, prompts, metas, order, cfg,
+                                                               dist)
             r_all = optimality(adv_all[mine], cfg.adv_clip)
 
         # ---- loss at K forward-process points per image
@@ -215,10 +218,10 @@ def main(argv=None):
             update_old(old, trainer.params, decay)
 
         # ---- log, evaluate the EMA weights, checkpoint
-        metrics = {"step": step, "reward_mean": all_scores.mean().item(), "reward_std": all_scores.std().item(),
-                   "zero_std_groups": zero_std, "grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any),
-                   "old_decay": decay, **trainer.mean_over_ranks(stats),
-                   **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
+        metrics = {"step": step, "reward_mean": all_scores.mean().item(),
+                   "reward_std": all_scores.std().item(), "zero_std_groups": zero_std, "grad_norm": grad_norm,
+                   "skipped_nonfinite": int(skipped_any), "old_decay": decay, **trainer.mean_over_ranks(stats),
+                   **stage1.gathered_means(info, "reward/", dist),
                    **{f"sec/{k}": v for k, v in phase.sec.items()}}
         stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)
     trainer.finish()

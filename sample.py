@@ -174,7 +174,8 @@ def rollout(model, embeds, seeds, num_steps: int, guidance: float, noise_level: 
             v = model.velocity(x, t[j], embeds, guidance)
             eps = noise[:, j].to(model.device) if noise is not None else None
             x_next, mean, sbar = sde_step(x, v, t[j].item(), t[j + 1].item(), noise_level, t[1].item(), eps)
-            logps.append(gaussian_logprob(x_next, mean, sbar)[0] if noise_level > 0 else torch.zeros(len(seeds)))
+            logps.append(gaussian_logprob(x_next, mean, sbar)[0] if noise_level > 0
+                         else torch.zeros(len(seeds)))
             sbars.append(sbar[0])
             if keep_means:
                 means.append(mean)
@@ -205,9 +206,11 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    from model import SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
+    from model import (SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution,
+                       resolution_rule)
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
-    ap.add_argument("--model", default=SD35_MEDIUM, help="pipeline folder or hub id (default: the paper's SD3.5-M)")
+    ap.add_argument("--model", default=SD35_MEDIUM,
+                    help="pipeline folder or hub id (default: the paper's SD3.5-M)")
     ap.add_argument("--lora", default=None, help="PEFT LoRA folder to apply")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--n-per-prompt", type=int, default=1)
@@ -249,12 +252,14 @@ def main(argv=None):
         model.load_lora(args.lora, adapter)
     prompts = [p for p in args.prompt for _ in range(args.n_per_prompt)]
     try:
-        model.latent_shape(args.height or model.default_resolution(), args.width or model.default_resolution())
+        size = model.default_resolution()
+        model.latent_shape(args.height or size, args.width or size)
     except ValueError as e:  # a hub model: its sizes are known only now
         raise SystemExit(f"error: {e}") from None
     traj = rollout(model, model.encode_prompts(prompts), [args.seed + i for i in range(len(prompts))],
                    args.steps, args.cfg, args.noise_level, args.height, args.width, adapter=adapter)
-    save_grid(traj.images, args.out, nrow=args.n_per_prompt if args.n_per_prompt > 1 else None, scale=args.scale)
+    save_grid(traj.images, args.out, nrow=args.n_per_prompt if args.n_per_prompt > 1 else None,
+              scale=args.scale)
     print(f"wrote {args.out} ({len(prompts)} images)")
 
 

@@ -29,9 +29,11 @@ import torch
 
 from data import load_prompts, load_task
 from evaluate import evaluate_student
-from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values, check_student_config,
-                     config_dict, describe_recipe, fail, given_keys, print_main, require, require_positive, step_seed)
-from model import SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule
+from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values,
+                     check_student_config, config_dict, describe_recipe, fail, given_keys, print_main, require,
+                     require_positive, step_seed)
+from model import (SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution,
+                   resolution_rule)
 from rewards import check_spec, make_reward
 
 
@@ -77,7 +79,8 @@ def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list
     mine: this rank's global indices, in its row order)."""
     per_update = batch // updates
     share = per_update // dist.world   # this rank's rows of one update
-    order = [u * per_update + r * share + i for r in range(dist.world) for u in range(updates) for i in range(share)]
+    order = [u * per_update + r * share + i
+             for r in range(dist.world) for u in range(updates) for i in range(share)]
     per_rank = batch // dist.world
     return order, order[dist.rank * per_rank:(dist.rank + 1) * per_rank]
 
@@ -98,12 +101,13 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
                          "updates_per_rollout")
         require(cfg.group_size >= 2, f"--group_size must be >= 2 (advantages compare images of one prompt), "
                                      f"got {cfg.group_size}")
-        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+        require(0 < cfg.timestep_fraction <= 1,
+                f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         require(cfg.batch % cfg.group_size == 0,
                 f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
         require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
-                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
-                f"of equal shares over {dist.world} ranks")
+                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates "
+                f"(--updates_per_rollout) of equal shares over {dist.world} ranks")
         checks(cfg)
         check_model_path(cfg.model)
         rule = resolution_rule(cfg.model)
@@ -119,7 +123,8 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         print_main(dist, describe_recipe(cfg, changed), *needs)
         if own:
             print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
-                f"  {key} = {value!r} (default {default!r}): {reason}" for key, (default, value, reason) in own.items()))
+                f"  {key} = {value!r} (default {default!r}): {reason}"
+                for key, (default, value, reason) in own.items()))
         return task, reward_fn, run
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)
@@ -135,7 +140,8 @@ def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
         fail(e)
     task, reward_fn, run = validate(cfg, dist, argv, script, recipe, checks, own_recipe)
     if cfg.dry_run:
-        print_main(dist, "dry run: every input checked; the resolved config:", json.dumps(config_dict(cfg), indent=2))
+        print_main(dist, "dry run: every input checked; the resolved config:",
+                   json.dumps(config_dict(cfg), indent=2))
         return None
     try:
         model = FlowModel.load(cfg.model, device=dist.device)
@@ -167,13 +173,18 @@ def score(reward_fn, images, prompts, metas, order, cfg, dist):
     return all_scores, adv_all, zero_std, info
 
 
+def gathered_means(values: dict, prefix: str, dist) -> dict:
+    """{prefix + key: the mean over every rank's values} of per-image tensors (a reward's info)."""
+    return {f"{prefix}{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in values.items()}
+
+
 def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, saved: dict, bar) -> None:
     """The end of a Stage-1 step: evaluate the EMA weights on the task's test prompts (evaluate.py, at
     the guidance the model samples with) every eval_every steps and at the end, log, checkpoint."""
     last, images = step + 1 == cfg.steps, {}
     if (step + 1) % cfg.eval_every == 0 or last:
-        evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step, cfg.guidance,
-                                             per_task_keys=False)
+        evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step,
+                                             cfg.guidance, per_task_keys=False)
         metrics.update(evaluated)
     trainer.run.log(metrics, images)
     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

@@ -78,7 +78,8 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, one_line_stops, parse_config, require, require_positive, trained_steps, update_or_stop
+from harness import (Phases, one_line_stops, parse_config, require, require_positive, trained_steps,
+                     update_or_stop)
 from model import FlowModel
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from stage1 import Stage1Config
@@ -114,7 +115,8 @@ def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
 
 
-def grpo_loss(mean, sbar, x_next, logp_old_sum, adv, cfg: TeacherConfig, mean_ref=None, mean_old=None, dt=None):
+def grpo_loss(mean, sbar, x_next, logp_old_sum, adv, cfg: TeacherConfig, mean_ref=None, mean_old=None,
+              dt=None):
     """Per-sample loss of one trained step (module docstring): PPO-clip on the ratio of the rollout's
     log-density (per-dim mean or sum, `ratio_logp`), or GRPO-Guard's normalised ratio (`ratio_norm`,
     needs the rollout's mean_old and Delta_j), plus beta KL_j / d against the reference mean (None: no
@@ -151,9 +153,11 @@ def guard_loss(mean, mean_old, sbar, x_next, logp_old_sum, adv, dt, clip_range):
 def _grpo_checks(cfg: TeacherConfig) -> None:
     require_positive(cfg, "noise_level", "clip_range")
     require(cfg.kl_beta >= 0, f"--kl_beta must be >= 0, got {cfg.kl_beta}")
-    require(cfg.ratio_logp in ("mean_per_dim", "sum"), f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
+    require(cfg.ratio_logp in ("mean_per_dim", "sum"),
+            f"--ratio_logp must be mean_per_dim or sum, got {cfg.ratio_logp!r}")
     require(not (cfg.ratio_norm and cfg.ratio_logp != "mean_per_dim"),
-            "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: keep --ratio_logp mean_per_dim")
+            "--ratio_norm (GRPO-Guard) normalises the per-dim-mean log-density ratio: "
+            "keep --ratio_logp mean_per_dim")
 
 
 def kept_rows(adv_all: torch.Tensor, u: int, per_update: int, mine: list[int]) -> tuple[list[int], int]:
@@ -165,8 +169,8 @@ def kept_rows(adv_all: torch.Tensor, u: int, per_update: int, mine: list[int]) -
     return rows, int((adv_all[lo:hi] != 0).sum())
 
 
-def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kept: int, traj: dict, embeds, adv,
-                    steps: list[int], stats: dict, world: int = 1) -> list[torch.Tensor]:
+def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kept: int, traj: dict,
+                    embeds, adv, steps: list[int], stats: dict, world: int = 1) -> list[torch.Tensor]:
     """Accumulate into .grad this rank's share of the gradient of one update's loss (module docstring):
     the GRPO loss of its kept `rows` at each trained step j in `steps`, divided by n_kept x K, the update's
     kept images on all `world` ranks times its trained steps (x world, because the update then averages
@@ -174,7 +178,7 @@ def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kep
     (B, N), means_old (B, N, C, h, w) or None, grid t (N+1,), sbar (N,). Adds each term's share of that
     mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the per-row losses (for the guard)."""
     losses, t_guard = [], traj["t"][1].item()
-    # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean over what is kept
+    # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean of what is kept
     scale = world / (n_kept * len(steps))
     for b in range(0, len(rows), cfg.train_batch):
         sl = torch.tensor(rows[b:b + cfg.train_batch])
@@ -226,22 +230,24 @@ def main(argv=None):
         with phase("rollout"):
             prompts, metas, seeds = stage1.step_prompts(cfg, step, mine, train_prompts, train_metas)
             embeds = model.encode_prompts(prompts)
-            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch], cfg.num_steps,
-                             cfg.guidance, cfg.noise_level, cfg.height or None, cfg.width or None,
-                             adapter="student", keep_means=cfg.ratio_norm)
+            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch],
+                             cfg.num_steps, cfg.guidance, cfg.noise_level, cfg.height or None,
+                             cfg.width or None, adapter="student", keep_means=cfg.ratio_norm)
                      for b in range(0, len(seeds), cfg.rollout_batch)]
             traj = {"latents": torch.cat([t.latents for t in trajs]),      # (B, N+1, C, h, w)
                     "logp_old": torch.cat([t.logp_sum for t in trajs]),    # (B, N) summed over dims
-                    "means_old": torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None,  # (B, N, C, h, w)
+                    # (B, N, C, h, w), GRPO-Guard's rollout means
+                    "means_old": torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None,
                     "t": trajs[0].t, "sbar": trajs[0].sbar}
 
         # ---- reward, gathered over ranks; advantages within each group
         with phase("reward"):
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, torch.cat([t.images for t in trajs]),
-                                                               prompts, metas, order, cfg, dist)
+            images = torch.cat([t.images for t in trajs])
+            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, images, prompts, metas, order, cfg,
+                                                               dist)
             adv = adv_all[mine]
 
-        # ---- loss: the GRPO loss of the kept images at each trained step j, the mean recomputed with gradient
+        # ---- loss: the GRPO loss of the kept images at each trained step j (the mean recomputed with grad)
         with phase("train"):
             per_update = cfg.batch // cfg.updates_per_rollout
             runs = []  # the stats of each update that ran
@@ -252,19 +258,21 @@ def main(argv=None):
                 if n_kept == 0:  # every advantage of this update is 0: nothing to learn, no optimizer step
                     continue
                 runs.append({"clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0, "ratio_dev": 0.0})
-                losses = policy_gradient(cfg, model, rows, n_kept, traj, embeds, adv, steps, runs[-1], dist.world)
+                losses = policy_gradient(cfg, model, rows, n_kept, traj, embeds, adv, steps, runs[-1],
+                                         dist.world)
                 grad_norm, skipped = update_or_stop(trainer, step, losses or [torch.zeros(1)])
                 skipped_any |= skipped
-            # each term's mean over updates; ratio_dev of the first update (the on-policy one when it is u = 0)
-            stats = {k: sum(r[k] for r in runs) / max(1, len(runs)) for k in ("clipfrac", "kl", "policy_loss")}
+            # each term's mean over updates; ratio_dev of the first update (on-policy when it is u = 0)
+            stats = {k: sum(r[k] for r in runs) / max(1, len(runs))
+                     for k in ("clipfrac", "kl", "policy_loss")}
             stats["ratio_dev"] = runs[0]["ratio_dev"] if runs else 0.0
 
         # ---- log, evaluate the EMA weights with the ODE, checkpoint
-        metrics = {"step": step, "reward_mean": all_scores.mean().item(), "reward_std": all_scores.std().item(),
-                   "zero_std_groups": zero_std, "kept_fraction": n_kept_all / cfg.batch, "grad_norm": grad_norm,
-                   "skipped_nonfinite": int(skipped_any),
-                   **trainer.mean_over_ranks(stats),
-                   **{f"reward/{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in info.items()},
+        metrics = {"step": step, "reward_mean": all_scores.mean().item(),
+                   "reward_std": all_scores.std().item(), "zero_std_groups": zero_std,
+                   "kept_fraction": n_kept_all / cfg.batch, "grad_norm": grad_norm,
+                   "skipped_nonfinite": int(skipped_any), **trainer.mean_over_ranks(stats),
+                   **stage1.gathered_means(info, "reward/", dist),
                    **{f"sec/{k}": v for k, v in phase.sec.items()}}
         stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)
     trainer.finish()

@@ -29,7 +29,8 @@ from data import Task, load_prompts, load_task
 from harness import (Dist, RunDir, apply_recipe, check_same_base, check_student_config, describe_recipe, fail,
                      given_keys, print_main, require, require_positive, trained_steps)
 from jsonfiles import read_json
-from model import DTYPES, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule, weights_dtype
+from model import (DTYPES, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule,
+                   weights_dtype)
 from rewards import check_spec, make_reward
 
 
@@ -59,8 +60,8 @@ def fetch_teacher(ref: str) -> str:
     quanhaol/DiffusionOPD/AesTeacher/lora) downloaded to the hub cache; returns a folder."""
     if Path(ref).is_dir():
         run = Path(ref) / "checkpoint"
-        return str(run) if not (Path(ref) / "adapter_config.json").is_file() and (run / "adapter_config.json").is_file() \
-            else ref
+        is_run = not (Path(ref) / "adapter_config.json").is_file() and (run / "adapter_config.json").is_file()
+        return str(run) if is_run else ref
     parts = ref.split("/")
     if len(parts) < 2 or Path(ref).is_absolute() or ref.startswith(".") or Path(ref).exists():
         raise FileNotFoundError(f"teacher {ref} does not exist (expected a PEFT LoRA folder, an SD3 pipeline "
@@ -69,7 +70,7 @@ def fetch_teacher(ref: str) -> str:
     from huggingface_hub import snapshot_download
     try:
         root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
-    except Exception as e:  # offline, unknown repo, no access: all end here, with the hub's reason in one line
+    except Exception as e:  # offline, unknown repo, no access: all end here, with the hub's reason
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise FileNotFoundError(f"teacher {ref} is not a local folder and could not be fetched from the hub "
                                 f"({type(e).__name__}: {reason}); check the id, huggingface-cli login for a "
@@ -83,7 +84,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
     if not cfg.teachers:
         raise ValueError("no teachers given (--teachers DIR [DIR ...])")
     if cfg.teacher_task and len(cfg.teacher_task) != len(cfg.teachers):
-        raise ValueError(f"--teacher_task names {len(cfg.teacher_task)} tasks for {len(cfg.teachers)} teachers")
+        raise ValueError(f"--teacher_task names {len(cfg.teacher_task)} tasks for {len(cfg.teachers)} "
+                         "teachers")
     datasets, cfgs = _kv(cfg.teacher_dataset, "teacher_dataset"), _kv(cfg.teacher_cfg, "teacher_cfg")
     rewards = _kv(cfg.teacher_reward, "teacher_reward")
     for name, w in cfgs.items():
@@ -97,7 +99,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
         p = Path(path)
         saved = read_json(p / "run_config.json", "teacher file", "copy the teacher folder again from its source") \
             if (p / "run_config.json").is_file() else {}
-        kind = "lora" if (p / "adapter_config.json").is_file() else "full" if (p / "model_index.json").is_file() else ""
+        kind = "lora" if (p / "adapter_config.json").is_file() else \
+            "full" if (p / "model_index.json").is_file() else ""
         if not kind:
             raise ValueError(f"teacher {path} is neither a PEFT LoRA folder nor an SD3 pipeline folder")
         name = cfg.teacher_task[i] if cfg.teacher_task else saved.get("task", "")
@@ -124,7 +127,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
             raise ValueError(f"override for unknown task {key!r}; teachers' tasks are {names}")
     fingerprints.discard(None)
     if len(fingerprints) > 1:
-        raise ValueError(f"teachers were trained on different base models (fingerprints {sorted(fingerprints)})")
+        raise ValueError(f"teachers were trained on different base models (fingerprints "
+                         f"{sorted(fingerprints)})")
     base = cfg.model
     if not base:
         bases.discard("")
@@ -162,14 +166,17 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         check_student_config(cfg)
         require_positive(cfg, "prompts_per_batch", "num_steps")
         require(cfg.noise_level >= 0, f"--noise_level must be >= 0, got {cfg.noise_level}")
-        require(0 < cfg.timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+        require(0 < cfg.timestep_fraction <= 1,
+                f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         require(cfg.teacher_chunk >= 0 and cfg.train_chunk >= 0, "--teacher_chunk/--train_chunk must be >= 0")
-        require(cfg.dtype in ("auto", *DTYPES), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+        require(cfg.dtype in ("auto", *DTYPES),
+                f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
         require(cfg.teacher_dtype in ("float32", "model"),
                 f"--teacher_dtype must be float32 or model, got {cfg.teacher_dtype!r}")
         require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
                 "full fine-tuning trains the transformer's own weights: keep --dtype float32")
-        require(cfg.estimator in ("closed_form", "ppo"), f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
+        require(cfg.estimator in ("closed_form", "ppo"),
+                f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
         require(not (cfg.estimator == "ppo" and cfg.noise_level <= 0),
                 "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
         bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
