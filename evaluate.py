@@ -40,8 +40,8 @@ def _info_key(info: dict, key: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: int = 64, steps: int = EVAL_STEPS,
-                  guidance: float = EVAL_GUIDANCE, seed: int = 0, batch: int = 32,
+def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: int = 64,
+                  steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE, seed: int = 0, batch: int = 32,
                   grid_path: str | None = None, per_prompt: dict | None = None) -> dict:
     """Mean reward (and the task's eval key, e.g. GenEval strict accuracy) over the first
     `n_prompts` test prompts, split across ranks; rank 0 optionally writes a PNG grid.
@@ -89,10 +89,12 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     subtasks = [m.get("task") for m in metas[:n]]
     if all(subtasks):
         for sub in sorted(set(subtasks)):
-            result[f"{sub}/reward"] = all_scores[[i for i, s in enumerate(subtasks) if s == sub]].mean().item()
+            mine = [i for i, s in enumerate(subtasks) if s == sub]
+            result[f"{sub}/reward"] = all_scores[mine].mean().item()
     if per_prompt is not None:
         per_prompt["reward"] = all_scores.tolist()
-        per_prompt["tags"] = [m.get("tag") for m in metas[:n]] if all(m.get("tag") for m in metas[:n]) else None
+        tags = [m.get("tag") for m in metas[:n]]
+        per_prompt["tags"] = tags if all(tags) else None
     if grid_path and dist.is_main:
         save_grid(torch.cat(images)[:16], grid_path, scale=4)
     return result
@@ -118,8 +120,8 @@ def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step:
             prefix = f"eval/{task.name}/" if per_task_keys else "eval/"
             metrics.update({prefix + k: v for k, v in res.items()})
             if dist.is_main:
-                tqdm.write(f"step {step + 1} evaluation of {task.name} (EMA student, ODE {cfg.eval_steps} steps): "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+                tqdm.write(f"step {step + 1} evaluation of {task.name} (EMA student, ODE "
+                           f"{cfg.eval_steps} steps): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     metrics["sec/eval"] = time.perf_counter() - t0
     return metrics, images
 

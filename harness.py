@@ -72,9 +72,11 @@ def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         kw = {} if suppress else {"default": default}
         if tp is bool:
-            ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True, help=f"default {default}", **kw)
+            ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True,
+                            help=f"default {default}", **kw)
         elif typing.get_origin(tp) in (list, tuple):
-            ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+", help=f"default {default}", **kw)
+            ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+",
+                            help=f"default {default}", **kw)
         else:
             ap.add_argument(*names, dest=f.name, type=tp, help=f"default {default!r}", **kw)
     return ap
@@ -115,7 +117,8 @@ def apply_values(cfg, given: set[str], values: dict[str, tuple]) -> dict[str, tu
     and the command line did not set it (so applying twice changes nothing, and a flag always wins).
     Returns {key: (default, value, reason)} of what was changed."""
     defaults = type(cfg)()
-    kept = set(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    kept = set(given) | {f.name for f in dataclasses.fields(cfg)
+                         if getattr(cfg, f.name) != getattr(defaults, f.name)}
     changed = {}
     for key, (value, reason) in values.items():
         if key not in kept and getattr(cfg, key) != value:
@@ -159,7 +162,8 @@ def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
     if cfg.recipe == "paper":
         return "recipe: the paper's (every default as in paper sections 7-8)"
     lines = [f"recipe: {cfg.recipe} (--recipe paper for the paper's values), {len(changed)} values differ:"]
-    lines += [f"  {key} = {value!r} (paper {default!r}): {reason}" for key, (default, value, reason) in changed.items()]
+    lines += [f"  {key} = {value!r} (paper {default!r}): {reason}"
+              for key, (default, value, reason) in changed.items()]
     return "\n".join(lines)
 
 
@@ -171,15 +175,18 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        indexed = device.startswith("cuda:") and device[5:].isdigit()
+        if device not in ("auto", "cpu", "cuda") and not indexed:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         if use_cuda and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu (or auto)")
+            raise ValueError(f"--device {device}: no CUDA device is available here; "
+                             "use --device cpu (or auto)")
         if use_cuda:
             index = int(device[5:]) if device.startswith("cuda:") else self.local_rank
             if index >= torch.cuda.device_count():
-                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+                raise ValueError(f"--device {device}: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA devices")
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", index)
         else:
@@ -235,7 +242,9 @@ def trained_steps(cfg) -> list[int]:
     """The sampling steps j whose transitions are trained, one meaning for every script: cfg.train_steps
     when the script has that field and it is set, else Flow-GRPO's and the release's first
     K = int(N x timestep_fraction) steps 0 .. K-1 (paper: 0..8 of 10; the last step is never trained)."""
-    return list(getattr(cfg, "train_steps", None) or range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
+    if getattr(cfg, "train_steps", None):
+        return list(cfg.train_steps)
+    return list(range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
 
 
 class Phases:
@@ -318,8 +327,8 @@ def write_manifest(folder: Path, step: int) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     for p in files:
         _fsync(p)
-    manifest = {"step": step, "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
-                                                                           "sha256": _sha256(p)} for p in files}}
+    manifest = {"step": step, "files": {p.relative_to(folder).as_posix():
+                                        {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     _fsync(tmp)
@@ -342,7 +351,8 @@ def read_manifest(folder: Path) -> tuple[int | None, str]:
         if not p.is_file():
             return None, f"{folder.name}/{name} is missing"
         if p.stat().st_size != want["bytes"]:
-            return None, f"{folder.name}/{name} has {p.stat().st_size} bytes where its manifest says {want['bytes']}"
+            return None, (f"{folder.name}/{name} has {p.stat().st_size} bytes where its manifest says "
+                          f"{want['bytes']}")
         if _sha256(p) != want["sha256"]:
             return None, f"{folder.name}/{name} does not match its SHA-256 in {MANIFEST}"
     return manifest["step"], ""
@@ -411,7 +421,8 @@ class RunDir:
     def _check(self, out: str, cfg) -> None:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
-            old = read_json(cfg_file, "the run's config", "restore it from a copy, or start over with another --out")
+            old = read_json(cfg_file, "the run's config",
+                            "restore it from a copy, or start over with another --out")
             # a field added to the script after the run started counts as its default
             defaults = json.loads(json.dumps(config_dict(type(cfg)())))
             diff = sorted(k for k in set(old) | set(self.cfg)
@@ -420,7 +431,8 @@ class RunDir:
                 raise ValueError(f"output directory {out} holds a different run (config differs in {diff}); "
                                  "choose another --out")
             if not self.cfg.get("resume"):
-                raise ValueError(f"output directory {out} already holds this run; pass --resume to continue it")
+                raise ValueError(f"output directory {out} already holds this run; "
+                                 "pass --resume to continue it")
             self._find_checkpoint()
         elif self.path.exists() and any(p.name != LOCK for p in self.path.iterdir()):
             raise ValueError(f"output directory {out} is not empty and holds no run; choose another --out")
@@ -490,8 +502,8 @@ class RunDir:
             best = max(found, key=lambda s: (found[s], s == "checkpoint"))
             self.resume_from, self.start = self.path / best, found[best]
         elif (self.path / "checkpoint").is_dir():
-            raise ValueError(f"{self.path} has no complete checkpoint to resume ({'; '.join(problems)}): restore "
-                             f"{self.path}/checkpoint from a copy, or start over with another --out")
+            raise ValueError(f"{self.path} has no complete checkpoint to resume ({'; '.join(problems)}): "
+                             f"restore {self.path}/checkpoint from a copy, or start over with another --out")
 
     @property
     def checkpoint(self) -> Path:
@@ -519,8 +531,8 @@ class RunDir:
                         if r.get("step", -1) < self.start]
                 write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         self.resume_from = self.checkpoint if self.start > 0 else None
-        self.trackers = Trackers(parse_report_to(self.cfg.get("report_to", "none")), self.path, self.cfg, self.start,
-                                 self.dist.is_main)
+        self.trackers = Trackers(parse_report_to(self.cfg.get("report_to", "none")), self.path, self.cfg,
+                                 self.start, self.dist.is_main)
         self.dist.barrier()
 
     def log(self, metrics: dict, images: dict[str, str] | None = None) -> None:
@@ -599,18 +611,18 @@ class StudentConfig:
     eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
     save_every: int = 20
     max_skipped_steps: int = 5          # consecutive non-finite steps (skipped, logged) before the run stops
-    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (JSONL is always written)
+    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (+ JSONL, always)
     wandb_project: str = "diffusion-opd"
     push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
-    dry_run: bool = False               # check every input, print the resolved config, exit before any model loads
+    dry_run: bool = False               # check every input, print the config, exit before any model loads
 
 
 def check_student_config(cfg) -> None:
     """The shared fields' bad values, as one-line errors (before any model loads)."""
-    require_positive(cfg, "lora_rank", "lora_alpha", "lr", "grad_clip", "ema_every", "eval_every", "eval_prompts",
-                     "eval_steps", "save_every", "max_skipped_steps")
+    require_positive(cfg, "lora_rank", "lora_alpha", "lr", "grad_clip", "ema_every", "eval_every",
+                     "eval_prompts", "eval_steps", "save_every", "max_skipped_steps")
     require(cfg.height >= 0 and cfg.width >= 0, f"--height/--width must be >= 0 (0: the model's own), "
                                                 f"got {cfg.height}x{cfg.width}")
     require(0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
@@ -664,7 +676,8 @@ class StudentTrainer:
         gradients are dropped. Returns (grad norm, skipped)."""
         self.dist.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        bad = (~torch.isfinite(loss.detach())).any().to(norm.device, torch.float32) + (~torch.isfinite(norm)).float()
+        bad = (~torch.isfinite(loss.detach())).any().to(norm.device, torch.float32) \
+            + (~torch.isfinite(norm)).float()
         skipped = self.dist.sum(bad.reshape(1)).item() > 0
         if skipped:
             self.skipped += 1
@@ -674,11 +687,12 @@ class StudentTrainer:
             self.ema.update(step)
         self.opt.zero_grad(set_to_none=True)
         if self.skipped >= self.cfg.max_skipped_steps:
-            where = f"the last checkpoint in {self.run.checkpoint} is intact" if self.run else "nothing was saved"
+            where = f"the last checkpoint in {self.run.checkpoint} is intact" if self.run else \
+                "nothing was saved"
             raise NonFiniteError(
-                f"{self.skipped} consecutive steps (through step {step}) had a non-finite loss or gradient and were "
-                f"skipped, the weights never saw them; {where}: lower --lr or check the rewards, then --resume "
-                f"(or raise --max_skipped_steps)")
+                f"{self.skipped} consecutive steps (through step {step}) had a non-finite loss or gradient "
+                f"and were skipped, the weights never saw them; {where}: lower --lr or check the rewards, "
+                f"then --resume (or raise --max_skipped_steps)")
         return norm.item(), skipped
 
     def finish(self) -> None:
@@ -687,7 +701,8 @@ class StudentTrainer:
         if self.dist.is_main:
             self.run.trackers.close()
             if self.cfg.push_to_hub:
-                url = push_to_hub(self.run.checkpoint, self.cfg.push_to_hub, f"{self.run.script}: step {self.cfg.steps}")
+                url = push_to_hub(self.run.checkpoint, self.cfg.push_to_hub,
+                                  f"{self.run.script}: step {self.cfg.steps}")
                 print_main(self.dist, f"uploaded {self.run.checkpoint} to {url}")
         self.dist.barrier()
         self.run.release()
@@ -715,11 +730,13 @@ class StudentTrainer:
             maxes = vals.clone()
             tdist.all_reduce(maxes, op=tdist.ReduceOp.MAX)
             vals = self.dist.sum(vals) / self.dist.world
-            vals = torch.where(torch.tensor([k.endswith("_dev") for k in keys], device=vals.device), maxes, vals)
+            is_dev = torch.tensor([k.endswith("_dev") for k in keys], device=vals.device)
+            vals = torch.where(is_dev, maxes, vals)
         return dict(zip(keys, vals.tolist()))
 
 
-def update_or_stop(trainer: StudentTrainer, step: int, losses: list[torch.Tensor], metrics: dict | None = None):
+def update_or_stop(trainer: StudentTrainer, step: int, losses: list[torch.Tensor],
+                   metrics: dict | None = None):
     """trainer.update on this rank's losses; after too many non-finite steps in a row, the step is
     logged (`skipped_nonfinite`) and the run stops with one line. Returns (grad norm, skipped)."""
     try:
@@ -767,8 +784,8 @@ def _stop(what: str, code: int, then: str = "") -> typing.NoReturn:
     if run is None:
         line = f"{what}; nothing was written"
     elif run.saved_step:
-        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} is intact (steps after it are "
-                f"lost); {then}resume with: {run.command.removesuffix(' --resume')} --resume")
+        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} is intact (steps "
+                f"after it are lost); {then}resume with: {run.command.removesuffix(' --resume')} --resume")
     else:
         line = f"{what} before the first checkpoint; {then}start again with: {run.command}"
     for r in list(_CLAIMED):

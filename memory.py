@@ -59,7 +59,8 @@ class Setting:
     grad_checkpointing: bool
 
     def describe(self) -> str:
-        chunk = "all trained steps at once" if self.train_chunk == 0 else f"{self.train_chunk} rows per backward"
+        chunk = "all trained steps at once" if self.train_chunk == 0 else \
+            f"{self.train_chunk} rows per backward"
         return f"{chunk}{', gradient checkpointing' if self.grad_checkpointing else ''}"
 
 
@@ -85,8 +86,8 @@ def _configs(path: str) -> dict[str, dict]:
     """The JSON configs of a local SD3 pipeline folder (transformer, vae, text encoders)."""
     root = Path(repo_path(path))
     if not (root / "transformer" / "config.json").is_file():
-        raise FileNotFoundError(f"memory planner: {path} has no transformer/config.json (a hub model must be in the "
-                                "local cache; or plan with --max_memory_gb 0)")
+        raise FileNotFoundError(f"memory planner: {path} has no transformer/config.json (a hub model "
+                                "must be in the local cache; or plan with --max_memory_gb 0)")
     return {name: json.loads((root / name / "config.json").read_text())
             for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
             if (root / name / "config.json").is_file()}
@@ -100,7 +101,8 @@ def _build_transformer(config: dict, dtype: torch.dtype, lora_rank: int):
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
     with torch.device("meta"):
-        tr = SD3Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")}).to(dtype)
+        public = {k: v for k, v in config.items() if not k.startswith("_")}
+        tr = SD3Transformer2DModel.from_config(public).to(dtype)
     tr.requires_grad_(False)
     if lora_rank:
         tr.add_adapter(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=list(LORA_TARGETS)))
@@ -201,7 +203,8 @@ def _line(tr, grad, *shape) -> tuple[float, float]:
     return two - (four - two), (four - two) / 2
 
 
-def footprint(path: str, height: int, width: int, dtype: torch.dtype, lora_rank: int, text_len: int) -> Footprint:
+def footprint(path: str, height: int, width: int, dtype: torch.dtype, lora_rank: int,
+              text_len: int) -> Footprint:
     """The bytes of model `path` (a local pipeline folder) at one resolution, from its configs alone."""
     cfgs = _configs(path)
     vae_scale = 2 ** (len(cfgs["vae"]["block_out_channels"]) - 1)
@@ -218,7 +221,8 @@ def footprint(path: str, height: int, width: int, dtype: torch.dtype, lora_rank:
     return Footprint(weights, lora, latent, train, train_checkpointed, no_grad)
 
 
-def footprint_of_pipeline(pipe, height: int, width: int, dtype: torch.dtype, lora_rank: int, text_len: int) -> Footprint:
+def footprint_of_pipeline(pipe, height: int, width: int, dtype: torch.dtype, lora_rank: int,
+                          text_len: int) -> Footprint:
     """footprint() of a pipeline already built (bench/opd_round.py's stand-ins): its configs written to a
     temporary folder first."""
     import tempfile
@@ -356,7 +360,8 @@ def main(argv=None):
                    text_length(args.model))
     budget = args.max_memory_gb * GiB
     try:
-        chosen, table = plan(fp, budget, args.prompts_per_rank, args.trained_steps, args.num_steps, args.teachers)
+        chosen, table = plan(fp, budget, args.prompts_per_rank, args.trained_steps, args.num_steps,
+                             args.teachers)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(format_table(table, chosen, budget))

@@ -122,8 +122,9 @@ def check_hub_repo(repo: str, what: str, filename: str = "model_index.json") -> 
     except Exception:  # not cached: the cache's own error types vary across hub versions
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise FileNotFoundError(f"{what} {repo} is not in the local hub cache and HF_HUB_OFFLINE is set: download "
-                                f"it first (huggingface-cli download {repo}) or unset HF_HUB_OFFLINE")
+        raise FileNotFoundError(f"{what} {repo} is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                                f"download it first (huggingface-cli download {repo}) "
+                                "or unset HF_HUB_OFFLINE")
     try:
         hf_hub_download(repo, filename)
     except Exception as e:  # RepositoryNotFoundError, GatedRepoError, EntryNotFoundError, connection errors
@@ -145,8 +146,8 @@ def check_model_path(path: str) -> None:
         check_hub_repo(path, "model")
     if looks_local:
         if not p.is_dir():
-            raise FileNotFoundError(f"model path {path!r} does not exist (expected a diffusers pipeline folder "
-                                    "or a hub id such as stabilityai/stable-diffusion-3.5-medium)")
+            raise FileNotFoundError(f"model path {path!r} does not exist (expected a diffusers pipeline "
+                                    "folder or a hub id such as stabilityai/stable-diffusion-3.5-medium)")
         index = p / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{path!r} has no model_index.json: not a diffusers pipeline folder")
@@ -169,8 +170,8 @@ def resolution_rule(path: str) -> tuple[int, int] | None:
 
 def check_resolution(height: int, width: int, divisor: int) -> None:
     if height % divisor or width % divisor:
-        raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = {divisor}: "
-                         f"pass --height/--width as multiples of {divisor}")
+        raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = "
+                         f"{divisor}: pass --height/--width as multiples of {divisor}")
 
 
 def _add_adapter(transformer, cfg, name: str) -> None:
@@ -195,7 +196,8 @@ def check_lora_folder(folder: str) -> None:
         with safe_open(str(p / PEFT_WEIGHTS), "pt") as f:
             f.keys()
     except Exception as e:  # safetensors raises its own error type for damaged files
-        raise ValueError(f"LoRA folder {folder}: {PEFT_WEIGHTS} is damaged ({e}); re-save or re-download it") from None
+        raise ValueError(f"LoRA folder {folder}: {PEFT_WEIGHTS} is damaged ({e}); "
+                         "re-save or re-download it") from None
 
 
 class FlowModel:
@@ -208,11 +210,12 @@ class FlowModel:
     def __init__(self, pipe, device="cpu", dtype=torch.float32, max_sequence_length=None, name="model"):
         from diffusers import SD3Transformer2DModel
         if not isinstance(pipe.transformer, SD3Transformer2DModel):
-            raise ValueError(f"{name}: transformer is {type(pipe.transformer).__name__}, expected SD3Transformer2DModel")
+            raise ValueError(f"{name}: transformer is {type(pipe.transformer).__name__}, "
+                             "expected SD3Transformer2DModel")
         self.pipe, self.name, self.device, self.dtype = pipe, name, torch.device(device), dtype
         self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.max_sequence_length = max_sequence_length or min(MAX_SEQUENCE_LENGTH, pipe.tokenizer_3.model_max_length
-                                                              if pipe.tokenizer_3 is not None else MAX_SEQUENCE_LENGTH)
+        t5_max = pipe.tokenizer_3.model_max_length if pipe.tokenizer_3 is not None else MAX_SEQUENCE_LENGTH
+        self.max_sequence_length = max_sequence_length or min(MAX_SEQUENCE_LENGTH, t5_max)
         pipe.set_progress_bar_config(disable=True)
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
@@ -245,7 +248,8 @@ class FlowModel:
         bar = diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar per process
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32, local_files_only=local_only)
+            pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32,
+                                                            local_files_only=local_only)
         finally:
             if bar:
                 diffusers_logging.enable_progress_bar()
@@ -344,7 +348,8 @@ class FlowModel:
         "old" policy, paper section 8c). Returns its parameters, ordered like trainable_parameters()."""
         import copy
         if self._full_finetune:
-            raise ValueError("a frozen copy of the student is a LoRA adapter: not available with --full_finetune")
+            raise ValueError("a frozen copy of the student is a LoRA adapter: "
+                             "not available with --full_finetune")
         cfg = copy.deepcopy(self.transformer.peft_config[STUDENT])
         cfg.inference_mode = True
         _add_adapter(self.transformer, cfg, name)
@@ -404,14 +409,16 @@ class FlowModel:
         check_lora_folder(folder)
         folder_p = Path(folder)
         cfg = LoraConfig.from_pretrained(folder)
-        state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
+        state = {k.removeprefix("base_model.model."): v
+                 for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
         tr = self.transformer if name == STUDENT else self._frozen
         modules = dict(tr.named_modules())
         for key, tensor in state.items():
             module_name = key.split(".lora_")[0]
             if module_name not in modules or not hasattr(modules[module_name], "in_features"):
                 raise ValueError(f"LoRA {folder!r} targets module {module_name!r}, which this base model "
-                                 f"({self.name}) does not have: the adapter was trained on another architecture")
+                                 f"({self.name}) does not have: the adapter was trained on another "
+                                 "architecture")
             m = modules[module_name]
             want = m.in_features if ".lora_A." in key else m.out_features
             got = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
@@ -422,7 +429,8 @@ class FlowModel:
         _add_adapter(tr, cfg, name)
         result = set_peft_model_state_dict(tr, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k]
-        assert not missing and not result.unexpected_keys, f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
+        assert not missing and not result.unexpected_keys, \
+            f"LoRA {folder!r} did not load fully: {missing[:3]} {result.unexpected_keys[:3]}"
         self._cast_lora(name, tr, None if trainable else dtype)
         for n, p in tr.named_parameters():
             if f".{name}." in n:
@@ -450,7 +458,8 @@ class FlowModel:
         key = (id(tr), tuple(getattr(tr, "peft_config", {})))
         if getattr(self, "_layer_cache", (None,))[0] != key:
             layers = [m for m in tr.modules() if isinstance(m, BaseTunerLayer)]
-            params = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+            params = [p for m in layers for name in m.adapter_layer_names
+                      for p in getattr(m, name).parameters()]
             self._layer_cache = (key, layers, params)
         return self._layer_cache[1], self._layer_cache[2]
 
@@ -481,7 +490,8 @@ class FlowModel:
             yield
         finally:
             self._active = self.transformer
-            back = STUDENT if self.has_adapter(STUDENT) else name or next(iter(getattr(tr, "peft_config", {})), None)
+            back = STUDENT if self.has_adapter(STUDENT) else \
+                name or next(iter(getattr(tr, "peft_config", {})), None)
             for layer in layers:
                 layer.set_adapter(back)
                 layer.enable_adapters(True)
@@ -520,7 +530,8 @@ class FlowModel:
             # diffusers layout: keys "transformer.<module>.lora_A.weight", alpha kept as metadata
             from diffusers import StableDiffusion3Pipeline
             StableDiffusion3Pipeline.save_lora_weights(
-                out, transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
+                out,
+                transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
                 transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=DIFFUSERS_WEIGHTS)
         (out / "run_config.json").write_text(json.dumps(
             {"base_fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
@@ -532,7 +543,8 @@ class FlowModel:
             return self._fingerprint
         h = hashlib.sha256(json.dumps({k: v for k, v in self._frozen.config.items() if not k.startswith("_")},
                                             sort_keys=True, default=str).encode())
-        base = {n.replace(".base_layer", ""): p for n, p in self._frozen.named_parameters() if "lora_" not in n}
+        base = {n.replace(".base_layer", ""): p
+                for n, p in self._frozen.named_parameters() if "lora_" not in n}
         for n in (sorted(base)[0], sorted(base)[-1]):
             h.update(base[n].detach().float().cpu().numpy().tobytes()[:4096])
         self._fingerprint = h.hexdigest()[:16]

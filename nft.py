@@ -59,8 +59,8 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import (Phases, one_line_stops, parse_config, require, require_positive, step_seed, trained_steps,
-                     update_or_stop)
+from harness import (Phases, one_line_stops, parse_config, require, require_positive, step_seed,
+                     trained_steps, update_or_stop)
 from sample import rollout
 from stage1 import Stage1Config
 
@@ -168,7 +168,8 @@ def main(argv=None):
             prompts, metas, seeds = stage1.step_prompts(cfg, step, mine, train_prompts, train_metas)
             embeds = model.encode_prompts(prompts)
             trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch],
-                             cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None, adapter=OLD)
+                             cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None,
+                             adapter=OLD)
                      for b in range(0, len(seeds), cfg.rollout_batch)]
             x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
             grid = trajs[0].t
@@ -220,7 +221,8 @@ def main(argv=None):
         # ---- log, evaluate the EMA weights, checkpoint
         metrics = {"step": step, "reward_mean": all_scores.mean().item(),
                    "reward_std": all_scores.std().item(), "zero_std_groups": zero_std, "grad_norm": grad_norm,
-                   "skipped_nonfinite": int(skipped_any), "old_decay": decay, **trainer.mean_over_ranks(stats),
+                   "skipped_nonfinite": int(skipped_any), "old_decay": decay,
+                   **trainer.mean_over_ranks(stats),
                    **stage1.gathered_means(info, "reward/", dist),
                    **{f"sec/{k}": v for k, v in phase.sec.items()}}
         stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)

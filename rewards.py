@@ -16,8 +16,9 @@ Rewards (section 10; s = scores):
   clipscore        s = cos(text, image), openai/clip-vit-large-patch14
   aesthetic        s = MLP(image_emb / |image_emb|), LAION improved aesthetic predictor on CLIP-L/14
   ocr              s = 1 - min(d, |y|) / |y|, y = first "quoted" span, d = 0 if y in OCR text else Levenshtein
-  geneval          rules.py's GenEval rules on Mask2Former detections + CLIP-L/14 colours; s = Flow-GRPO partial
-                   credit, info["strict"] = GenEval's all-clauses accuracy (the number the paper reports)
+  geneval          rules.py's GenEval rules on Mask2Former detections + CLIP-L/14 colours;
+                   s = Flow-GRPO partial credit, info["strict"] = GenEval's all-clauses accuracy
+                   (the number the paper reports)
   http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
   jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
   hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
@@ -104,7 +105,8 @@ from rules import COLORS, _kept_objects, geneval_score, ocr_score, quoted_target
 REWARDS = {}  # name -> factory(device, dtype, **options) -> fn(images, prompts, metadata)
 _LOADED = {}  # (name, device, dtype, options) -> fn
 _LOAD_LOCK = threading.Lock()
-_TOKENIZER_LOCK = threading.Lock()  # a fast tokenizer called from two threads at once can fail ("Already borrowed")
+# a fast tokenizer called from two threads at once can fail ("Already borrowed")
+_TOKENIZER_LOCK = threading.Lock()
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_MLP_NAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -133,7 +135,8 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
     try:
         hash(key)
     except TypeError as error:
-        raise TypeError(f"options of reward {name!r} must be hashable (use tuples, not lists): {options}") from error
+        raise TypeError(f"options of reward {name!r} must be hashable (use tuples, not lists): "
+                        f"{options}") from error
     with _LOAD_LOCK:
         if key not in _LOADED:
             _LOADED[key] = REWARDS[name](device, dtype, **options)
@@ -148,19 +151,22 @@ def parse_spec(spec):
         if not has_weight:
             raise ValueError(f"reward spec entry {entry!r} is not name=weight (spec {spec!r})")
         if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(sorted(REWARDS))}")
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; "
+                             f"known rewards: {', '.join(sorted(REWARDS))}")
         if name in weights:
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         try:
             weights[name] = float(weight)
         except ValueError:
-            raise ValueError(f"weight of reward {name!r} must be a float, got {weight!r} in {spec!r}") from None
+            raise ValueError(f"weight of reward {name!r} must be a float, "
+                             f"got {weight!r} in {spec!r}") from None
     return weights
 
 
 def make_reward(spec, device="cpu", dtype=torch.float32, **options):
     """The weighted sum of the rewards in spec; options[name] is the dict of options of reward name,
-    e.g. make_reward("pickscore=1,aesthetic=1", aesthetic={"mlp_path": "sac+logos+ava1-l14-linearMSE.pth"})."""
+    e.g. make_reward("pickscore=1,aesthetic=1",
+                     aesthetic={"mlp_path": "sac+logos+ava1-l14-linearMSE.pth"})."""
     weights = parse_spec(spec)
     stray = sorted(set(options) - set(weights))
     if stray:
@@ -184,7 +190,8 @@ def _check_clip(clip_model=None):
 
 def _check_aesthetic(clip_model=None, mlp_path=None):
     path = aesthetic_mlp_path(_setting(mlp_path, "AESTHETIC_MLP"), download=False)
-    mlp = f"LAION MLP {path}" + ("" if os.path.isfile(path) else f" (downloaded from {AESTHETIC_MLP_URL} on first use)")
+    how = "" if os.path.isfile(path) else f" (downloaded from {AESTHETIC_MLP_URL} on first use)"
+    mlp = f"LAION MLP {path}{how}"
     return [mlp, *_check_clip(clip_model)]
 
 
@@ -197,8 +204,8 @@ def _check_hpsv2(checkpoint=None):
 
 def _check_ocr(engine="auto", reader=None):
     if reader is None and not any(_importable(m) for m in ("easyocr", "paddleocr") if engine in ("auto", m)):
-        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, or pip install "
-                          "paddleocr paddlepaddle (Flow-GRPO's engine)")
+        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, "
+                          "or pip install paddleocr paddlepaddle (Flow-GRPO's engine)")
     return [f"OCR engine {engine}" if reader is None else "OCR reader given"]
 
 
@@ -254,8 +261,10 @@ class ComposedReward:
         # Every component is called, on its (possibly empty) share, so info has the same keys every call.
         unknown = {name for m in metadata for name in m.get("rewards", ())} - set(self.fns)
         if unknown:
-            raise ValueError(f"metadata route prompts to rewards {sorted(unknown)} that are not in {sorted(self.fns)}")
-        rows = {name: [i for i, m in enumerate(metadata) if name in m.get("rewards", self.fns)] for name in self.fns}
+            raise ValueError(f"metadata route prompts to rewards {sorted(unknown)} that are not in "
+                             f"{sorted(self.fns)}")
+        rows = {name: [i for i, m in enumerate(metadata) if name in m.get("rewards", self.fns)]
+                for name in self.fns}
         futures = {name: self._component_pool.submit(fn, images[rows[name]], [prompts[i] for i in rows[name]],
                                                      [metadata[i] for i in rows[name]])
                    for name, fn in self.fns.items()}
@@ -265,11 +274,12 @@ class ComposedReward:
             scores, extra = future.result()
             idx = torch.tensor(rows[name], dtype=torch.long)
             for key, value in {name: scores, **extra}.items():
-                if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.device.type == "cpu"
-                        and value.shape == (len(idx),)):
-                    raise TypeError(f"reward {name!r} must return float32 CPU tensors of shape ({len(idx)},); {key!r} is a "
-                                    f"{type(value).__name__} {getattr(value, 'dtype', '')} "
-                                    f"{tuple(getattr(value, 'shape', ()))}")
+                if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32
+                        and value.device.type == "cpu" and value.shape == (len(idx),)):
+                    raise TypeError(f"reward {name!r} must return float32 CPU tensors of shape "
+                                    f"({len(idx)},); "
+                                    f"{key!r} is a {type(value).__name__} "
+                                    f"{getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
                 # info entries are 0 on the prompts a component does not score
                 full = torch.zeros(len(prompts), dtype=torch.float32).index_copy_(0, idx, value)
                 info[name if key == name else f"{name}/{key}"] = full
@@ -280,7 +290,8 @@ class ComposedReward:
     def submit(self, images, prompts, metadata):
         """Score in the background -> Future of (scores, info). The images are copied first, so the
         caller may overwrite its buffers with the next rollout at once."""
-        return self._submit_pool.submit(self, images.detach().clone(), list(prompts), [dict(m) for m in metadata])
+        return self._submit_pool.submit(self, images.detach().clone(), list(prompts),
+                                        [dict(m) for m in metadata])
 
 
 # -------------------- helpers shared by the rewards -----------------------------------------------
@@ -289,10 +300,13 @@ class ComposedReward:
 def _uint8_images(images, prompts, metadata):
     """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy, as the reference scorers quantise."""
     if not (images.ndim == 4 and images.shape[1] == 3 and images.is_floating_point()):
-        raise ValueError(f"images must be a float (B, 3, H, W) tensor in [0, 1], got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"images must be a float (B, 3, H, W) tensor in [0, 1], "
+                         f"got {images.dtype} {tuple(images.shape)}")
     if not (len(images) == len(prompts) == len(metadata)):
-        raise ValueError(f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
-    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        raise ValueError(f"batch sizes differ: {len(images)} images, {len(prompts)} prompts, "
+                         f"{len(metadata)} metadata")
+    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pil_images(images, prompts, metadata):
@@ -323,7 +337,8 @@ def _load_clip(path, device, dtype):
     """(CLIPModel, processor) from a hub id or folder; shared by clipscore, aesthetic and geneval."""
     from transformers import AutoProcessor, CLIPModel
     processor = AutoProcessor.from_pretrained(path, **_hub_kwargs())
-    model = CLIPModel.from_pretrained(path, dtype=dtype, **_hub_kwargs()).to(device).eval().requires_grad_(False)
+    model = CLIPModel.from_pretrained(path, dtype=dtype, **_hub_kwargs())
+    model = model.to(device).eval().requires_grad_(False)
     return model, processor
 
 
@@ -401,7 +416,8 @@ def aesthetic_mlp_path(path=None, download: bool = True) -> str:
     says what to download and where to put it."""
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"aesthetic reward: MLP weights not found at {path!r} (mlp_path= or AESTHETIC_MLP); "
+            raise FileNotFoundError(f"aesthetic reward: MLP weights not found at {path!r} "
+                                    f"(mlp_path= or AESTHETIC_MLP); "
                                     f"unset it to download {AESTHETIC_MLP_NAME} automatically")
         return path
     from huggingface_hub import constants
@@ -409,8 +425,9 @@ def aesthetic_mlp_path(path=None, download: bool = True) -> str:
     if os.path.isfile(cached):
         return cached
     if _offline():
-        raise FileNotFoundError(f"aesthetic reward: the LAION MLP is not in the cache and HF_HUB_OFFLINE is set: "
-                                f"download {AESTHETIC_MLP_URL} to {cached}, or set AESTHETIC_MLP to its path")
+        raise FileNotFoundError(f"aesthetic reward: the LAION MLP is not in the cache and HF_HUB_OFFLINE is "
+                                f"set: download {AESTHETIC_MLP_URL} to {cached}, "
+                                "or set AESTHETIC_MLP to its path")
     if not download:
         return cached
     import hashlib
@@ -418,13 +435,14 @@ def aesthetic_mlp_path(path=None, download: bool = True) -> str:
         with urllib.request.urlopen(AESTHETIC_MLP_URL, timeout=120) as response:
             data = response.read()
     except (urllib.error.URLError, OSError) as e:
-        raise FileNotFoundError(f"aesthetic reward: cannot download {AESTHETIC_MLP_URL} ({getattr(e, 'reason', e)}); "
-                                f"download it to {cached}, or set AESTHETIC_MLP to its path") from None
+        raise FileNotFoundError(f"aesthetic reward: cannot download {AESTHETIC_MLP_URL} "
+                                f"({getattr(e, 'reason', e)}); download it to {cached}, "
+                                "or set AESTHETIC_MLP to its path") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != AESTHETIC_MLP_SHA256:
-        raise FileNotFoundError(f"aesthetic reward: {AESTHETIC_MLP_URL} has sha256 {digest[:12]}, not the pinned "
-                                f"{AESTHETIC_MLP_SHA256[:12]} (changed upstream or damaged); set AESTHETIC_MLP to a "
-                                "copy you trust")
+        raise FileNotFoundError(f"aesthetic reward: {AESTHETIC_MLP_URL} has sha256 {digest[:12]}, "
+                                f"not the pinned {AESTHETIC_MLP_SHA256[:12]} (changed upstream or damaged); "
+                                "set AESTHETIC_MLP to a copy you trust")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     with open(cached + ".tmp", "wb") as f:
         f.write(data)
@@ -448,7 +466,8 @@ def load_aesthetic_mlp(path):
 
 @register("aesthetic")
 def _aesthetic(device, dtype, clip_model=None, mlp_path=None):
-    mlp = load_aesthetic_mlp(aesthetic_mlp_path(_setting(mlp_path, "AESTHETIC_MLP"))).to(device)  # kept in float32
+    # the MLP is kept in float32
+    mlp = load_aesthetic_mlp(aesthetic_mlp_path(_setting(mlp_path, "AESTHETIC_MLP"))).to(device)
     clip, clip_processor = _load_clip(_setting(clip_model, "CLIP_MODEL", CLIP_L14), device, dtype)
 
     @torch.no_grad()
@@ -469,8 +488,9 @@ def _ocr_reader(engine, device):
     available = [name for name in ("easyocr", "paddleocr") if engine in ("auto", name) and _importable(name)]
     if not available:
         raise ImportError(
-            f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, or pip install paddleocr "
-            f"paddlepaddle (Flow-GRPO's engine), or pass reader=callable(image uint8 HxWx3) -> str")
+            f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, "
+            f"or pip install paddleocr paddlepaddle (Flow-GRPO's engine), "
+            f"or pass reader=callable(image uint8 HxWx3) -> str")
     if available[0] == "easyocr":
         import easyocr
         reader = easyocr.Reader(["en"], gpu=device.type == "cuda", verbose=False)
@@ -491,13 +511,15 @@ def _ocr(device, dtype, engine="auto", reader=None):
 
     def ocr(images, prompts, metadata):
         arrays = _uint8_images(images, prompts, metadata)
-        return _scores([ocr_score(read(array), quoted_target(prompt)) for array, prompt in zip(arrays, prompts)]), {}
+        return _scores([ocr_score(read(array), quoted_target(prompt))
+                        for array, prompt in zip(arrays, prompts)]), {}
     return ocr
 
 
 # -------------------- GenEval: rules.py's rules on Mask2Former + CLIP colour detections -----
 
-COLOR_TEMPLATES = ["a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object"]
+COLOR_TEMPLATES = ["a photo of a {color} {name}", "a photo of a {color}-colored {name}",
+                   "a photo of a {color} object"]
 _COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 
 
@@ -516,7 +538,8 @@ def _classify_colors(clip, clip_processor, crops, name, classifiers):
     if name not in classifiers:
         texts = [template.format(color=color, name=name) for color in COLORS for template in COLOR_TEMPLATES]
         # w_c = normalise(mean_t normalise(text_emb(template_t(c))))   (10, D)
-        per_template = _clip_text_embeddings(clip, clip_processor, texts).view(len(COLORS), len(COLOR_TEMPLATES), -1)
+        per_template = _clip_text_embeddings(clip, clip_processor, texts)
+        per_template = per_template.view(len(COLORS), len(COLOR_TEMPLATES), -1)
         classifiers[name] = F.normalize(per_template.mean(1), dim=-1)
     image = _clip_image_embeddings(clip, clip_processor, crops)  # (N, D)
     return [COLORS[i] for i in (image @ classifiers[name].T).argmax(-1).tolist()]
@@ -565,21 +588,21 @@ def _geneval(device, dtype, detector=None, clip_model=None, threshold=0.3, count
         outputs.class_queries_logits = outputs.class_queries_logits.float()
         outputs.masks_queries_logits = outputs.masks_queries_logits.float()
         results = processor.post_process_instance_segmentation(
-            outputs, threshold=min(threshold, counting_threshold), target_sizes=[pil.size[::-1] for pil in pils],
-            return_binary_maps=True)
+            outputs, threshold=min(threshold, counting_threshold),
+            target_sizes=[pil.size[::-1] for pil in pils], return_binary_maps=True)
         partial, strict = [], []
         for pil, result, meta in zip(pils, results, metadata):
             # with no segment, "segmentation" is a (H, W) map and zip() stops at the empty segments_info
-            detections = [{"class": names[segment["label_id"]], "score": segment["score"], "mask": mask.bool(),
-                           "box": _mask_box(mask), "color": None}
+            detections = [{"class": names[segment["label_id"]], "score": segment["score"],
+                           "mask": mask.bool(), "box": _mask_box(mask), "color": None}
                           for segment, mask in zip(result["segments_info"], result["segmentation"])]
             kept = _kept_objects(detections, meta.get("tag"), **rules)
             for clause in meta.get("include", []):
                 if "color" in clause:
                     found = kept.get(clause["class"], [])[:clause["count"]]
                     crops = [_object_crop(pil, d["box"], d["mask"]) for d in found]
-                    for detection, color in zip(found, _classify_colors(clip, clip_processor, crops, clause["class"],
-                                                                        classifiers)):
+                    colors = _classify_colors(clip, clip_processor, crops, clause["class"], classifiers)
+                    for detection, color in zip(found, colors):
                         detection["color"] = color
             credit, correct = geneval_score(detections, meta, position_margin=position_margin, **rules)
             partial.append(credit)
@@ -601,8 +624,8 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((parts.hostname, port), timeout=min(timeout_s, 5.0)).close()
     except OSError as e:
-        raise ValueError(f"http reward: the reward server {url} is not reachable ({e.strerror or e}); start it, "
-                         "or point url= / REWARD_SERVER_URL at it") from None
+        raise ValueError(f"http reward: the reward server {url} is not reachable ({e.strerror or e}); "
+                         "start it, or point url= / REWARD_SERVER_URL at it") from None
 
 
 @register("http")
@@ -633,7 +656,8 @@ def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wir
 
     def http(images, prompts, metadata):
         jpegs = [_jpeg(pil, jpeg_quality) for pil in _pil_images(images, prompts, metadata)]
-        payload = {"images": jpegs, "prompts": list(prompts), "meta_datas": list(metadata), "only_strict": False}
+        payload = {"images": jpegs, "prompts": list(prompts), "meta_datas": list(metadata),
+                   "only_strict": False}
         if wire == "json":
             payload["images"] = [base64.b64encode(jpeg).decode() for jpeg in jpegs]
             answer = json.loads(post(json.dumps(payload).encode()))
@@ -641,10 +665,11 @@ def _http(device, dtype, url=None, timeout_s=60.0, retries=3, backoff_s=1.0, wir
             answer = pickle.loads(post(pickle.dumps(payload)))
         score_key = "scores" if isinstance(answer, dict) and "scores" in answer else "outputs"
         if not isinstance(answer, dict) or len(answer.get(score_key, ())) != len(prompts):
-            raise RuntimeError(f"reward server {url} must answer a dict with {len(prompts)} 'scores' or 'outputs', "
-                               f"got {str(answer)[:500]}")
-        info = {key: _scores(value) for key, value in answer.items() if key != score_key and isinstance(value, list)
-                and len(value) == len(prompts) and all(isinstance(v, numbers.Real) for v in value)}
+            raise RuntimeError(f"reward server {url} must answer a dict with {len(prompts)} 'scores' or "
+                               f"'outputs', got {str(answer)[:500]}")
+        info = {key: _scores(value) for key, value in answer.items()
+                if key != score_key and isinstance(value, list) and len(value) == len(prompts)
+                and all(isinstance(v, numbers.Real) for v in value)}
         return _scores(answer[score_key]), info
     return http
 
@@ -670,12 +695,14 @@ def _jpeg_compressibility(device, dtype):
 
 
 def hpsv2_checkpoint(checkpoint=None, download: bool = True) -> str:
-    """HPSv2.1's weights file: `checkpoint` (or HPSV2_CHECKPOINT), else xswu/HPSv2's HPS_v2.1_compressed.pt from
-    the hub cache, downloaded once (the hub checks it); one line saying what to download when offline."""
+    """HPSv2.1's weights file: `checkpoint` (or HPSV2_CHECKPOINT), else xswu/HPSv2's
+    HPS_v2.1_compressed.pt from the hub cache, downloaded once (the hub checks it); one line saying
+    what to download when offline."""
     path = _setting(checkpoint, "HPSV2_CHECKPOINT")
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"hpsv2 reward: checkpoint {path!r} does not exist (checkpoint= or HPSV2_CHECKPOINT)")
+            raise FileNotFoundError(f"hpsv2 reward: checkpoint {path!r} does not exist "
+                                    "(checkpoint= or HPSV2_CHECKPOINT)")
         return path
     from huggingface_hub import hf_hub_download
     try:
@@ -683,8 +710,9 @@ def hpsv2_checkpoint(checkpoint=None, download: bool = True) -> str:
     except Exception as e:  # not cached offline, unknown, unreachable: the hub's error types vary by version
         if not download and not _offline():
             return ""  # not cached, will be downloaded on first use
-        raise FileNotFoundError(f"hpsv2 reward: {HPSV2_FILE} of {HPSV2_REPO} is not in the hub cache and could not be "
-                                f"fetched ({type(e).__name__}): huggingface-cli download {HPSV2_REPO} {HPSV2_FILE}, "
+        raise FileNotFoundError(f"hpsv2 reward: {HPSV2_FILE} of {HPSV2_REPO} is not in the hub cache and "
+                                f"could not be fetched ({type(e).__name__}): "
+                                f"huggingface-cli download {HPSV2_REPO} {HPSV2_FILE}, "
                                 "or set HPSV2_CHECKPOINT to its path") from None
 
 

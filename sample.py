@@ -22,8 +22,8 @@ Departures from the reference code (Flow-GRPO)
    regenerable alone, on any device and in any batch.
 
 Run:
-    python sample.py --model models/toy-sd3 --prompt 'a photo of two red circles' --prompt 'a sign that says "A7"' \\
-        --out grid.png                                                   # CPU, the embedded base
+    python sample.py --model models/toy-sd3 --prompt 'a photo of two red circles' \\
+        --prompt 'a sign that says "A7"' --out grid.png                  # CPU, the embedded base
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --lora ckpts/x --height 512 --width 512
 """
 from __future__ import annotations

@@ -30,8 +30,8 @@ import torch
 from data import load_prompts, load_task
 from evaluate import evaluate_student
 from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values,
-                     check_student_config, config_dict, describe_recipe, fail, given_keys, print_main, require,
-                     require_positive, step_seed)
+                     check_student_config, config_dict, describe_recipe, fail, given_keys, print_main,
+                     require, require_positive, step_seed)
 from model import (SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution,
                    resolution_rule)
 from rewards import check_spec, make_reward

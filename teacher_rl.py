@@ -178,7 +178,8 @@ def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kep
     (B, N), means_old (B, N, C, h, w) or None, grid t (N+1,), sbar (N,). Adds each term's share of that
     mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the per-row losses (for the guard)."""
     losses, t_guard = [], traj["t"][1].item()
-    # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean of what is kept
+    # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean of
+    # what is kept
     scale = world / (n_kept * len(steps))
     for b in range(0, len(rows), cfg.train_batch):
         sl = torch.tensor(rows[b:b + cfg.train_batch])

@@ -97,7 +97,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
     for i, ref in enumerate(cfg.teachers):
         path = fetch_teacher(ref)
         p = Path(path)
-        saved = read_json(p / "run_config.json", "teacher file", "copy the teacher folder again from its source") \
+        saved = read_json(p / "run_config.json", "teacher file",
+                          "copy the teacher folder again from its source") \
             if (p / "run_config.json").is_file() else {}
         kind = "lora" if (p / "adapter_config.json").is_file() else \
             "full" if (p / "model_index.json").is_file() else ""
@@ -106,7 +107,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
         name = cfg.teacher_task[i] if cfg.teacher_task else saved.get("task", "")
         if not name:
             raise ValueError(f"teacher {path} names no task: pass --teacher_task (one per teacher)")
-        task = load_task(name, datasets.get(name, saved.get("dataset", "")), rewards.get(name, saved.get("reward", "")),
+        task = load_task(name, datasets.get(name, saved.get("dataset", "")),
+                         rewards.get(name, saved.get("reward", "")),
                          float(cfgs[name]) if name in cfgs else saved.get("guidance"))
         task.eval_key = saved.get("eval_key", task.eval_key)
         if kind == "lora":
@@ -133,7 +135,8 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
     if not base:
         bases.discard("")
         if len(bases) != 1:
-            raise ValueError(f"the teachers name {'bases ' + str(sorted(bases)) if bases else 'no base model'}: "
+            named = f"bases {sorted(bases)}" if bases else "no base model"
+            raise ValueError(f"the teachers name {named}: "
                              "pass --model (e.g. stabilityai/stable-diffusion-3.5-medium)")
         base = bases.pop()
     return base, specs
@@ -185,8 +188,8 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         rule = resolution_rule(cfg.model)
         if rule and (cfg.height or cfg.width):
             check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
-        plan = memory.plan_round(cfg, dist, given, len(specs), weights_dtype(cfg.dtype, dist), trained_steps(cfg),
-                                 always=cfg.dry_run)
+        plan = memory.plan_round(cfg, dist, given, len(specs), weights_dtype(cfg.dtype, dist),
+                                 trained_steps(cfg), always=cfg.dry_run)
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
