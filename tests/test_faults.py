@@ -111,13 +111,20 @@ def test_the_run_lock_is_held_for_the_whole_run_and_gone_with_it(tiny_pipe_dir, 
     seen = []
     real = harness.RunDir.log
 
-    def log(self, metrics, images=None):  # during the run: another process cannot take the lock
-        code = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
-        seen.append(subprocess.run([sys.executable, "-c", code, str(self.path / harness.LOCK)]).returncode)
+    def log(self, metrics, images=None):  # during the run: another process finds the lock taken
+        # exit 3: the lock exists and is held (a missing lock file is a traceback, exit 1)
+        code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError:\n    sys.exit(3)")
+        seen.append(subprocess.run([sys.executable, "-c", code, str(self.path / harness.LOCK)],
+                                   stderr=subprocess.DEVNULL).returncode)
         return real(self, metrics, images)
     monkeypatch.setattr(harness.RunDir, "log", log)
     teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
-    assert seen == [1]
+    assert seen == [3]
+    fd = os.open(tmp_path / "run" / harness.LOCK, os.O_RDWR)  # and free once the run has ended
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
 
 
 # ---------------------------------------------------------------------- logs that survive a kill
