@@ -31,8 +31,10 @@ import errno
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -60,10 +62,28 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def field_comments(cls) -> dict[str, str]:
+    """{field: the comment beside it in the dataclass source (and its comment-only continuation lines)},
+    over cls and its bases, so that --help says what the config at the top of a script says."""
+    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        name = None
+        for line in inspect.getsource(klass).splitlines():
+            field_line = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+            if field_line and field_line.group(1) in names:
+                name = field_line.group(1)
+                comments[name] = field_line.group(2) or ""
+            elif name and line.strip().startswith("#"):
+                comments[name] += " " + line.strip().lstrip("#").strip()
+            else:
+                name = None
+    return {k: v.strip() for k, v in comments.items() if v.strip()}
+
+
 def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0],
                                  argument_default=argparse.SUPPRESS if suppress else None)
-    hints = typing.get_type_hints(cls)
+    hints, comments = typing.get_type_hints(cls), ({} if suppress else field_comments(cls))
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
@@ -71,14 +91,18 @@ def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         kw = {} if suppress else {"default": default}
+        shown = default if tp is bool or typing.get_origin(tp) in (list, tuple) else repr(default)
+        # argparse formats help with %: a literal % in a comment is doubled
+        help_text = f"{comments[f.name]} (default {shown})" if f.name in comments else f"default {shown}"
+        help_text = help_text.replace("%", "%%")
         if tp is bool:
             ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True,
-                            help=f"default {default}", **kw)
+                            help=help_text, **kw)
         elif typing.get_origin(tp) in (list, tuple):
             ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+",
-                            help=f"default {default}", **kw)
+                            help=help_text, **kw)
         else:
-            ap.add_argument(*names, dest=f.name, type=tp, help=f"default {default!r}", **kw)
+            ap.add_argument(*names, dest=f.name, type=tp, help=help_text, **kw)
     return ap
 
 

@@ -27,6 +27,32 @@ def test_parse_config_types_hyphens_lists_and_unknown_keys():
         parse_config(Cfg, ["--steps", "x"])
 
 
+@dataclasses.dataclass
+class Derived(Cfg):
+    """A config with commented fields, one inherited."""
+    noise: float = 0.7       # a in Eq. 5, 100% of it
+    detach: bool = False     # ablation: sg(v_u);
+                             # default: attached
+    plain: int = 1
+
+
+def test_help_shows_each_fields_comment_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Derived, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "a in Eq. 5, 100% of it (default 0.7)" in text
+    assert "ablation: sg(v_u); default: attached (default False)" in text
+    assert "--plain PLAIN default 1" in text and "--steps STEPS default 3" in text
+
+
+def test_teacher_rl_help_says_the_detached_cfg_branch_is_an_ablation(capsys):
+    from teacher_rl import TeacherConfig
+    with pytest.raises(SystemExit):
+        parse_config(TeacherConfig, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ablation: v = sg(v_u) + w (v_c - sg(v_u))" in text and "as Flow-GRPO today (default False)" in text
+
+
 def test_run_dir_refuses_other_runs_and_accepts_fields_added_later(tmp_path):
     RunDir(str(tmp_path / "r"), Cfg(lr=0.2), Dist("cpu")).create()
     with pytest.raises(ValueError, match="different run"):
