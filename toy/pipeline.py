@@ -23,13 +23,15 @@ def make_clip_tokenizer(max_len: int = 77):
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(toks)}, merges=[], model_max_length=max_len)
 
 
-def make_t5_tokenizer(words=(), max_len: int = 32):
-    """A unigram T5 tokenizer built in memory: whole `words` win over the single characters."""
+def make_t5_tokenizer(words=(), max_len: int = 32, pieces=()):
+    """A unigram T5 tokenizer built in memory: whole `words` win over the single characters, and so
+    do the extra `pieces` (taken as they are: "\u2581" marks a piece that starts a word)."""
     from transformers import T5Tokenizer
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-"]
-    pieces += [("\u2581" + w, -1.0) for w in sorted(set(words))]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_len)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-"]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(words))]
+    vocab += [(p, -1.0) for p in pieces if p not in {v for v, _ in vocab}]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_len)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TinySD3Config:
     clip_max_len: int = 77
     t5_max_len: int = 32
     words: tuple = ("a", "the", "photo", "of", "red", "blue", "cat", "dog")
+    pieces: tuple = ()                  # extra T5 pieces (make_t5_tokenizer), e.g. slot-bound glyphs
     dual_attention_layers: tuple = ()   # SD3.5's MMDiT-X blocks (a second, image-only attention): their indices
     qk_norm: str | None = None          # SD3.5's "rms_norm" of queries and keys; None as SD3
 
@@ -85,7 +88,7 @@ def build_tiny_pipeline(cfg: TinySD3Config = TinySD3Config(), seed: int = 0):
             num_hidden_layers=2, num_attention_heads=2, projection_dim=2 * cfg.clip_dim,
             max_position_embeddings=cfg.clip_max_len, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))))
-    t5_tok = make_t5_tokenizer(cfg.words, cfg.t5_max_len)
+    t5_tok = make_t5_tokenizer(cfg.words, cfg.t5_max_len, cfg.pieces)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=cfg.text_dim, d_kv=cfg.text_dim // 4,
                                  d_ff=2 * cfg.text_dim, num_layers=2, num_heads=4, pad_token_id=0,
                                  eos_token_id=1, decoder_start_token_id=0))

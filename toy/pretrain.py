@@ -25,10 +25,12 @@ Run (CPU; the measured time is in docs/toy-world.md; it checkpoints and `--resum
     python -m toy.pretrain --out models/toy-sd3
     python -m toy.pretrain --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
     python -m toy.pretrain --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
+    python -m toy.pretrain --world toy.world_v2 --vae models/toy-sd3 --out runs/toy2-sd3   # world v2
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import shutil
 import sys
@@ -40,8 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toy import world
-from data import load_prompts
+from toy import world as default_world
 from harness import parse_config, publish_dir, write_atomic
 from jsonfiles import read_jsonl
 from reporting import Trackers, parse_report_to
@@ -69,14 +70,18 @@ class PretrainConfig:
     latent_channels: int = 8
     save_every: int = 500
     task_weights: str = "geneval=3,ocr=4,aesthetic=2"   # integer shares of the toy tasks in each batch
+    world: str = "toy.world"       # the world's module: toy.world, or its candidate toy.world_v2
+    defect_rate: float = -1.0      # toy.world_v2: share of defective GenEval/OCR renders (-1: its own)
+    sd35: bool = False             # SD3.5-M's blocks: dual attention in the first half, RMS qk-norm
     init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
+    vae: str = ""                  # take this pipeline folder's VAE (phase A skipped), train the rest anew
     resume: bool = False
     threads: int = 2
     report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (metrics.jsonl always)
     wandb_project: str = "diffusion-opd"
 
 
-def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
+def vocabulary(world=default_world, n: int = 4000, seed: int = 123) -> list[str]:
     """Whole words of the toy prompts (the T5 tokenizer keeps them as single tokens)."""
     rng = np.random.default_rng(seed)
     words = set()
@@ -87,11 +92,7 @@ def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
     return sorted(words)
 
 
-def held_out_prompts() -> set[str]:
-    return {p for task in world.TASKS for p in load_prompts(f"{world.DATA}/{task}", "test")[0]}
-
-
-def task_shares(spec: str) -> tuple[str, ...]:
+def task_shares(spec: str, world=default_world) -> tuple[str, ...]:
     """"geneval=1,ocr=2" -> ("geneval", "ocr", "ocr"): world.sample_batch draws tasks uniformly from it."""
     shares = []
     for item in spec.split(","):
@@ -104,20 +105,22 @@ def task_shares(spec: str) -> tuple[str, ...]:
     return tuple(shares)
 
 
-def batch_at(cfg, step: int, exclude: set[str]):
+def batch_at(cfg, step: int, exclude: set[str], world=default_world):
     """The training batch of `step`, a pure function of (seed, step) so resume is exact."""
     rng = np.random.default_rng([cfg.seed, step])
-    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights), exclude_prompts=exclude)
+    defects = {} if cfg.defect_rate < 0 else {"defect_rate": cfg.defect_rate}
+    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights, world),
+                                            exclude_prompts=exclude, **defects)
     drop = rng.random(cfg.batch) < cfg.caption_dropout
     return images, ["" if d else p for p, d in zip(prompts, drop)], rng
 
 
-def train_vae(pipe, cfg, exclude, ckpt: Path):
+def train_vae(pipe, cfg, exclude, ckpt: Path, world):
     """Phase A: VAE with L1 reconstruction + KL; then the latent shift/scale from data statistics."""
     vae = pipe.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     for step in tqdm(range(cfg.vae_steps), desc="vae"):
-        images, _, _ = batch_at(cfg, 10**6 + step, exclude)
+        images, _, _ = batch_at(cfg, 10**6 + step, exclude, world)
         post = vae.encode(images * 2 - 1).latent_dist
         recon = vae.decode(post.sample(), return_dict=False)[0]
         # L = |x - D(z)|_1 + beta KL(q(z|x) || N(0, I))
@@ -127,7 +130,7 @@ def train_vae(pipe, cfg, exclude, ckpt: Path):
         opt.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(batch_at(cfg, 2 * 10**6 + i, exclude)[0] * 2 - 1).latent_dist.mean
+        z = torch.cat([vae.encode(batch_at(cfg, 2 * 10**6 + i, exclude, world)[0] * 2 - 1).latent_dist.mean
                        for i in range(8)])
     # SD3 convention: x = (z - shift_factor) * scaling_factor has zero mean and unit std
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
@@ -142,14 +145,26 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out.with_name(out.name + ".ckpt")  # training state, outside the shipped model folder
-    exclude = held_out_prompts()
+    try:
+        world = importlib.import_module(cfg.world)
+    except ImportError as e:
+        raise SystemExit(f"error: --world {cfg.world}: {e}") from None
+    if cfg.defect_rate >= 0 and not hasattr(world, "DEFECT_RATE"):
+        raise SystemExit(f"error: --defect_rate: the world {cfg.world} plants no defects")
+    exclude = world.held_out_prompts()
+    dual = tuple(range(cfg.layers // 2)) if cfg.sd35 else ()  # SD3.5-M: layers 0-12 of 24
     tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
                          clip_dim=cfg.text_dim // 2, clip_max_len=24, t5_max_len=24,
                          latent_channels=cfg.latent_channels, image_size=world.IMAGE_SIZE,
-                         words=tuple(vocabulary()))
-    if cfg.init and not (Path(cfg.init) / "model_index.json").exists():
-        raise SystemExit(f"error: --init {cfg.init}: not a pipeline folder (no model_index.json)")
-    task_shares(cfg.task_weights)  # bad weights fail before any compute
+                         words=tuple(vocabulary(world)), pieces=world.T5_PIECES,
+                         dual_attention_layers=dual, qk_norm="rms_norm" if cfg.sd35 else None)
+    for flag in ("init", "vae"):
+        folder = getattr(cfg, flag)
+        if folder and not (Path(folder) / "model_index.json").exists():
+            raise SystemExit(f"error: --{flag} {folder}: not a pipeline folder (no model_index.json)")
+    if cfg.init and cfg.vae:
+        raise SystemExit("error: --init keeps its own VAE; pass --init or --vae, not both")
+    task_shares(cfg.task_weights, world)  # bad weights fail before any compute
     try:
         parse_report_to(cfg.report_to)
     except ValueError as e:
@@ -169,7 +184,15 @@ def main(argv=None):
         else:
             shutil.rmtree(ckpt, ignore_errors=True)
             ckpt.mkdir(parents=True)
-            train_vae(pipe, cfg, exclude, ckpt)
+            if cfg.vae:  # phase A skipped: that pipeline's VAE, its latent shift and scale included
+                from diffusers import AutoencoderKL
+                trained = AutoencoderKL.from_pretrained(cfg.vae, subfolder="vae")
+                pipe.vae.load_state_dict(trained.state_dict())
+                pipe.vae.register_to_config(shift_factor=trained.config.shift_factor,
+                                            scaling_factor=trained.config.scaling_factor)
+                torch.save(pipe.vae.state_dict(), ckpt / "vae.pt")
+            else:
+                train_vae(pipe, cfg, exclude, ckpt, world)
             (ckpt / "vae.json").write_text(json.dumps({k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}))
     vae = pipe.vae.eval().requires_grad_(False)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
@@ -199,7 +222,7 @@ def main(argv=None):
     bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        images, prompts, rng = batch_at(cfg, step, exclude)
+        images, prompts, rng = batch_at(cfg, step, exclude, world)
         with torch.no_grad():
             x0 = (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale  # (B, C, h, w)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))

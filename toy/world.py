@@ -86,6 +86,7 @@ MIN_CONFIDENCE = 0.5   # detection threshold on (IoU with the best ideal shape) 
 RENDER_POSITION_MARGIN = 0.2  # renders satisfy relations at twice GenEval's 0.1 margin (robust to blur)
 OCR_LENGTH = 2         # characters per OCR string: two 10x14-px glyphs (font scale 2) fill the 32-px frame
 OCR_SCALE = 2
+T5_PIECES = ()         # extra T5 tokenizer pieces (toy.pipeline.make_t5_tokenizer): none
 OCR_JITTER = 0         # px of random shift of the centred OCR text (see the docstring, departure 4)
 # GenEval scenes are laid out on fixed slots (docstring, departure 6): one object in the centre
 # box, 2-4 objects in the 12-px boxes of a 2x2 grid (4 px apart)
@@ -275,18 +276,19 @@ def render_ideal_aesthetic(metadata, rng):
                         "box": (int(x0), int(y0), int(x0) + size, int(y0) + size)}])
 
 
-def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset()):
+def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), scene_fn=sample_scene, render_fn=render):
     """Pretraining batch: (images (n, 3, 32, 32) float in [0, 1], prompts, metadatas), tasks uniform,
-    never a prompt in `exclude_prompts` (pass the test prompts)."""
+    never a prompt in `exclude_prompts` (pass the test prompts); a world built on this one passes its
+    own `scene_fn(task, rng)` and `render_fn(task, metadata, rng)`."""
     images, prompts, metadatas = [], [], []
     for _ in range(n):
         task = tasks[rng.integers(len(tasks))]
         for _ in range(1000):
-            prompt, meta = sample_scene(task, rng)
+            prompt, meta = scene_fn(task, rng)
             if prompt not in exclude_prompts:
                 break
         assert prompt not in exclude_prompts, f"task {task!r}: 1000 samples all in exclude_prompts"
-        images.append(render(task, meta, rng))
+        images.append(render_fn(task, meta, rng))
         prompts.append(prompt)
         metadatas.append(meta)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, prompts, metadatas
@@ -545,16 +547,27 @@ def write_datasets(root=DATA, seed=0):
     return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
 
 
+def held_out_prompts(root=DATA):
+    """Every test prompt: never shown in pretraining."""
+    from data import load_prompts
+    return {p for task in TASKS for p in load_prompts(f"{root}/{task}", "test")[0]}
+
+
 def write_grid(path, per_row=8, seed=0):
     """PNG of ground-truth renders, 4x upscaled with captions: geneval, ocr, aesthetic (pretraining
     renders), aesthetic (ideal renders) rows."""
-    from PIL import Image, ImageDraw
     rng = np.random.default_rng(seed)
     rows = []
     for task, renderer in (("geneval", render), ("ocr", render), ("aesthetic", render),
                            ("aesthetic", lambda task, meta, rng: render_ideal_aesthetic(meta, rng))):
         rows.append([(p, renderer(task, m, rng)) for p, m in (sample_scene(task, rng) for _ in range(per_row))])
-    tile, caption = 4 * IMAGE_SIZE, 46
+    save_captioned_grid(path, rows)
+
+
+def save_captioned_grid(path, rows):
+    """PNG of rows of (prompt, uint8 (H, W, 3) image), each image 4x upscaled above its caption."""
+    from PIL import Image, ImageDraw
+    tile, caption, per_row = 4 * IMAGE_SIZE, 46, max(len(row) for row in rows)
     grid = Image.new("RGB", (per_row * (tile + 4), len(rows) * (tile + caption)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
@@ -564,6 +577,23 @@ def write_grid(path, per_row=8, seed=0):
             draw.multiline_text((x + 1, y + tile + 1), "\n".join(textwrap.wrap(prompt, 24)[:3]), fill="black")
     grid.save(path)
 
+
+def main(argv=None, description=__doc__, root=DATA, write_datasets=write_datasets, write_grid=write_grid):
+    """The command line of a toy world module: --write-datasets, --grid."""
+    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
+    parser.add_argument("--root", default=root, help="dataset folder for --write-datasets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
+    args = parser.parse_args(argv)
+    if not (args.write_datasets or args.grid):
+        parser.error("nothing to do: pass --write-datasets and/or --grid PATH")
+    if args.write_datasets:
+        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
+            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
+    if args.grid:
+        write_grid(args.grid, seed=args.seed)
+        print(f"wrote {args.grid}")
 
 
 # ---------------------------------------------------------------- the rewards in the registry
@@ -584,17 +614,4 @@ for _name, _fn in (("toy_geneval", geneval_reward), ("toy_ocr", ocr_reward), ("t
         _register(_name, _fn)
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
-    parser.add_argument("--root", default=DATA, help="dataset folder for --write-datasets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
-    args = parser.parse_args()
-    if not (args.write_datasets or args.grid):
-        parser.error("nothing to do: pass --write-datasets and/or --grid PATH")
-    if args.write_datasets:
-        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
-            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
-    if args.grid:
-        write_grid(args.grid, seed=args.seed)
-        print(f"wrote {args.grid}")
+    main()
