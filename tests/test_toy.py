@@ -365,3 +365,30 @@ def test_rewards_reject_bad_batches():
         geneval_reward(image, ["a", "b"], [{}, {}])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         aesthetic_reward(image[:, 0], ["a", "b"], [{}, {}])
+
+
+def test_colour_check_tells_a_model_that_draws_the_named_colour_from_one_that_ignores_it(monkeypatch, capsys):
+    # Stand-in pipelines: one draws the named colour as a centred square, one always draws blue.
+    # colour_check must put every image of the first on the diagonal and none of the second off blue.
+    import model
+
+    class Pipe:
+        def __init__(self, ignore):
+            self.ignore = ignore
+
+        def __call__(self, prompts, output_type, **_):
+            colours = ["blue" if self.ignore else next(c for c in toy.COLORS if f" {c} " in p) for p in prompts]
+            images = [draw_scene([{"class": "square", "color": c, "box": (8, 8, 24, 24)}]) for c in colours]
+            return type("Out", (), {"images": to_batch(images)})()
+
+    for ignore in (False, True):
+        monkeypatch.setattr(model.FlowModel, "load", classmethod(
+            lambda cls, path, ignore=ignore: type("Flow", (), {"pipe": Pipe(ignore), "max_sequence_length": 24})()))
+        table = toy.colour_check("any", per_shape=2)
+        assert list(table) == list(toy.COLORS)
+        assert all(sum(row.values()) == 2 * len(toy.SHAPES) for row in table.values())
+        expected = {c: {"blue" if ignore else c: 2 * len(toy.SHAPES)} for c in toy.COLORS}
+        assert table == expected
+    with pytest.raises(SystemExit):
+        toy.main(["--colour-check", "no/such/folder"])
+    assert "not a pipeline folder" in capsys.readouterr().err

@@ -55,6 +55,7 @@ Run (CPU, seconds):
   python -m toy.world --write-datasets        # regenerate data/toy/<task>/ (prompts, metadata, task.json)
   python -m study.mixed --tasks data/toy/geneval data/toy/ocr data/toy/aesthetic --out data/toy/mixed
   python -m toy.world --grid toy_grid.png    # PNG grid of ground-truth renders with captions
+  python -m toy.world --colour-check models/toy-sd3   # which colour the base draws per colour word
   python -m pytest tests/test_toy.py -q
 """
 import argparse
@@ -578,22 +579,55 @@ def save_captioned_grid(path, rows):
     grid.save(path)
 
 
+def colour_check(model, template="a photo of a {c} {s}", per_shape=4, steps=20, guidance=4.5, seed=0):
+    """{named colour: {drawn colour or None: images}}: the colour of the most confident object the
+    pipeline folder `model` draws for `template` with each colour and shape, `per_shape` images each
+    (ODE `steps`, CFG `guidance`, one generator seeded `seed` per colour). A model that ignores a
+    colour word gives that word the same row as another ignored word."""
+    from model import FlowModel  # quiet loading, the model's own prompt length
+    flow = FlowModel.load(model)
+    pipe = flow.pipe
+    table = {}
+    for c in COLORS:
+        prompts = [template.format(c=c, s=s) for s in SHAPES for _ in range(per_shape)]
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                      max_sequence_length=flow.max_sequence_length,
+                      generator=torch.Generator().manual_seed(seed)).images
+        drawn = [(detect_objects(x) or [{"color": None}])[0]["color"] for x in images]
+        table[c] = {d: drawn.count(d) for d in dict.fromkeys(drawn)}
+    return table
+
+
 def main(argv=None, description=__doc__, root=DATA, write_datasets=write_datasets, write_grid=write_grid):
-    """The command line of a toy world module: --write-datasets, --grid."""
+    """The command line of a toy world module: --write-datasets, --grid, --colour-check."""
     parser = argparse.ArgumentParser(description=description.split("\n")[0])
     parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
     parser.add_argument("--root", default=root, help="dataset folder for --write-datasets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
+    parser.add_argument("--colour-check", metavar="MODEL",
+                        help="which colour this pipeline folder draws for each colour word (colour_check)")
+    parser.add_argument("--template", default="a photo of a {c} {s}", help="prompt of --colour-check")
     args = parser.parse_args(argv)
-    if not (args.write_datasets or args.grid):
-        parser.error("nothing to do: pass --write-datasets and/or --grid PATH")
+    if not (args.write_datasets or args.grid or args.colour_check):
+        parser.error("nothing to do: pass --write-datasets, --grid PATH and/or --colour-check MODEL")
+    if args.colour_check:
+        if not (Path(args.colour_check) / "model_index.json").exists():
+            parser.error(f"--colour-check {args.colour_check}: not a pipeline folder (no model_index.json)")
+        if not {"{c}", "{s}"} <= set(re.findall(r"\{\w\}", args.template)):
+            parser.error(f"--template {args.template!r}: needs {{c}} (colour) and {{s}} (shape)")
     if args.write_datasets:
         for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
             print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
     if args.grid:
         write_grid(args.grid, seed=args.seed)
         print(f"wrote {args.grid}")
+    if args.colour_check:
+        table = colour_check(args.colour_check, args.template, seed=args.seed)
+        right = sum(row.get(c, 0) for c, row in table.items()) / sum(sum(r.values()) for r in table.values())
+        print(f"{args.template!r}: the named colour drawn in {right:.2f} of the images")
+        for c, row in table.items():
+            print(f"  {c:>7}: " + ", ".join(f"{d} {n}" for d, n in sorted(row.items(), key=lambda kv: -kv[1])))
 
 
 # ---------------------------------------------------------------- the rewards in the registry
