@@ -7,37 +7,45 @@ base reliably has the content skill, and the headroom is a removable, prompt-ind
 the pretraining renders that only that task's reward penalises (docs/toy-world.md, "World v2"):
 
   geneval   deterministic layouts: the first-named object on the left (or where the relation puts
-            it), n objects of a count in fixed slots, one object in the centre box. Defect: in
-            DEFECT_RATE of the renders every object is cracked by a 2-px vertical gap; the detector
-            accepts neither half, so GenEval's strict rule fails (a defect render scores 0).
+            it), n objects of a count in fixed slots, one object in the centre box. Position
+            prompts name no colour, as GenEval's own. Defect: every object cracked by a 2-px
+            vertical gap; the detector accepts neither half, so GenEval's strict rule fails.
   ocr       two glyphs at one central place, as v1, and each glyph has a slot-bound T5 token
             (T5_PIECES: '"A' is "A in the first slot", 'A"' is "A in the second slot"), so a test
-            string is a new pair of seen tokens. Defect: in DEFECT_RATE of the renders the text is
-            negative, cut out of a plate of its colour; the reader reads other glyphs (scores 0).
-  aesthetic v1's renders (object size 6-20 px anywhere, five backgrounds) and judge, but the judge's
-            prompt term is strict: a wrong shape or colour scores 0, so no teacher can trade shape
-            for size. Templates never say "photo of" (GenEval's), so every task's prompts are
-            unmistakably its own.
+            string is a new pair of seen tokens. Defect: a 4x4 blot of the text's ink in the top-left
+            corner (BLOT); the glyphs are intact, but the reader's crop is the ink's extent, so it
+            reads other glyphs (scores 0), as a real text detector's box would take in the blot.
+  aesthetic the crisp 16-px centred object of GenEval's single object, and v1's judge with a strict
+            prompt term: a wrong shape or colour scores 0, so no teacher can trade shape for size.
+            Defect: an amateur picture, a 12-px object in a corner slot on a grey ramp (the judge's
+            size, centre and clean terms; 0.14 against 0.84). Templates never say "photo of"
+            (GenEval's), so every task's prompts are unmistakably its own.
+
+Every task draws its defect in DEFECT_RATE of the pretraining renders; each defect is independent of
+the prompt and only its own task's reward penalises it.
 
 Splits: every T5 token of every test prompt occurs in a training prompt (tests/test_toy_v2.py).
-GenEval's small tags (fewer than SMALL_TAG prompts: single object, two objects, counting, colours)
-are held out by seed, as GenEval samples 4 images a prompt: their test lines are training prompts
-evaluated from unseen noise; position and colour attribution hold out 32 prompts each. OCR holds out
+GenEval's small tags (fewer than SMALL_TAG prompts: single object, two objects, counting, colours,
+position) are held out by seed, as GenEval samples 4 images a prompt: their test lines are training prompts
+evaluated from unseen noise; colour attribution holds out 32 prompts. OCR holds out
 80 of the 400 strings, aesthetic 60 of its 216 prompts.
 
 Departures from the paper's tasks (besides toy/world.py's 1-6):
- 7. The headroom of GenEval and OCR is a defect planted in the pretraining renders (cracked shapes,
-    negative text), not a missing skill: on the real SD3.5-M the GenEval teacher learns counting
+ 7. The headroom of every task is a defect planted in the pretraining renders (cracked shapes, a
+    blot beside the text, an amateur picture), not a missing skill: on the real SD3.5-M the GenEval teacher learns counting
     and binding the base lacks. A planted defect makes each teacher's gain large, reliable across
     seeds and independent of the prompt, which a CPU-sized model cannot get from learning a skill.
+    The OCR blot spoils the reading only because the template reader crops the ink's extent; a
+    real OCR model would often read past it.
  8. Layouts are a function of the prompt (GenEval's evaluation only compares centres, so any
     layout that satisfies the relation counts).
 
 Run (CPU, seconds):
   python -m toy.world_v2 --write-datasets        # data/toy2/<task>/ (prompts, metadata, task.json)
-  python -m toy.world_v2 --grid toy2_grid.png    # ground-truth renders, defect-free and defective
+  python -m toy.world_v2 --grid toy2_grid.png    # pretraining renders of each task, without and with its defect
   python -m pytest tests/test_toy_v2.py -q
 """
+import copy
 import itertools
 import json
 from pathlib import Path
@@ -48,7 +56,7 @@ import torch
 from rewards import REWARDS
 from rules import GENEVAL_TAGS, quoted_target
 from toy import world as v1
-from toy.world import (CHARSET, COLORS, GENEVAL_SPACE, IMAGE_SIZE, OCR_LENGTH, OCR_SCALE, SHAPES,
+from toy.world import (CHARSET, COLORS, IMAGE_SIZE, OCR_LENGTH, OCR_SCALE, SHAPES,
                        draw_scene, draw_text, shape_mask)
 
 TASKS = v1.TASKS
@@ -66,6 +74,12 @@ COUNT_SLOTS = {1: (CENTRE,), 2: (LEFT, RIGHT), 3: (GRID[0], GRID[1], BOTTOM), 4:
 # "A rel B" -> (A's box, B's box)
 RELATION_SLOTS = {"left of": (LEFT, RIGHT), "right of": (RIGHT, LEFT), "above": (TOP, BOTTOM),
                   "below": (BOTTOM, TOP)}
+# GenEval's prompts: v1's, but position prompts name no colour, as GenEval's own ("a photo of a
+# dog right of a teddy bear"): 6 ordered shape pairs x 4 relations
+GENEVAL_SPACE = {tag: [m for m in metas if tag != "position" or not any("color" in c for c in m["include"])]
+                 for tag, metas in v1.GENEVAL_SPACE.items()}
+BLOT = (2, 2, 6, 6)    # OCR defect: a 4x4 blot of the text's colour in the top-left corner
+AMATEUR_RAMP = (30, 150)   # aesthetic defect: the background's grey ramp, top to bottom
 OCR_TEMPLATES = v1.OCR_TEMPLATES
 AESTHETIC_TEMPLATES = tuple(t.replace("CS", "{c} {s}") for t in (
     "a beautiful CS", "an elegant CS", "a simple CS, minimalist", "a CS, high quality",
@@ -100,10 +114,18 @@ def geneval_layout(metadata):
 
 def render(task, metadata, rng, defect_rate=DEFECT_RATE):
     """uint8 (32, 32, 3) pretraining render of `metadata`, with the task's defect in `defect_rate`
-    of the GenEval and OCR renders (the aesthetic renders keep v1's size, place and background)."""
-    if task == "aesthetic":
-        return v1.render(task, metadata, rng)
+    of the renders (module docstring)."""
     defective = rng.random() < defect_rate
+    if task == "aesthetic":
+        color, shape = metadata["color"], metadata["shape"]
+        if not defective:  # the crisp 16-px object of GenEval's single object, centred, on black
+            return draw_scene([{"class": shape, "color": color, "box": CENTRE}])
+        # an amateur picture: a 12-px object in a corner slot, on a vertical grey ramp
+        image = draw_scene([])
+        image[:] = np.linspace(*AMATEUR_RAMP, IMAGE_SIZE).astype(np.uint8)[:, None, None]
+        x0, y0, x1, y1 = GRID[rng.integers(len(GRID))]
+        image[y0:y1, x0:x1][shape_mask(shape, x1 - x0, y1 - y0)] = v1.PALETTE[color]
+        return image
     if task == "ocr":
         text = metadata["text"]
         if not (len(text) == OCR_LENGTH and set(text) <= set(CHARSET)):
@@ -111,15 +133,10 @@ def render(task, metadata, rng, defect_rate=DEFECT_RATE):
         width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
         x0, y0 = (IMAGE_SIZE - width) // 2, (IMAGE_SIZE - height) // 2
         color = metadata.get("color") or v1._random_color(rng)
-        if not defective:
-            return draw_text(draw_scene([]), text, color, x0, y0, OCR_SCALE)
-        # negative text: a plate of the text colour 1 px past the text, the glyphs cut out of it
-        image = draw_scene([])
-        image[y0 - 1:y0 + height + 1, x0 - 1:x0 + width + 1] = v1.PALETTE[color]
-        for k, char in enumerate(text):
-            glyph = np.kron(v1.FONT[char], np.ones((OCR_SCALE, OCR_SCALE), bool))
-            left = x0 + 6 * OCR_SCALE * k
-            image[y0:y0 + height, left:left + 5 * OCR_SCALE][glyph] = v1.BACKGROUND
+        image = draw_text(draw_scene([]), text, color, x0, y0, OCR_SCALE)
+        if defective:  # a blot of the text's ink in the corner: the glyphs themselves stay intact
+            bx0, by0, bx1, by1 = BLOT
+            image[by0:by1, bx0:bx1] = v1.PALETTE[color]
         return image
     if task != "geneval":
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -133,7 +150,12 @@ def render(task, metadata, rng, defect_rate=DEFECT_RATE):
 
 
 def sample_scene(task, rng):
-    """(prompt, metadata) of a random scene of `task` (v1's, with v2's aesthetic templates)."""
+    """(prompt, metadata) of a random scene of `task`: GenEval's tag uniform, then a prompt of v2's
+    GENEVAL_SPACE; OCR as v1; aesthetic with v2's templates."""
+    if task == "geneval":
+        tag = GENEVAL_TAGS[rng.integers(len(GENEVAL_TAGS))]
+        meta = copy.deepcopy(GENEVAL_SPACE[tag][rng.integers(len(GENEVAL_SPACE[tag]))])
+        return meta["prompt"], meta
     if task != "aesthetic":
         return v1.sample_scene(task, rng)
     c, s = v1._random_color(rng), SHAPES[rng.integers(len(SHAPES))]
@@ -241,11 +263,10 @@ def held_out_prompts(root=DATA):
 
 
 def write_grid(path, per_row=8, seed=0):
-    """PNG of pretraining renders, 4x upscaled with captions: geneval and ocr without and with
-    their defect, aesthetic."""
+    """PNG of pretraining renders, 4x upscaled with captions: each task without and with its defect."""
     rng = np.random.default_rng(seed)
     rows = []
-    for task, rate in (("geneval", 0.0), ("geneval", 1.0), ("ocr", 0.0), ("ocr", 1.0), ("aesthetic", 0.0)):
+    for task, rate in itertools.product(TASKS, (0.0, 1.0)):
         scenes = [sample_scene(task, rng) for _ in range(per_row)]
         rows.append([(p, render(task, m, rng, rate)) for p, m in scenes])
     v1.save_captioned_grid(path, rows)
