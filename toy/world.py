@@ -211,20 +211,27 @@ def ocr_metadata(text, rng):
     return dict(meta, color=color) if "{c}" in template else meta
 
 
-def sample_scene(task, rng):
-    """(prompt, metadata) of a random scene of `task` (geneval: tag uniform, then prompt uniform)."""
+def sample_scene(task, rng, space=None, aesthetic_templates=AESTHETIC_TEMPLATES):
+    """(prompt, metadata) of a random scene of `task` (geneval: tag uniform, then prompt uniform from
+    `space`, default GENEVAL_SPACE); a world built on this one passes its own space and templates."""
     if task == "geneval":
+        space = space or GENEVAL_SPACE
         tag = GENEVAL_TAGS[rng.integers(len(GENEVAL_TAGS))]
-        meta = copy.deepcopy(GENEVAL_SPACE[tag][rng.integers(len(GENEVAL_SPACE[tag]))])
+        meta = copy.deepcopy(space[tag][rng.integers(len(space[tag]))])
     elif task == "ocr":
         meta = ocr_metadata(_random_text(rng), rng)
     else:
         if task != "aesthetic":
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         c, s = _random_color(rng), SHAPES[rng.integers(len(SHAPES))]
-        meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
+        meta = {"prompt": aesthetic_templates[rng.integers(len(aesthetic_templates))].format(c=c, s=s),
                 "color": c, "shape": s}
     return meta["prompt"], meta
+
+
+def grey_ramp():
+    """(IMAGE_SIZE, 1, 1) uint8 vertical ramp from dark to light grey, a background."""
+    return np.linspace(30, 150, IMAGE_SIZE).astype(np.uint8)[:, None, None]
 
 
 def render(task, metadata, rng):
@@ -259,8 +266,8 @@ def render(task, metadata, rng):
     x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - size, size=2))  # 1 px clear of the border
     style = ("black", "dark", "gray", "gradient", "specks")[rng.integers(5)]
     image = draw_scene([], background={"dark": (70, 70, 70), "gray": (120, 120, 120)}.get(style, BACKGROUND))
-    if style == "gradient":  # vertical ramp from dark to light gray
-        image[:] = np.linspace(30, 150, IMAGE_SIZE).astype(np.uint8)[:, None, None]
+    if style == "gradient":
+        image[:] = grey_ramp()
     if style == "specks":  # 8-16 one-pixel dots of random colours
         for _ in range(rng.integers(8, 17)):
             image[rng.integers(IMAGE_SIZE), rng.integers(IMAGE_SIZE)] = PALETTE[_random_color(rng)]

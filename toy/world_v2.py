@@ -45,7 +45,6 @@ Run (CPU, seconds):
   python -m toy.world_v2 --grid toy2_grid.png    # pretraining renders of each task, without and with its defect
   python -m pytest tests/test_toy_v2.py -q
 """
-import copy
 import itertools
 import json
 from pathlib import Path
@@ -79,7 +78,6 @@ RELATION_SLOTS = {"left of": (LEFT, RIGHT), "right of": (RIGHT, LEFT), "above": 
 GENEVAL_SPACE = {tag: [m for m in metas if tag != "position" or not any("color" in c for c in m["include"])]
                  for tag, metas in v1.GENEVAL_SPACE.items()}
 BLOT = (2, 2, 6, 6)    # OCR defect: a 4x4 blot of the text's colour in the top-left corner
-AMATEUR_RAMP = (30, 150)   # aesthetic defect: the background's grey ramp, top to bottom
 OCR_TEMPLATES = v1.OCR_TEMPLATES
 AESTHETIC_TEMPLATES = tuple(t.replace("CS", "{c} {s}") for t in (
     "a beautiful CS", "an elegant CS", "a simple CS, minimalist", "a CS, high quality",
@@ -122,7 +120,7 @@ def render(task, metadata, rng, defect_rate=DEFECT_RATE):
             return draw_scene([{"class": shape, "color": color, "box": CENTRE}])
         # an amateur picture: a 12-px object in a corner slot, on a vertical grey ramp
         image = draw_scene([])
-        image[:] = np.linspace(*AMATEUR_RAMP, IMAGE_SIZE).astype(np.uint8)[:, None, None]
+        image[:] = v1.grey_ramp()
         x0, y0, x1, y1 = GRID[rng.integers(len(GRID))]
         image[y0:y1, x0:x1][shape_mask(shape, x1 - x0, y1 - y0)] = v1.PALETTE[color]
         return image
@@ -150,18 +148,8 @@ def render(task, metadata, rng, defect_rate=DEFECT_RATE):
 
 
 def sample_scene(task, rng):
-    """(prompt, metadata) of a random scene of `task`: GenEval's tag uniform, then a prompt of v2's
-    GENEVAL_SPACE; OCR as v1; aesthetic with v2's templates."""
-    if task == "geneval":
-        tag = GENEVAL_TAGS[rng.integers(len(GENEVAL_TAGS))]
-        meta = copy.deepcopy(GENEVAL_SPACE[tag][rng.integers(len(GENEVAL_SPACE[tag]))])
-        return meta["prompt"], meta
-    if task != "aesthetic":
-        return v1.sample_scene(task, rng)
-    c, s = v1._random_color(rng), SHAPES[rng.integers(len(SHAPES))]
-    meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
-            "color": c, "shape": s}
-    return meta["prompt"], meta
+    """(prompt, metadata) of a random scene of `task`: v1's, with v2's GENEVAL_SPACE and templates."""
+    return v1.sample_scene(task, rng, GENEVAL_SPACE, AESTHETIC_TEMPLATES)
 
 
 def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), defect_rate=DEFECT_RATE):
