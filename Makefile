@@ -23,9 +23,9 @@ opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
 # The shipped teachers' commands (docs/stage1.md: the side-by-side they were chosen from)
-TEACHER_geneval := teacher_rl.py --model models/toy-sd3 --lr 1e-3 --steps 90 --eval_every 30 --save_every 30
-TEACHER_ocr := teacher_rl.py --model models/toy-sd3 --steps 210 --eval_every 30 --save_every 30
-TEACHER_aesthetic := nft.py --model models/toy-sd3 --steps 90 --eval_every 90 --save_every 30
+TEACHER_geneval := nft.py --model models/toy-sd3 --steps 40 --eval_every 40 --save_every 40
+TEACHER_ocr := teacher_rl.py --model models/toy-sd3 --ratio_norm --lr 1e-3 --steps 40 --eval_every 40 --save_every 40
+TEACHER_aesthetic := nft.py --model models/toy-sd3 --steps 40 --eval_every 40 --save_every 40
 
 teachers: .venv/done  ## Stage 1 on the toy world: the commands of the three shipped teachers, one after another, into ckpts/ (reproducibility: docs/stage1.md)
 	mkdir -p runs

@@ -7,10 +7,11 @@ Stages, in order; each skips the work already done, so an interrupted demo conti
                 training minutes come from their metrics.jsonl
   2. opd        DiffusionOPD from them: ODE (a = 0), closed form (opd.py's loop, run by
                 study/instruments.py to log the held-out distance)                        OUT/opd/
-  3. baselines  at OPD's compute (images x steps), each a documented command:
-                multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py --task mixed --ratio_norm),
-                multi-task NFT (nft.py --task mixed), cascade NFT (nft.py one task after another,
-                chained by --init_lora), SFT on teacher samples (study/instruments.py --baseline sft)
+  3. baselines  at OPD's compute (images x steps), each a documented command with its algorithm's
+                settings of the shipped teachers (Makefile TEACHER_*):
+                multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py --task mixed --ratio_norm
+                --lr 1e-3), multi-task NFT (nft.py --task mixed), cascade NFT (nft.py one task after
+                another, chained by --init_lora), SFT on teacher samples (study/instruments.py --baseline sft)
   4. fig6       OPD variants x seeds, the held-out distance to the teachers logged every round:
                 ODE closed form, SDE (a = 0.7) closed form, SDE PPO-style                 OUT/fig6/
   5. variance   the gradient-variance ratio PPO-style / closed form (study/instruments.py
@@ -297,14 +298,13 @@ def main(argv=None) -> dict:
     opd_run = distil(cfg, "opd", cfg.opd_rounds, cfg.opd_prompts)
     sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft")
     guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], "--task", "mixed",
-                   "--ratio_norm", "--clip_range", "2e-6", "--lr", "1e-3")
-    nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed", "--beta", "0.1",
-                    "--lr", "1e-3")
+                   "--ratio_norm", "--lr", "1e-3")
+    nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed")
     cascade = []
     for k, t in enumerate(TASKS, 1):
         init = ["--init_lora", str(cascade[-1] / "checkpoint")] if cascade else []
         cascade.append(stage1(cfg, "nft", f"cascade-{k}-{t}", runs[f"cascade-{k}-{t}"]["steps"], "--task", t,
-                              "--lr", "1e-3", *init))
+                              *init))
 
     # ---- 4. Fig. 6: ODE vs SDE (closed form), closed form vs PPO-style (a = 0.7), seeds, distance every round
     variants = {"ode": ["--noise_level", "0"], "sde": ["--noise_level", str(cfg.fig6_noise)],

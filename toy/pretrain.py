@@ -1,14 +1,16 @@
 """Pretrain the embedded tiny text-to-image base model on the toy world (toy/world.py), from scratch, on CPU.
 
-Builds an SD3-architecture pipeline (toy.pipeline.build_tiny_pipeline: SD3Transformer2DModel, AutoencoderKL,
-two CLIP text encoders and a T5 encoder, all tiny) and trains it in two phases:
+Builds an SD3-architecture pipeline (toy.pipeline.build_tiny_pipeline: SD3Transformer2DModel with
+SD3.5-Medium's dual-attention blocks and RMS qk-norm (--sd35, the default), AutoencoderKL, two CLIP
+text encoders and a T5 encoder, all tiny) and trains it in two phases:
   A. the VAE (32x32 RGB -> 16x16x8 latents) on toy renders: L1 + a small KL term;
   B. the transformer and the text encoders jointly with the rectified-flow loss of paper section 2,
          x_t = (1 - t) x_0 + t eps,   L = E || v_theta(x_t, t, c) - (eps - x_0) ||^2,
      t ~ logit-normal(0, 1) as in SD3, with 10% caption dropout to "" so that CFG works.
 The result is a diffusers StableDiffusion3Pipeline folder (safetensors) that model.FlowModel.load
-reads exactly like stabilityai/stable-diffusion-3.5-medium. Held-out test prompts of every toy task
-are never used for pretraining.
+reads exactly like stabilityai/stable-diffusion-3.5-medium, with toy/recipe.json (the training
+scripts' toy-scale values) copied in. Held-out test prompts of every toy task are never used for
+pretraining.
 
 Batches mix the toy tasks in the integer shares of `--task_weights` (default geneval 3 : ocr 4 :
 aesthetic 2; OCR is the slowest to learn). `--init FOLDER` starts phase B from an existing pipeline folder instead (its
@@ -25,12 +27,12 @@ Run (CPU; the measured time is in docs/toy-world.md; it checkpoints and `--resum
     python -m toy.pretrain --out models/toy-sd3
     python -m toy.pretrain --out /tmp/toy --vae_steps 50 --steps 50     # smoke test
     python -m toy.pretrain --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
-    python -m toy.pretrain --world toy.world_v2 --vae models/toy-sd3 --out runs/toy2-sd3   # world v2
+    python -m toy.pretrain --vae models/toy-sd3 --out runs/toy-sd3   # the shipped base's command: its VAE
+                                                                      # (phase A of an earlier world) kept
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import shutil
 import sys
@@ -48,6 +50,8 @@ from jsonfiles import read_jsonl
 from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
+RECIPE = Path(__file__).with_name("recipe.json")  # the training scripts' toy-scale values (harness.apply_recipe)
+
 
 @dataclass
 class PretrainConfig:
@@ -57,7 +61,7 @@ class PretrainConfig:
     vae_steps: int = 800           # phase A
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6           # weight of the VAE's KL term
-    steps: int = 3200              # phase B
+    steps: int = 4500              # phase B
     batch: int = 64
     lr: float = 2e-3               # at 6e-4 no glyph was learned (docs/toy-world.md)
     warmup: int = 200
@@ -70,9 +74,8 @@ class PretrainConfig:
     latent_channels: int = 8
     save_every: int = 500
     task_weights: str = "geneval=3,ocr=4,aesthetic=2"   # integer shares of the toy tasks in each batch
-    world: str = "toy.world"       # the world's module: toy.world, or its candidate toy.world_v2
-    defect_rate: float = -1.0      # toy.world_v2: share of defective GenEval/OCR renders (-1: its own)
-    sd35: bool = False             # SD3.5-M's blocks: dual attention in the first half, RMS qk-norm
+    defect_rate: float = -1.0      # share of each task's renders drawn with its defect (-1: world.DEFECT_RATE)
+    sd35: bool = True              # SD3.5-M's blocks: dual attention in the first half, RMS qk-norm
     init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
     vae: str = ""                  # take this pipeline folder's VAE (phase A skipped), train the rest anew
     resume: bool = False
@@ -145,12 +148,9 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out.with_name(out.name + ".ckpt")  # training state, outside the shipped model folder
-    try:
-        world = importlib.import_module(cfg.world)
-    except ImportError as e:
-        raise SystemExit(f"error: --world {cfg.world}: {e}") from None
-    if cfg.defect_rate >= 0 and not hasattr(world, "DEFECT_RATE"):
-        raise SystemExit(f"error: --defect_rate: the world {cfg.world} plants no defects")
+    world = default_world
+    if not -1 <= cfg.defect_rate <= 1:
+        raise SystemExit(f"error: --defect_rate {cfg.defect_rate}: a share in [0, 1] (or -1: the world's own)")
     exclude = world.held_out_prompts()
     dual = tuple(range(cfg.layers // 2)) if cfg.sd35 else ()  # SD3.5-M: layers 0-12 of 24
     tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
@@ -273,6 +273,7 @@ def main(argv=None):
     command = "python -m toy.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
     (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
     shutil.copy(metrics, tmp / "pretrain_metrics.jsonl")  # loss and seconds of every flow step
+    shutil.copy(RECIPE, tmp / RECIPE.name)  # the toy world's recipe travels with its base
     publish_dir(tmp, out)
     print(f"saved {out}")
 

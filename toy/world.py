@@ -1,32 +1,49 @@
 """Toy text-to-image world: a 32x32 scene generator and three pixel-reading rewards that mirror the
 paper's three tasks (section 10): GenEval composition, OCR text rendering and aesthetics.
 
-A tiny SD3-style model is pretrained on `sample_batch` renders, GRPO teachers are trained per task
-with `geneval_reward`, `ocr_reward`, `aesthetic_reward` (registered elsewhere as toy_geneval,
+A tiny SD3.5-style model is pretrained on `sample_batch` renders (toy/pretrain.py), one teacher per
+task is trained with `geneval_reward`, `ocr_reward`, `aesthetic_reward` (registered as toy_geneval,
 toy_ocr, toy_aesthetic), and the student is distilled from them. Every reward reads pixels only.
 
 World: 6 palette colours (PALETTE, GenEval colour names) and 3 filled shapes (circle, square,
 triangle with its apex up) on a black background; text in a hand-made 5x7 font of 10 digits and
-10 letters (FONT). Prompt files in data/toy/<task>/ (`write_datasets`; read with data.load_prompts):
-  geneval   "a photo of two circles", "a photo of a red circle left of a blue square", with
-            GenEval metadata {"tag", "include": [{"class", "count", "color"?, "position"?}],
-            "exclude"?, "prompt"}, for the six tags of GenEval.
+10 letters (FONT). Prompt files in data/toy/<task>/ (`write_datasets`; read with data.load_prompts),
+each task's templates unmistakably its own:
+  geneval   "a photo of two circles", "a photo of a circle left of a square", with GenEval metadata
+            {"tag", "include": [{"class", "count", "color"?, "position"?}], "exclude"?, "prompt"},
+            for the six tags of GenEval.
   ocr       'a sign that says "A3"'; metadata {"prompt", "text", "color"?}.
-  aesthetic "a beautiful blue triangle"; metadata {"prompt", "color", "shape"}.
+  aesthetic "a beautiful blue triangle" (never "a photo of"); metadata {"prompt", "color", "shape"}.
 
-Headroom: the aesthetic judge prefers one large centred object of the named colour and shape with
-strong contrast on a clean, flat background. The pretraining renders of aesthetic prompts
-(`render`) vary the object's size (6-20 px) and position and draw one of five backgrounds (black,
-dark gray, gray, a gradient, black with coloured specks), so the pretraining data themselves score
-~0.46 and RL has room to move; `render_ideal_aesthetic` draws what the judge likes (~1.0) and is
-used only to test the judge. GenEval and OCR renders are exact, so their headroom comes from the
-tiny model's errors (the GenEval test file takes the six tags in turn, and the OCR test strings are
-absent from the teachers' training prompts). The judge conflicts with GenEval by design: it scores at most 1/2 when there
-are two equal objects and wants one object whose box spans >= 0.6 of the frame at the centre, so
-ground-truth GenEval scenes of 2-4 objects score ~0.15-0.25, while one big centred object fails
-two_object/counting/position prompts.
+Headroom: every task has the same structure. The base reliably learns the content skill, and the
+headroom is a removable, prompt-independent defect drawn in DEFECT_RATE of the pretraining renders
+(`render`), which only that task's reward penalises (docs/toy-world.md, "World v2"):
+  geneval   layouts are a function of the prompt (the first-named object on the left or where the
+            relation puts it, n objects of a count in fixed slots, one object in the centre box).
+            Defect: every object cracked by a CRACK-px vertical gap; the detector accepts neither
+            half, so GenEval's strict rule fails.
+  ocr       two glyphs at one central place; each glyph has a slot-bound T5 token (T5_PIECES: '"A'
+            is "A in the first slot", 'A"' is "A in the second slot"), so a test string is a new
+            pair of seen tokens. Defect: a 4x4 blot of the text's ink in the top-left corner (BLOT);
+            the glyphs are intact, but the reader's crop is the ink's extent, so it reads other glyphs.
+  aesthetic the crisp 16-px centred object of GenEval's single object, judged by a preference for
+            one large, centred, clean, contrasting object times a strict prompt term (a wrong shape
+            or colour scores 0, so no teacher can trade shape for size). Defect: an amateur picture,
+            a 12-px object in a corner slot on a grey ramp. `render_ideal_aesthetic` draws what the
+            judge likes most (~1.0) and only tests the judge.
+The tasks conflict over layout, as in the paper: the judge scores at most 1/2 when there are two
+equal objects, so ground-truth GenEval scenes of 2-4 objects score low, while its favourite (one big
+centred object) fails the two_object, counting and position prompts. One model can still satisfy
+all three, because each task's prompts are its own.
 
-Departures from the paper's rewards (section 10), each because the toy world has no real detector:
+Splits: every T5 token of every test prompt occurs in a training prompt (tests/test_toy.py).
+GenEval's small tags (fewer than SMALL_TAG prompts: single object, two objects, counting, colours,
+position) are held out by seed, as GenEval samples 4 images a prompt: their test lines are training
+prompts evaluated from unseen noise; colour attribution holds out 32 prompts. OCR holds out 80 of
+the 400 strings, aesthetic 60 of its 216 prompts. Pretraining never sees a held-out prompt.
+
+Departures from the paper's tasks (section 10), each because the toy world has no real detector,
+reader or preference model, or a CPU-sized model:
  1. Detector: pixels go to the nearest of {background, palette colours} (background = median colour
     of the image border); each 4-connected region of one colour of >= MIN_AREA pixels is classed as
     the ideal circle/square/triangle (drawn in the region's box) of highest IoU with its mask, with
@@ -36,25 +53,30 @@ Departures from the paper's rewards (section 10), each because the toy world has
  2. The GenEval rules are rules.geneval_score (Flow-GRPO's partial credit as `scores`, GenEval's
     strict accuracy as info["strict"]), with the partial credit clamped at 0 (Flow-GRPO's can be
     negative).
- 3. Counting prompts use counts 1-4 (GenEval: 2-4), and position prompts may name colours (GenEval's
-    do not), so that a world of 3 classes still has enough distinct prompts to split.
+ 3. Counting prompts use counts 1-4 (GenEval: 2-4), so that a world of 3 classes has enough prompts.
  4. OCR: a template-matching reader for the toy font (`read_text`) instead of PaddleOCR; the reward
     rule is Flow-GRPO's (rules.ocr_score). The strings are exactly two glyphs of 10x14 px (font
-    scale 2), always drawn at the same central place (OCR_JITTER = 0). A 4-layer model
-    pretrained on CPU (docs/toy-world.md) renders them legibly; with 3-4 glyphs of 5x7 px anywhere in the
-    frame it drew stroke soup, and with the text jittered by 1 px it drew crisp glyphs that ignored
-    the prompt (docs/toy-world.md). Flow-GRPO's OCR strings are longer and placed freely.
- 5. Aesthetic: a hand-written preference (`aesthetic_reward`) times a prompt-alignment factor, in
-    place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
- 6. GenEval layouts are fixed slots, not free placement: one object fills the centre box SINGLE_BOX
-    (16 px), 2-4 objects take random slots of a 2x2 grid of 12-px boxes (GRID_SLOTS). With free
-    positions and sizes the 4-layer model drew blobs that the detector could not class (the same
-    lesson as the OCR text's fixed place); GenEval's relations only compare centres, so slots suffice.
+    scale 2), always drawn at the same central place: a 4-layer model pretrained on CPU renders
+    them legibly, while with 3-4 glyphs of 5x7 px anywhere in the frame it drew stroke soup
+    (docs/toy-world.md). Flow-GRPO's OCR strings are longer and placed freely.
+ 5. Aesthetic: a hand-written preference (`aesthetic_terms`) times a strict prompt-alignment
+    indicator, in place of the PickScore + CLIPScore + HPSv2.1 mix of the paper's aesthetic teacher.
+ 6. GenEval layouts are fixed slots chosen by the prompt, not free placement: with free positions
+    and sizes the 4-layer model drew blobs the detector could not class. GenEval's relations only
+    compare centres, so any layout that satisfies the relation counts.
+ 7. The headroom of every task is a defect planted in the pretraining renders (cracked shapes, a
+    blot beside the text, an amateur picture), not a missing skill: on the real SD3.5-M the GenEval
+    teacher learns counting and binding the base lacks. A planted defect makes each teacher's gain
+    large, reliable across seeds and independent of the prompt, which a CPU-sized model does not
+    get from learning a skill. The OCR blot spoils the reading only because the template reader
+    crops the ink's extent; a real OCR model would often read past it. The defects are drawn
+    independently per render, yet the base couples them across tasks (a teacher of one task also
+    removes other tasks' defects: docs/toy-world.md), which the paper's tasks need not do.
 
 Run (CPU, seconds):
   python -m toy.world --write-datasets        # regenerate data/toy/<task>/ (prompts, metadata, task.json)
   python -m study.mixed --tasks data/toy/geneval data/toy/ocr data/toy/aesthetic --out data/toy/mixed
-  python -m toy.world --grid toy_grid.png    # PNG grid of ground-truth renders with captions
+  python -m toy.world --grid toy_grid.png    # pretraining renders of each task, without and with its defect
   python -m toy.world --colour-check models/toy-sd3   # which colour the base draws per colour word
   python -m pytest tests/test_toy.py -q
 """
@@ -84,16 +106,21 @@ SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MIN_AREA = 10          # px; smaller same-colour regions are specks, not objects
 MIN_CONFIDENCE = 0.5   # detection threshold on (IoU with the best ideal shape) x (box aspect ratio)
-RENDER_POSITION_MARGIN = 0.2  # renders satisfy relations at twice GenEval's 0.1 margin (robust to blur)
 OCR_LENGTH = 2         # characters per OCR string: two 10x14-px glyphs (font scale 2) fill the 32-px frame
 OCR_SCALE = 2
-T5_PIECES = ()         # extra T5 tokenizer pieces (toy.pipeline.make_t5_tokenizer): none
-OCR_JITTER = 0         # px of random shift of the centred OCR text (see the docstring, departure 4)
-# GenEval scenes are laid out on fixed slots (docstring, departure 6): one object in the centre
-# box, 2-4 objects in the 12-px boxes of a 2x2 grid (4 px apart)
-SINGLE_BOX = (8, 8, 24, 24)
-SLOT_SIZE = 12
-GRID_SLOTS = ((2, 2), (18, 2), (2, 18), (18, 18))   # (x0, y0) of the top-left, top-right, bottom-left, bottom-right
+DEFECT_RATE = 0.5      # share of each task's pretraining renders drawn with its defect (docstring)
+CRACK = 2              # px: the gap of a defective GenEval object
+BLOT = (2, 2, 6, 6)    # OCR defect: a 4x4 blot of the text's colour in the top-left corner
+SMALL_TAG = 64         # GenEval tags with fewer prompts than this are held out by seed, not by prompt
+# GenEval slots (x0, y0, x1, y1), end exclusive: one object in the 16-px centre box, pairs side by
+# side or one above the other in 12-px boxes 4 px apart, counts in fixed slots (departure 6)
+CENTRE = (8, 8, 24, 24)
+LEFT, RIGHT, TOP, BOTTOM = (2, 10, 14, 22), (18, 10, 30, 22), (10, 2, 22, 14), (10, 18, 22, 30)
+GRID = ((2, 2, 14, 14), (18, 2, 30, 14), (2, 18, 14, 30), (18, 18, 30, 30))
+COUNT_SLOTS = {1: (CENTRE,), 2: (LEFT, RIGHT), 3: (GRID[0], GRID[1], BOTTOM), 4: GRID}
+# "A rel B" -> (A's box, B's box)
+RELATION_SLOTS = {"left of": (LEFT, RIGHT), "right of": (RIGHT, LEFT), "above": (TOP, BOTTOM),
+                  "below": (BOTTOM, TOP)}
 
 FONT_ROWS = {  # 5x7 glyphs; each touches columns 0 and 4 and rows 0 and 6, so ink extent = cell grid
     "0": ".###. #...# #..## #.#.# ##..# #...# .###.", "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. #####",
@@ -113,10 +140,11 @@ OCR_TEMPLATES = ('a sign that says "{t}"', 'a poster with the text "{t}"', 'a la
                  'a license plate that says "{t}"', 'the code "{t}" on a screen', 'the text "{t}" in {c} letters',
                  'a {c} neon sign that reads "{t}"')
 AESTHETIC_TEMPLATES = tuple(t.replace("CS", "{c} {s}") for t in (
-    "a CS", "a beautiful CS", "an elegant CS", "a simple CS", "a picture of a CS", "a drawing of a CS",
-    "a CS, minimalist", "a CS, high quality", "a CS, award winning", "a CS, clean design", "a stunning CS",
-    "a lovely CS", "a pretty CS", "a CS icon", "a CS logo", "an artwork of a CS", "a painting of a CS",
-    "a CS, trending on artstation", "a CS, 4k wallpaper", "a professional photo of a CS"))
+    "a beautiful CS", "an elegant CS", "a simple CS, minimalist", "a CS, high quality",
+    "a CS, award winning", "a CS, clean design", "a stunning CS", "a lovely CS", "a CS icon",
+    "a CS logo", "an artwork of a CS", "a CS, 4k wallpaper"))
+# slot-bound T5 pieces of the OCR text: '"A' (after a space: the first glyph) and 'A"' (the second)
+T5_PIECES = tuple("\u2581\"" + c for c in CHARSET) + tuple(c + "\"" for c in CHARSET)
 
 
 # ---------------------------------------------------------------- drawing
@@ -180,16 +208,15 @@ def geneval_space():
     for a, b in itertools.permutations(SHAPES, 2):
         space["two_object"].append({"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
                                     "prompt": f"a photo of {_phrase(a)} and {_phrase(b)}"})
-        for ca, cb in [(None, None)] + list(itertools.product(COLORS, COLORS)):
-            target, mover = {"class": b, "count": 1}, {"class": a, "count": 1}
-            if ca:
-                target["color"], mover["color"] = cb, ca
-            for rel in RELATIONS:  # "A rel B": GenEval lists the target B first, A refers to it by index
-                space["position"].append({"tag": "position", "include": [dict(target), dict(mover, position=[rel, 0])],
-                                          "prompt": f"a photo of {_phrase(a, ca)} {rel} {_phrase(b, cb)}"})
-            if ca:
-                space["color_attr"].append({"tag": "color_attr", "include": [dict(mover), dict(target)],
-                                            "prompt": f"a photo of {_phrase(a, ca)} and {_phrase(b, cb)}"})
+        # position prompts name no colour, as GenEval's own ("a photo of a dog right of a teddy bear")
+        for rel in RELATIONS:  # "A rel B": GenEval lists the target B first, A refers to it by index
+            space["position"].append({"tag": "position", "include": [{"class": b, "count": 1},
+                                                                     {"class": a, "count": 1, "position": [rel, 0]}],
+                                      "prompt": f"a photo of {_phrase(a)} {rel} {_phrase(b)}"})
+        for ca, cb in itertools.product(COLORS, COLORS):
+            space["color_attr"].append({"tag": "color_attr", "include": [{"class": a, "count": 1, "color": ca},
+                                                                         {"class": b, "count": 1, "color": cb}],
+                                        "prompt": f"a photo of {_phrase(a, ca)} and {_phrase(b, cb)}"})
     return space
 
 
@@ -211,20 +238,18 @@ def ocr_metadata(text, rng):
     return dict(meta, color=color) if "{c}" in template else meta
 
 
-def sample_scene(task, rng, space=None, aesthetic_templates=AESTHETIC_TEMPLATES):
-    """(prompt, metadata) of a random scene of `task` (geneval: tag uniform, then prompt uniform from
-    `space`, default GENEVAL_SPACE); a world built on this one passes its own space and templates."""
+def sample_scene(task, rng):
+    """(prompt, metadata) of a random scene of `task` (geneval: tag uniform, then prompt uniform)."""
     if task == "geneval":
-        space = space or GENEVAL_SPACE
         tag = GENEVAL_TAGS[rng.integers(len(GENEVAL_TAGS))]
-        meta = copy.deepcopy(space[tag][rng.integers(len(space[tag]))])
+        meta = copy.deepcopy(GENEVAL_SPACE[tag][rng.integers(len(GENEVAL_SPACE[tag]))])
     elif task == "ocr":
         meta = ocr_metadata(_random_text(rng), rng)
     else:
         if task != "aesthetic":
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         c, s = _random_color(rng), SHAPES[rng.integers(len(SHAPES))]
-        meta = {"prompt": aesthetic_templates[rng.integers(len(aesthetic_templates))].format(c=c, s=s),
+        meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
                 "color": c, "shape": s}
     return meta["prompt"], meta
 
@@ -234,44 +259,61 @@ def grey_ramp():
     return np.linspace(30, 150, IMAGE_SIZE).astype(np.uint8)[:, None, None]
 
 
-def render(task, metadata, rng):
-    """uint8 (32, 32, 3) ground-truth image satisfying `metadata` (the pretraining distribution)."""
-    if task == "geneval":
-        # the true objects, as detections (score 1) that rules.geneval_score can check
-        objects = [{"class": clause["class"], "color": clause.get("color") or _random_color(rng), "score": 1.0}
-                   for clause in metadata["include"] for _ in range(clause["count"])]
-        if not (1 <= len(objects) <= len(GRID_SLOTS)):
-            raise ValueError(f"{metadata['prompt']!r}: 1-{len(GRID_SLOTS)} objects")
-        for _ in range(500):  # random slots until GenEval's own rule, on the true objects, accepts them
-            slots = rng.permutation(len(GRID_SLOTS))[:len(objects)]
-            boxes = [SINGLE_BOX] if len(objects) == 1 else \
-                [(x, y, x + SLOT_SIZE, y + SLOT_SIZE) for x, y in (GRID_SLOTS[k] for k in slots)]
-            truth = [dict(obj, box=box) for obj, box in zip(objects, boxes)]
-            if geneval_score(truth, metadata, threshold=0.0, counting_threshold=0.0,
-                             position_margin=RENDER_POSITION_MARGIN)[1]:
-                return draw_scene(truth)
-        raise AssertionError(f"no layout of {metadata['prompt']!r} satisfies its metadata in 500 tries")
+def crack(mask):
+    """`mask` with a CRACK-px vertical gap through its middle: each half's box is at most half as
+    wide as tall, so the detector (confidence = shape IoU x box aspect ratio < 0.5) accepts neither."""
+    cracked = mask.copy()
+    middle = mask.shape[1] // 2
+    cracked[:, middle - CRACK // 2:middle - CRACK // 2 + CRACK] = False
+    return cracked
+
+
+def geneval_layout(metadata):
+    """Boxes of the objects of `metadata`, in the order of its include clauses expanded by count."""
+    include = metadata["include"]
+    if metadata["tag"] == "position":  # include = [target B, mover A with position [rel, 0]]
+        box_a, box_b = RELATION_SLOTS[include[1]["position"][0]]
+        return [box_b, box_a]
+    n = sum(clause["count"] for clause in include)
+    if n not in COUNT_SLOTS:
+        raise ValueError(f"{metadata['prompt']!r}: 1-{max(COUNT_SLOTS)} objects")
+    return list(COUNT_SLOTS[n])
+
+
+def render(task, metadata, rng, defect_rate=DEFECT_RATE):
+    """uint8 (32, 32, 3) pretraining render of `metadata`, with the task's defect in `defect_rate`
+    of the renders (module docstring)."""
+    defective = rng.random() < defect_rate
+    if task == "aesthetic":
+        color, shape = metadata["color"], metadata["shape"]
+        if not defective:  # the crisp 16-px object of GenEval's single object, centred, on black
+            return draw_scene([{"class": shape, "color": color, "box": CENTRE}])
+        # an amateur picture: a 12-px object in a corner slot, on a vertical grey ramp
+        image = draw_scene([])
+        image[:] = grey_ramp()
+        x0, y0, x1, y1 = GRID[rng.integers(len(GRID))]
+        image[y0:y1, x0:x1][shape_mask(shape, x1 - x0, y1 - y0)] = PALETTE[color]
+        return image
     if task == "ocr":
         text = metadata["text"]
         if not (len(text) == OCR_LENGTH and set(text) <= set(CHARSET)):
             raise ValueError(f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}")
         width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
-        # centred, then shifted by up to OCR_JITTER px each way
-        x0, y0 = ((IMAGE_SIZE - width) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1),
-                  (IMAGE_SIZE - height) // 2 + rng.integers(-OCR_JITTER, OCR_JITTER + 1))
-        return draw_text(draw_scene([]), text, metadata.get("color") or _random_color(rng), x0, y0, OCR_SCALE)
-    if task != "aesthetic":
+        x0, y0 = (IMAGE_SIZE - width) // 2, (IMAGE_SIZE - height) // 2
+        color = metadata.get("color") or _random_color(rng)
+        image = draw_text(draw_scene([]), text, color, x0, y0, OCR_SCALE)
+        if defective:  # a blot of the text's ink in the corner: the glyphs themselves stay intact
+            bx0, by0, bx1, by1 = BLOT
+            image[by0:by1, bx0:bx1] = PALETTE[color]
+        return image
+    if task != "geneval":
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    size = int(rng.integers(6, 21))
-    x0, y0 = (int(v) for v in rng.integers(1, IMAGE_SIZE - size, size=2))  # 1 px clear of the border
-    style = ("black", "dark", "gray", "gradient", "specks")[rng.integers(5)]
-    image = draw_scene([], background={"dark": (70, 70, 70), "gray": (120, 120, 120)}.get(style, BACKGROUND))
-    if style == "gradient":
-        image[:] = grey_ramp()
-    if style == "specks":  # 8-16 one-pixel dots of random colours
-        for _ in range(rng.integers(8, 17)):
-            image[rng.integers(IMAGE_SIZE), rng.integers(IMAGE_SIZE)] = PALETTE[_random_color(rng)]
-    image[y0:y0 + size, x0:x0 + size][shape_mask(metadata["shape"], size, size)] = PALETTE[metadata["color"]]
+    objects = [(clause["class"], clause.get("color") or _random_color(rng))
+               for clause in metadata["include"] for _ in range(clause["count"])]
+    image = draw_scene([])
+    for (shape, color), (x0, y0, x1, y1) in zip(objects, geneval_layout(metadata)):
+        mask = shape_mask(shape, x1 - x0, y1 - y0)
+        image[y0:y1, x0:x1][crack(mask) if defective else mask] = PALETTE[color]
     return image
 
 
@@ -284,19 +326,19 @@ def render_ideal_aesthetic(metadata, rng):
                         "box": (int(x0), int(y0), int(x0) + size, int(y0) + size)}])
 
 
-def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), scene_fn=sample_scene, render_fn=render):
-    """Pretraining batch: (images (n, 3, 32, 32) float in [0, 1], prompts, metadatas), tasks uniform,
-    never a prompt in `exclude_prompts` (pass the test prompts); a world built on this one passes its
-    own `scene_fn(task, rng)` and `render_fn(task, metadata, rng)`."""
+def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), defect_rate=DEFECT_RATE):
+    """Pretraining batch: (images (n, 3, 32, 32) float in [0, 1], prompts, metadatas), tasks uniform
+    from `tasks`, never a prompt in `exclude_prompts` (pass the held-out prompts), each task's defect
+    in `defect_rate` of the renders."""
     images, prompts, metadatas = [], [], []
     for _ in range(n):
         task = tasks[rng.integers(len(tasks))]
         for _ in range(1000):
-            prompt, meta = scene_fn(task, rng)
+            prompt, meta = sample_scene(task, rng)
             if prompt not in exclude_prompts:
                 break
         assert prompt not in exclude_prompts, f"task {task!r}: 1000 samples all in exclude_prompts"
-        images.append(render_fn(task, meta, rng))
+        images.append(render(task, meta, rng, defect_rate))
         prompts.append(prompt)
         metadatas.append(meta)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, prompts, metadatas
@@ -442,12 +484,17 @@ def read_text(image):
 
 def ocr_reward(images, prompts, metadata):
     """scores = rules.ocr_score (Flow-GRPO: 1 - capped edit distance / length, substring -> 1) of
-    read_text against the prompt's quoted text (B,); info["exact"] = recognised == target (B,)."""
+    read_text against the prompt's quoted text (B,); info (B,) each: "exact" = recognised == target,
+    "char_accuracy" = share of the target's glyphs read right in their own slot, "copies" = 1 where
+    the second glyph is read as the first although the target's differ."""
     _check_batch(images, prompts, metadata)
     targets, read = [quoted_target(p) for p in prompts], [read_text(img) for img in images]
     scores = [ocr_score(r, t) for t, r in zip(targets, read)]
-    exact = [t.lower().replace(" ", "") == r.lower() for t, r in zip(targets, read)]
-    return torch.tensor(scores, dtype=torch.float32), {"exact": torch.tensor(exact, dtype=torch.float32)}
+    info = {"exact": [t.lower().replace(" ", "") == r.lower() for t, r in zip(targets, read)],
+            "char_accuracy": [sum(a == b for a, b in zip(r, t)) / len(t) for r, t in zip(read, targets)],
+            "copies": [len(r) >= 2 and r[1] == r[0] and t[1] != t[0] for r, t in zip(read, targets)]}
+    return (torch.tensor(scores, dtype=torch.float32),
+            {k: torch.tensor(v, dtype=torch.float32) for k, v in info.items()})
 
 
 def _named(prompt, vocabulary):
@@ -489,17 +536,18 @@ def aesthetic_terms(image, prompt):
     in_box = labels[y0:y1, x0:x1] == COLORS.index(main["color"]) + 1
     object_rgb = hwc[y0:y1, x0:x1][in_box].mean(0)
     contrast = min(float(np.linalg.norm(object_rgb - background)) / 0.75, 1.0)
-    # align = (1 + attributes matched) / (1 + attributes the prompt names)
+    # align = 1 if the main object has every colour and shape the prompt names, else 0 (strict: a
+    # wrong shape cannot be traded for size)
     wanted = [(_named(prompt, COLORS), main["color"]), (_named(prompt, SHAPES), main["class"])]
-    wanted = [(w, got) for w, got in wanted if w]
-    align = (1 + sum(w == got for w, got in wanted)) / (1 + len(wanted))
+    align = float(all(w == got for w, got in wanted if w))
     # score = align * single * (0.7 size * centre + 0.15 clean + 0.15 contrast)
     score = align * single * (0.7 * size * centre + 0.15 * clean + 0.15 * contrast)
     return dict(zip(AESTHETIC_TERMS, map(float, (score, single, size, centre, clean, contrast, align))))
 
 
 def aesthetic_reward(images, prompts, metadata):
-    """scores = toy aesthetic preference (B,); info = its other terms, (B,) each (departure 5)."""
+    """scores = the toy aesthetic preference, align * single * (0.7 size * centre + 0.15 clean + 0.15
+    contrast) (B,); info = its other terms, (B,) each (aesthetic_terms; departure 5)."""
     _check_batch(images, prompts, metadata)
     terms = [aesthetic_terms(img, prompt) for img, prompt in zip(images, prompts)]
     info = {k: torch.tensor([t[k] for t in terms], dtype=torch.float32) for k in AESTHETIC_TERMS}
@@ -508,67 +556,68 @@ def aesthetic_reward(images, prompts, metadata):
 
 # ---------------------------------------------------------------- dataset files
 
-def _split_prompts(metadatas, n_test, n_train):
-    assert len(metadatas) >= n_test + n_train, f"only {len(metadatas)} prompts for {n_test} test + {n_train} train"
-    return metadatas[:n_test], metadatas[n_test:n_test + n_train]
+def geneval_split(rng):
+    """{tag: (test metadatas, train metadatas)}: small tags (< SMALL_TAG prompts) test on their
+    training prompts (held out by seed), the others hold out 32 prompts."""
+    split = {}
+    for tag in GENEVAL_TAGS:
+        metas = [GENEVAL_SPACE[tag][i] for i in rng.permutation(len(GENEVAL_SPACE[tag]))]
+        split[tag] = (metas, metas) if len(metas) < SMALL_TAG else (metas[:32], metas[32:])
+    return split
 
 
 def write_datasets(root=DATA, seed=0):
-    """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl; returns
-    {task: (n_train, n_test)}: geneval (per tag a third, at most 32 prompts, to test; the test file
-    interleaves the tags, 32 lines each, repeating prompts of the smaller tags), ocr 320/80 (distinct
-    strings), aesthetic 300/60 (of 20 templates x 6 colours x 3 shapes); plus task.json (data.py:
-    reward, teacher guidance of paper section 7, evaluation key)."""
+    """<root>/<task>/{train,test}.txt (one prompt per line) + {train,test}_metadata.jsonl + task.json
+    (data.py: reward, teacher guidance of paper section 7, evaluation key); returns {task: (n_train,
+    n_test)}. GenEval: 32 test and 64 training lines per tag, the tags in turn, a tag's prompts cycled
+    where it has fewer (so every prefix of either file is balanced across tags); OCR 320/80 distinct
+    strings; aesthetic 156/60 of 12 templates x 6 colours x 3 shapes."""
     rng = np.random.default_rng(seed)
-    splits, tests = {"geneval": ([], [])}, {}
-    for tag in GENEVAL_TAGS:  # per tag: a third (at most 32) to test, the rest (at most 300) to train
-        metas = [GENEVAL_SPACE[tag][i] for i in rng.permutation(len(GENEVAL_SPACE[tag]))]
-        n_test = min(32, len(metas) // 3)
-        tests[tag], train = _split_prompts(metas, n_test, min(300, len(metas) - n_test))
-        splits["geneval"][1].extend(train)
-    # test file: the tags in turn, each tag's prompts cycled up to the largest tag's count, so every
-    # prefix (the first --prompts lines) is balanced across tags and a small tag (1 single-object
-    # prompt) is sampled with several seeds, as GenEval samples 4 images per prompt
-    most = max(len(t) for t in tests.values())
-    splits["geneval"][0].extend(tests[tag][k % len(tests[tag])] for k in range(most) for tag in GENEVAL_TAGS)
+    split = geneval_split(rng)
+    cycled = {name: [split[tag][k][i % len(split[tag][k])] for i in range(n) for tag in GENEVAL_TAGS]
+              for name, k, n in (("test", 0, 32), ("train", 1, 64))}
+    splits = {"geneval": (cycled["test"], cycled["train"])}
     texts = []  # OCR: distinct texts, so test strings are never seen in training
     while len(texts) < 80 + 320:  # all 400 two-character strings
         text = _random_text(rng)
         texts += [text] if text not in texts else []
-    splits["ocr"] = _split_prompts([ocr_metadata(t, rng) for t in texts], 80, 320)
+    metas = [ocr_metadata(t, rng) for t in texts]
+    splits["ocr"] = (metas[:80], metas[80:])
     aesthetic = [{"prompt": t.format(c=c, s=s), "color": c, "shape": s}
                  for t, c, s in itertools.product(AESTHETIC_TEMPLATES, COLORS, SHAPES)]
-    splits["aesthetic"] = _split_prompts([aesthetic[i] for i in rng.permutation(len(aesthetic))], 60, 300)
+    aesthetic = [aesthetic[i] for i in rng.permutation(len(aesthetic))]
+    splits["aesthetic"] = (aesthetic[:60], aesthetic[60:])
     task_specs = {"geneval": {"reward": "toy_geneval=1", "guidance": 4.5, "eval_key": "strict"},
-                  "ocr": {"reward": "toy_ocr=1", "guidance": 4.5}, "aesthetic": {"reward": "toy_aesthetic=1", "guidance": 4.5}}
-    for spec in task_specs.values():
-        spec["reward_module"] = "toy.world"  # data.load_task imports this module, which registers toy_*
+                  "ocr": {"reward": "toy_ocr=1", "guidance": 4.5},
+                  "aesthetic": {"reward": "toy_aesthetic=1", "guidance": 4.5}}
     for task, (test, train) in splits.items():
-        overlap = {m["prompt"] for m in test} & {m["prompt"] for m in train}
-        assert not overlap, f"{task}: train and test share prompts {sorted(overlap)[:3]}"
         folder = Path(root) / task
         folder.mkdir(parents=True, exist_ok=True)
-        for split, metas in (("test", test), ("train", train)):
-            (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
-            (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
-        (folder / "task.json").write_text(json.dumps(task_specs[task], indent=1) + "\n")
+        for name, metas in (("test", test), ("train", train)):
+            (folder / f"{name}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
+            (folder / f"{name}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+        spec = dict(task_specs[task], reward_module="toy.world")  # data.load_task registers toy_*
+        (folder / "task.json").write_text(json.dumps(spec, indent=1) + "\n")
     return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
 
 
 def held_out_prompts(root=DATA):
-    """Every test prompt: never shown in pretraining."""
+    """Test prompts that no training prompt repeats: never shown in pretraining."""
     from data import load_prompts
-    return {p for task in TASKS for p in load_prompts(f"{root}/{task}", "test")[0]}
+    held = set()
+    for task in TASKS:
+        test, train = (set(load_prompts(f"{root}/{task}", split)[0]) for split in ("test", "train"))
+        held |= test - train
+    return held
 
 
 def write_grid(path, per_row=8, seed=0):
-    """PNG of ground-truth renders, 4x upscaled with captions: geneval, ocr, aesthetic (pretraining
-    renders), aesthetic (ideal renders) rows."""
+    """PNG of pretraining renders, 4x upscaled with captions: each task without and with its defect."""
     rng = np.random.default_rng(seed)
     rows = []
-    for task, renderer in (("geneval", render), ("ocr", render), ("aesthetic", render),
-                           ("aesthetic", lambda task, meta, rng: render_ideal_aesthetic(meta, rng))):
-        rows.append([(p, renderer(task, m, rng)) for p, m in (sample_scene(task, rng) for _ in range(per_row))])
+    for task, rate in itertools.product(TASKS, (0.0, 1.0)):
+        scenes = [sample_scene(task, rng) for _ in range(per_row)]
+        rows.append([(p, render(task, m, rng, rate)) for p, m in scenes])
     save_captioned_grid(path, rows)
 
 
@@ -605,13 +654,13 @@ def colour_check(model, template="a photo of a {c} {s}", per_shape=4, steps=20, 
     return table
 
 
-def main(argv=None, description=__doc__, root=DATA, write_datasets=write_datasets, write_grid=write_grid):
-    """The command line of a toy world module: --write-datasets, --grid, --colour-check."""
-    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+def main(argv=None):
+    """--write-datasets, --grid, --colour-check (module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
-    parser.add_argument("--root", default=root, help="dataset folder for --write-datasets")
+    parser.add_argument("--root", default=DATA, help="dataset folder for --write-datasets")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", help="write a PNG grid of ground-truth renders to this path")
+    parser.add_argument("--grid", help="write a PNG grid of pretraining renders (without and with defects)")
     parser.add_argument("--colour-check", metavar="MODEL",
                         help="which colour this pipeline folder draws for each colour word (colour_check)")
     parser.add_argument("--template", default="a photo of a {c} {s}", help="prompt of --colour-check")
