@@ -77,22 +77,36 @@ def _minmax(table: np.ndarray) -> np.ndarray:
     return normalised.sum(-1) / np.maximum(keep.sum(-1), 1)
 
 
+def _paired_draws(table: dict, a: str, b: str, task_name: str, seed: int) -> tuple:
+    """(draws of reported(a), draws of reported(b), reported(a), reported(b)) on one task: N_BOOT paired
+    bootstrap resamplings of the prompts (within GenEval's tags), the same prompts for both models."""
+    task = next(t for t in table["tasks"] if t["name"] == task_name)
+    (x, tags), (y, _) = _column(table, a, task), _column(table, b, task)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(x))] if tags is None else [np.flatnonzero(np.asarray(tags) == g) for g in dict.fromkeys(tags)]
+    picks = bootstrap_picks(rng, groups, N_BOOT)
+    draws_a = np.mean([x[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)   # (N_BOOT,)
+    draws_b = np.mean([y[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)
+    return draws_a, draws_b, reported(x, tags), reported(y, tags)
+
+
 def ratio_to_teacher(table: dict, student: str, teacher: str, task_name: str, seed: int = 0) -> dict:
     """C1: reported(student) / reported(teacher) on the teacher's task, paired bootstrap over prompts."""
-    task = next(t for t in table["tasks"] if t["name"] == task_name)
-    (s, tags), (t, _) = _column(table, student, task), _column(table, teacher, task)
-    if reported(t, tags) == 0:  # a ratio to nothing: no verdict either way
+    num, den, value_s, value_t = _paired_draws(table, student, teacher, task_name, seed)
+    if value_t == 0:  # a ratio to nothing: no verdict either way
         return {"value": None, "interval": None, "verdict": "not distinguishable"}
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(len(s))] if tags is None else [np.flatnonzero(np.asarray(tags) == g) for g in dict.fromkeys(tags)]
-    picks = bootstrap_picks(rng, groups, N_BOOT)
-    num = np.mean([s[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)   # (N_BOOT,)
-    den = np.mean([t[g[p]].mean(-1) for g, p in zip(groups, picks)], axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(den != 0, num / np.where(den != 0, den, 1), np.nan)
     lo, hi = np.nanpercentile(ratios, [2.5, 97.5])  # a draw whose teacher mean is 0 has no ratio
-    value = reported(s, tags) / reported(t, tags)
-    return {"value": value, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.95)}
+    return {"value": value_s / value_t, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, 0.95)}
+
+
+def difference(table: dict, a: str, b: str, task_name: str, line: float = 0.0, seed: int = 0) -> dict:
+    """reported(a) - reported(b) on one task (e.g. a teacher's gain over the base), paired bootstrap
+    over prompts; the verdict says whether the difference exceeds `line`."""
+    draws_a, draws_b, value_a, value_b = _paired_draws(table, a, b, task_name, seed)
+    lo, hi = np.percentile(draws_a - draws_b, [2.5, 97.5])
+    return {"value": value_a - value_b, "interval": (float(lo), float(hi)), "verdict": verdict(lo, hi, line)}
 
 
 def average_difference(table: dict, a: str, b: str, seed: int = 0) -> dict:

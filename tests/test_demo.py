@@ -142,6 +142,13 @@ def test_claim_verdicts_follow_the_intervals():
     assert better["value"] == pytest.approx(1.0) and better["verdict"] == "reproduced"
     assert claims.average_difference(table, "half", "teacher")["verdict"] == "not reproduced"
     assert claims.verdict(-0.1, 0.2, 0.0) == "not distinguishable"
+    # a paired difference: a model against itself has a zero-width interval; one inside the noise straddles
+    shifted = claims.difference(table, "teacher", "half", "a", line=0.25)
+    expected = 0.5 * np.mean(teacher)
+    assert shifted["value"] == pytest.approx(expected) and shifted["verdict"] == "reproduced"
+    assert claims.difference(table, "teacher", "teacher", "a")["interval"] == (0.0, 0.0)
+    noisy = claims.difference(table, "noisy", "good", "a", line=-0.05)  # -0.054, +-0.04 of noise
+    assert noisy["interval"][0] < -0.05 < noisy["interval"][1] and noisy["verdict"] == "not distinguishable"
 
 
 def _distance_run(run, distances):
@@ -182,6 +189,13 @@ def test_claim_intervals_have_the_normal_approximations_width(tmp_path):
     lo, hi = r["interval"]
     assert r["value"] == pytest.approx(R) and lo < R < hi
     assert (hi - lo) / 2 == pytest.approx(1.96 * var ** 0.5, rel=0.1)
+    # the paired difference D = mean_g(mean s_g) - mean_g(mean t_g): Var D = sum_g Var_g(s - t) / (n_g K^2)
+    d = claims.difference(table, "s", "t", "g")
+    D = np.mean([(s - t)[np.array(tags) == g].mean() for g in "ab"])
+    var_d = sum(np.var((s - t)[np.array(tags) == g]) / (np.array(tags) == g).sum() for g in "ab") / 4
+    lo, hi = d["interval"]
+    assert d["value"] == pytest.approx(D) and lo < D < hi
+    assert (hi - lo) / 2 == pytest.approx(1.96 * var_d ** 0.5, rel=0.1)
     # C4 over seeds: the difference of two independent means, Var = var_w / n_w + var_b / n_b (ddof 0)
     w, b = rng.normal(1.0, 0.2, 60), rng.normal(0.8, 0.1, 40)
     diff = claims.final_distance_difference([_distance_run(tmp_path / f"w{i}", [v]) for i, v in enumerate(w)],
