@@ -35,10 +35,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     pretrain_toy.main(TINY + ["--steps", "4", "--out", str(tmp_path / "full")])
     batch_at = pretrain_toy.batch_at
 
-    def killed_at_step_2(cfg, step, exclude, world):  # after the checkpoint of step 2 was written
+    def killed_at_step_2(cfg, step, exclude):  # after the checkpoint of step 2 was written
         if step == 2:
             raise KeyboardInterrupt
-        return batch_at(cfg, step, exclude, world)
+        return batch_at(cfg, step, exclude)
     monkeypatch.setattr(pretrain_toy, "batch_at", killed_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         pretrain_toy.main(TINY + ["--steps", "4", "--out", str(tmp_path / "cut")])

@@ -412,7 +412,7 @@ def test_ocr_slot_tokens_bind_each_glyph_to_its_place():
 
 def test_every_token_of_every_test_prompt_occurs_in_training():
     from toy.pretrain import vocabulary
-    tokenizer = make_t5_tokenizer(vocabulary(toy), 24, toy.T5_PIECES)
+    tokenizer = make_t5_tokenizer(vocabulary(), 24, toy.T5_PIECES)
     for task in TASKS:
         lines = {split: (DATA / task / f"{split}.txt").read_text().splitlines() for split in ("train", "test")}
         seen = {tok for line in lines["train"] for tok in tokenizer.tokenize(line)}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toy import world as default_world
+from toy import world
 from harness import parse_config, publish_dir, write_atomic
 from jsonfiles import read_jsonl
 from reporting import Trackers, parse_report_to
@@ -84,7 +84,7 @@ class PretrainConfig:
     wandb_project: str = "diffusion-opd"
 
 
-def vocabulary(world=default_world, n: int = 4000, seed: int = 123) -> list[str]:
+def vocabulary(n: int = 4000, seed: int = 123) -> list[str]:
     """Whole words of the toy prompts (the T5 tokenizer keeps them as single tokens)."""
     rng = np.random.default_rng(seed)
     words = set()
@@ -95,7 +95,7 @@ def vocabulary(world=default_world, n: int = 4000, seed: int = 123) -> list[str]
     return sorted(words)
 
 
-def task_shares(spec: str, world=default_world) -> tuple[str, ...]:
+def task_shares(spec: str) -> tuple[str, ...]:
     """"geneval=1,ocr=2" -> ("geneval", "ocr", "ocr"): world.sample_batch draws tasks uniformly from it."""
     shares = []
     for item in spec.split(","):
@@ -108,22 +108,22 @@ def task_shares(spec: str, world=default_world) -> tuple[str, ...]:
     return tuple(shares)
 
 
-def batch_at(cfg, step: int, exclude: set[str], world=default_world):
+def batch_at(cfg, step: int, exclude: set[str]):
     """The training batch of `step`, a pure function of (seed, step) so resume is exact."""
     rng = np.random.default_rng([cfg.seed, step])
     defects = {} if cfg.defect_rate < 0 else {"defect_rate": cfg.defect_rate}
-    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights, world),
+    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights),
                                             exclude_prompts=exclude, **defects)
     drop = rng.random(cfg.batch) < cfg.caption_dropout
     return images, ["" if d else p for p, d in zip(prompts, drop)], rng
 
 
-def train_vae(pipe, cfg, exclude, ckpt: Path, world):
+def train_vae(pipe, cfg, exclude, ckpt: Path):
     """Phase A: VAE with L1 reconstruction + KL; then the latent shift/scale from data statistics."""
     vae = pipe.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     for step in tqdm(range(cfg.vae_steps), desc="vae"):
-        images, _, _ = batch_at(cfg, 10**6 + step, exclude, world)
+        images, _, _ = batch_at(cfg, 10**6 + step, exclude)
         post = vae.encode(images * 2 - 1).latent_dist
         recon = vae.decode(post.sample(), return_dict=False)[0]
         # L = |x - D(z)|_1 + beta KL(q(z|x) || N(0, I))
@@ -133,7 +133,7 @@ def train_vae(pipe, cfg, exclude, ckpt: Path, world):
         opt.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(batch_at(cfg, 2 * 10**6 + i, exclude, world)[0] * 2 - 1).latent_dist.mean
+        z = torch.cat([vae.encode(batch_at(cfg, 2 * 10**6 + i, exclude)[0] * 2 - 1).latent_dist.mean
                        for i in range(8)])
     # SD3 convention: x = (z - shift_factor) * scaling_factor has zero mean and unit std
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
@@ -148,7 +148,6 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out.with_name(out.name + ".ckpt")  # training state, outside the shipped model folder
-    world = default_world
     if not -1 <= cfg.defect_rate <= 1:
         raise SystemExit(f"error: --defect_rate {cfg.defect_rate}: a share in [0, 1] (or -1: the world's own)")
     exclude = world.held_out_prompts()
@@ -156,7 +155,7 @@ def main(argv=None):
     tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
                          clip_dim=cfg.text_dim // 2, clip_max_len=24, t5_max_len=24,
                          latent_channels=cfg.latent_channels, image_size=world.IMAGE_SIZE,
-                         words=tuple(vocabulary(world)), pieces=world.T5_PIECES,
+                         words=tuple(vocabulary()), pieces=world.T5_PIECES,
                          dual_attention_layers=dual, qk_norm="rms_norm" if cfg.sd35 else None)
     for flag in ("init", "vae"):
         folder = getattr(cfg, flag)
@@ -164,7 +163,7 @@ def main(argv=None):
             raise SystemExit(f"error: --{flag} {folder}: not a pipeline folder (no model_index.json)")
     if cfg.init and cfg.vae:
         raise SystemExit("error: --init keeps its own VAE; pass --init or --vae, not both")
-    task_shares(cfg.task_weights, world)  # bad weights fail before any compute
+    task_shares(cfg.task_weights)  # bad weights fail before any compute
     try:
         parse_report_to(cfg.report_to)
     except ValueError as e:
@@ -192,7 +191,7 @@ def main(argv=None):
                                             scaling_factor=trained.config.scaling_factor)
                 torch.save(pipe.vae.state_dict(), ckpt / "vae.pt")
             else:
-                train_vae(pipe, cfg, exclude, ckpt, world)
+                train_vae(pipe, cfg, exclude, ckpt)
             (ckpt / "vae.json").write_text(json.dumps({k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}))
     vae = pipe.vae.eval().requires_grad_(False)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
@@ -222,7 +221,7 @@ def main(argv=None):
     bar = tqdm(range(start, cfg.steps), desc="flow", initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        images, prompts, rng = batch_at(cfg, step, exclude, world)
+        images, prompts, rng = batch_at(cfg, step, exclude)
         with torch.no_grad():
             x0 = (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale  # (B, C, h, w)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
