@@ -24,10 +24,12 @@ EVAL_GUIDANCE = 4.5    # CFG at evaluation (paper section 7), for every model, t
 
 
 # ---------------------------------------------------------------------- the protocol
-def eval_images(model, prompts: list[str], idx: list[int], steps: int, guidance: float, seed: int, adapter):
-    """(len(idx), 3, H, W) images of test prompts idx: the ODE from seed `seed + i` for prompt i."""
+def eval_images(model, prompts: list[str], idx: list[int], steps: int, guidance: float, seed: int, adapter,
+                height: int | None = None, width: int | None = None):
+    """(len(idx), 3, H, W) images of test prompts idx: the ODE from seed `seed + i` for prompt i, at
+    height x width px (None: the model's default resolution)."""
     traj = rollout(model, model.encode_prompts([prompts[i] for i in idx]), [seed + i for i in idx],
-                   steps, guidance, 0.0, adapter=adapter)
+                   steps, guidance, 0.0, height, width, adapter=adapter)
     return traj.images
 
 
@@ -42,23 +44,24 @@ def _info_key(info: dict, key: str) -> str:
 @torch.no_grad()
 def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: int = 64,
                   steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE, seed: int = 0, batch: int = 32,
-                  grid_path: str | None = None, per_prompt: dict | None = None) -> dict:
+                  grid_path: str | None = None, per_prompt: dict | None = None, height: int | None = None,
+                  width: int | None = None) -> dict:
     """Mean reward (and the task's eval key, e.g. GenEval strict accuracy) over the first
-    `n_prompts` test prompts, split across ranks; rank 0 optionally writes a PNG grid.
+    `n_prompts` test prompts at height x width px, every one of them whatever the number of ranks (each
+    rank takes a contiguous share; the last ranks pad theirs with the last prompt, whose extra copies are
+    dropped), `batch` images per forward; rank 0 optionally writes a PNG grid.
     Also the mean of every other per-image term the reward reports (its `info`), under its own name.
     On a mixed prompt set (every metadata names its "task") also "<task>/reward" per sub-task.
     `per_prompt`, if given, receives each prompt's values ("reward", the eval key) and "tags", from
     which `reported` recomputes the reported numbers and `interval` their bootstrap intervals."""
     prompts, metas = load_prompts(task.dataset, "test")
     n = min(n_prompts, len(prompts))
-    n -= n % dist.world  # every rank evaluates the same number of prompts
-    if n <= 0:
-        raise ValueError(f"{task.name}: fewer test prompts than ranks")
-    mine = range(*dist.split(n, "evaluation prompts").indices(n))
+    per_rank = -(-n // dist.world)  # ceil: equal shares for the all_gather, padded past the last prompt
+    mine = [min(i, n - 1) for i in range(dist.rank * per_rank, (dist.rank + 1) * per_rank)]
     scores, keyed, images, terms = [], [], [], {}
-    for lo in range(mine.start, mine.stop, batch):
-        idx = list(range(lo, min(lo + batch, mine.stop)))
-        imgs = eval_images(model, prompts, idx, steps, guidance, seed, adapter)
+    for lo in range(0, per_rank, batch):
+        idx = mine[lo:lo + batch]
+        imgs = eval_images(model, prompts, idx, steps, guidance, seed, adapter, height, width)
         s, info = reward_fn(imgs, [prompts[i] for i in idx], [metas[i] for i in idx])
         key = _info_key(info, task.eval_key) if task.eval_key else None
         scores.append(s)
@@ -67,15 +70,17 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
         for k, v in info.items():  # the reward's other per-image terms (e.g. a judge's sub-scores)
             if k != key:
                 terms.setdefault(k, []).append(v.float())
-    # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score
-    all_scores = dist.all_gather(torch.cat(scores).to(dist.device)).cpu()
+    # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score (the padding dropped)
+    def gather(values):
+        return dist.all_gather(torch.cat(values).to(dist.device)).cpu()[:n]
+    all_scores = gather(scores)
     result = {"reward": all_scores.mean().item()}
     for k, v in terms.items():  # mean of each term; a term that is the score itself is not repeated
-        v = dist.all_gather(torch.cat(v).to(dist.device)).cpu()
+        v = gather(v)
         if not torch.equal(v, all_scores.to(v.dtype)):
             result[k] = v.mean().item()
     if task.eval_key:
-        all_keyed = dist.all_gather(torch.cat(keyed).to(dist.device)).cpu()
+        all_keyed = gather(keyed)
         tags = [m.get("tag") for m in metas[:n]]
         if all(tags):  # GenEval: the overall score is the mean of the per-tag means
             per_tag = {tag: all_keyed[[i for i, g in enumerate(tags) if g == tag]].mean().item()
@@ -103,8 +108,8 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
 def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step: int, guidance: float,
                      per_task_keys: bool) -> tuple[dict, dict]:
     """The EMA student of a training run (`trainer`: harness.StudentTrainer) on every task, with the
-    protocol above at `guidance` (the CFG the model samples with), cfg.eval_prompts test prompts and
-    cfg.eval_steps steps; a PNG grid per task in the run's samples/. Returns (metrics, images):
+    protocol above at `guidance` (the CFG the model samples with), cfg.eval_prompts test prompts,
+    cfg.eval_steps steps, the run's resolution (cfg.height x cfg.width) and cfg.eval_batch; a PNG grid per task in the run's samples/. Returns (metrics, images):
     {"eval/<task>/<key>" (per_task_keys) or "eval/<key>": value, "sec/eval": seconds} and {tag: png path}."""
     import time
 
@@ -116,7 +121,8 @@ def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step:
             tag = f"samples/{task.name}" if per_task_keys else "samples"
             images[tag] = f"{trainer.run.path}/samples/step{step + 1:05d}{suffix}.png"
             res = evaluate_task(trainer.model, task, rewards[task.name], dist, "student", cfg.eval_prompts,
-                                cfg.eval_steps, guidance, grid_path=images[tag])
+                                cfg.eval_steps, guidance, batch=cfg.eval_batch, grid_path=images[tag],
+                                height=cfg.height or None, width=cfg.width or None)
             prefix = f"eval/{task.name}/" if per_task_keys else "eval/"
             metrics.update({prefix + k: v for k, v in res.items()})
             if dist.is_main:

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from evaluate import EVAL_STEPS
 from jsonfiles import read_json, read_jsonl
-from model import portable_path, repo_path
+from model import DTYPES, portable_path, repo_path
 from reporting import Trackers, command_line, model_card, parse_report_to, push_to_hub
 
 
@@ -193,9 +193,12 @@ def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
 
 # ---------------------------------------------------------------------- distributed
 class Dist:
-    """Rank/world/device from torchrun's environment; a no-op world of 1 under plain python."""
+    """Rank/world/device from torchrun's environment; a no-op world of 1 under plain python.
 
-    def __init__(self, device: str = "auto"):
+    plan_only (a --dry_run): `--device cuda` on a machine without a GPU names the device the run will
+    have, so that the plan is made for it; nothing runs there."""
+
+    def __init__(self, device: str = "auto", plan_only: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -203,28 +206,43 @@ class Dist:
         if device not in ("auto", "cpu", "cuda") and not indexed:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
         use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
+        if use_cuda and not torch.cuda.is_available() and not plan_only:
             raise ValueError(f"--device {device}: no CUDA device is available here; "
                              "use --device cpu (or auto)")
-        if use_cuda:
-            index = int(device[5:]) if device.startswith("cuda:") else self.local_rank
+        index = int(device[5:]) if indexed else self.local_rank
+        if use_cuda and torch.cuda.is_available():
             if index >= torch.cuda.device_count():
                 raise ValueError(f"--device {device}: this machine has "
                                  f"{torch.cuda.device_count()} CUDA devices")
             torch.cuda.set_device(index)
-            self.device = torch.device("cuda", index)
-        else:
-            self.device = torch.device("cpu")
+        self.device = torch.device("cuda", index) if use_cuda else torch.device("cpu")
         if self.world > 1 and not tdist.is_initialized():
-            tdist.init_process_group("nccl" if use_cuda else "gloo")
+            tdist.init_process_group("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
         self.is_main = self.rank == 0
 
-    def split(self, n_global: int, what: str) -> slice:
-        """This rank's contiguous share of `n_global` items; errors if they do not divide."""
+    def split(self, n_global: int, what: str, flag: str = "") -> slice:
+        """This rank's contiguous share of `n_global` items; a one-line error naming the values that divide
+        (and what each gives per GPU) if they do not."""
         if n_global % self.world:
-            raise ValueError(f"{what} = {n_global} does not divide over {self.world} ranks")
+            lo, hi = n_global // self.world * self.world, (n_global // self.world + 1) * self.world
+            use = " or ".join(f"{flag} {n} ({n // self.world} per GPU)" for n in (lo, hi) if n)
+            raise ValueError(f"{what} = {n_global} does not divide over {self.world} ranks: use {use}")
         per = n_global // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
+
+    @contextlib.contextmanager
+    def local_first(self):
+        """Run the block on each node's local rank 0 first, then on the node's other ranks: a first-use
+        download (a hub model, a reward's weights) happens once per node, and the others read the cache.
+        Every rank passes one barrier, also when the block fails on local rank 0."""
+        ranks = self.world > 1 and tdist.is_initialized()
+        if ranks and self.local_rank != 0:
+            tdist.barrier()
+        try:
+            yield
+        finally:
+            if ranks and self.local_rank == 0:
+                tdist.barrier()
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped per-rank tensors along dim 0, in rank order."""
@@ -290,6 +308,18 @@ class Phases:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """On CUDA, the step's peak device memory in GiB (what tensors held, and what the caching allocator
+    reserved; the CUDA context comes on top), read and reset once per step; {} elsewhere. The memory
+    plan's prediction is printed at start (memory.py)."""
+    if device.type != "cuda":
+        return {}
+    out = {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def no_phase(name: str):
@@ -418,7 +448,10 @@ class RunDir:
     """
 
     # keys that may differ between a run and its resumption
-    RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub", "dry_run")
+    RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub", "dry_run",
+                 # how memory is used, not what is computed (the memory plan may choose them anew)
+                 "max_memory_gb", "train_chunk", "teacher_chunk", "train_batch", "rollout_batch", "eval_batch",
+                 "grad_checkpointing", "offload_text_encoders", "offload_rewards", "compile")
     SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # where save() leaves complete checkpoints
 
     def __init__(self, out: str, cfg, dist: Dist, script: str = "", argv: list[str] | None = None):
@@ -436,11 +469,35 @@ class RunDir:
         if not self.cfg.get("dry_run"):
             self.claim()
         try:
-            self._check(out, cfg)
+            error = None
+            try:
+                self._check(out, cfg)
+            except ValueError as e:
+                error = e
+            if self.dist.world > 1 and not self.cfg.get("dry_run"):
+                self._same_on_every_rank(error is not None)
+            if error is not None:
+                raise error
         except BaseException:
             self.release(remove_if_unused=True)
             raise
         self.saved_step = self.start
+
+    def _same_on_every_rank(self, failed: bool) -> None:
+        """Every rank sees the run folder alike: the same checkpoint step and manifest, or the same
+        failure. Ranks on machines without a shared filesystem see different folders and would disagree on
+        the step to resume from (and hang); they stop here with one line instead."""
+        manifest = self.resume_from / MANIFEST if self.resume_from is not None else None
+        digest = int(_sha256(manifest)[:12], 16) if manifest and manifest.is_file() else 0
+        views = self.dist.all_gather(torch.tensor([[float(failed), self.start, digest]], dtype=torch.float64,
+                                                  device=self.dist.device)).cpu()
+        if (views != views[0]).any():
+            seen = "; ".join(f"rank {r}: step {int(v[1])}" + (" (an error)" if v[0] else "")
+                             for r, v in enumerate(views.tolist()))
+            raise ValueError(f"the ranks see different run folders at --out {self.path} ({seen}): --resume needs "
+                             "--out on a filesystem that every node shares")
+        if views[:, 0].any() and not failed:
+            raise ValueError("another rank stopped on its input checks (rank 0 names the problem)")
 
     def _check(self, out: str, cfg) -> None:
         cfg_file = self.path / "config.json"
@@ -450,7 +507,8 @@ class RunDir:
             # a field added to the script after the run started counts as its default
             defaults = json.loads(json.dumps(config_dict(type(cfg)())))
             diff = sorted(k for k in set(old) | set(self.cfg)
-                          if k not in self.RESUMABLE and old.get(k, defaults.get(k)) != self.cfg.get(k))
+                          if k not in self.RESUMABLE and old.get(k, defaults.get(k)) != self.cfg.get(k)
+                          and not (k == "dtype" and old.get(k, "auto") == "auto"))  # saved before it was resolved
             if diff:
                 raise ValueError(f"output directory {out} holds a different run (config differs in {diff}); "
                                  "choose another --out")
@@ -634,27 +692,54 @@ class StudentConfig:
     eval_prompts: int = 64              # test prompts per task
     eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
     save_every: int = 20
+    eval_batch: int = 32                # evaluation images per forward, per rank (lowered by the memory plan)
     max_skipped_steps: int = 5          # consecutive non-finite steps (skipped, logged) before the run stops
     report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (+ JSONL, always)
     wandb_project: str = "diffusion-opd"
     push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
-    dry_run: bool = False               # check every input, print the config, exit before any model loads
+    dtype: str = "auto"                 # transformer and text encoders: auto (CUDA: bfloat16, the references'
+                                        # mixed precision; CPU: float32), float32, bfloat16; the VAE: float32
+    grad_checkpointing: bool = False    # recompute the transformer blocks' activations in the backward
+    offload_text_encoders: bool = False  # keep the text encoders in host memory between encodings
+    max_memory_gb: float = 0.0          # the memory plan's budget per GPU (memory.py picks the settings the
+                                        # command line leaves free); 0 = the GPU's memory on CUDA, none on CPU
+    dry_run: bool = False               # check every input, print the plan and the config, exit before any
+                                        # model loads (--device cuda plans for a GPU, also where none is)
 
 
 def check_student_config(cfg) -> None:
     """The shared fields' bad values, as one-line errors (before any model loads)."""
     require_positive(cfg, "lora_rank", "lora_alpha", "lr", "grad_clip", "ema_every", "eval_every",
-                     "eval_prompts", "eval_steps", "save_every", "max_skipped_steps")
+                     "eval_prompts", "eval_steps", "eval_batch", "save_every", "max_skipped_steps")
     require(cfg.height >= 0 and cfg.width >= 0, f"--height/--width must be >= 0 (0: the model's own), "
                                                 f"got {cfg.height}x{cfg.width}")
     require(0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
     require(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     require(cfg.steps > 0, f"--steps must be > 0, got {cfg.steps}")
+    require(cfg.max_memory_gb >= 0, f"--max_memory_gb must be >= 0, got {cfg.max_memory_gb}")
+    require(cfg.dtype in ("auto", *DTYPES), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
+            "full fine-tuning trains the transformer's own weights: keep --dtype float32")
     parse_report_to(cfg.report_to)
     require(not cfg.push_to_hub or (cfg.push_to_hub.count("/") == 1 and all(cfg.push_to_hub.split("/"))),
             f"--push_to_hub expects OWNER/NAME, got {cfg.push_to_hub!r}")
+
+
+def load_base(cfg, dist: Dist):
+    """The run's base model as the memory plan placed it: read in --dtype (resolved), the text encoders
+    offloaded when planned, gradient checkpointing on when planned; the first download once per node."""
+    from model import FlowModel
+    with dist.local_first():
+        model = FlowModel.load(cfg.model, device=dist.device, dtype=DTYPES[cfg.dtype])
+    size = model.default_resolution()
+    model.latent_shape(cfg.height or size, cfg.width or size)
+    if cfg.offload_text_encoders:
+        model.offload_text_encoders()
+    if cfg.grad_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
 
 
 class NonFiniteError(RuntimeError):

@@ -76,12 +76,22 @@ def portable_path(path: str) -> str:
         return path
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # transformer weights (opd.py --dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # transformer + text encoders (--dtype)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def resolve_dtype(name: str, device: torch.device, full_finetune: bool = False) -> str:
+    """--dtype as the name of what runs: "auto" is bfloat16 on CUDA (the references' mixed precision
+    runs the transformer and text encoders in half precision), float32 on CPU and for full fine-tuning
+    (its trained weights are the transformer's own)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" and not full_finetune else "float32"
 
 
 def weights_dtype(name: str, dist) -> torch.dtype:
-    """--dtype as a torch dtype: "auto" is bfloat16 on CUDA and float32 on CPU."""
-    return DTYPES[name] if name != "auto" else torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    """--dtype as a torch dtype (resolve_dtype on the run's device)."""
+    return DTYPES[resolve_dtype(name, dist.device)]
 
 
 @dataclass
@@ -102,10 +112,9 @@ class TextEmbeds:
 
 
 def t5_length(path: str) -> int:
-    """T5 tokens per prompt that FlowModel encodes for an SD3 pipeline folder, read from its tokenizer
-    config without loading it: min(MAX_SEQUENCE_LENGTH, the tokenizer's limit); MAX_SEQUENCE_LENGTH for
-    a hub id."""
-    config = Path(repo_path(path)) / "tokenizer_3" / "tokenizer_config.json"
+    """T5 tokens per prompt that FlowModel encodes for an SD3 pipeline (folder or hub id), read from its
+    tokenizer config without loading it: min(MAX_SEQUENCE_LENGTH, the tokenizer's limit)."""
+    config = Path(config_folder(path) or path) / "tokenizer_3" / "tokenizer_config.json"
     limit = read_json(config, "tokenizer config").get("model_max_length", MAX_SEQUENCE_LENGTH) \
         if config.is_file() else MAX_SEQUENCE_LENGTH
     return min(MAX_SEQUENCE_LENGTH, int(limit))
@@ -121,7 +130,7 @@ def check_hub_repo(repo: str, what: str, filename: str = "model_index.json") -> 
         return
     except Exception:  # not cached: the cache's own error types vary across hub versions
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if hub_offline():
         raise FileNotFoundError(f"{what} {repo} is not in the local hub cache and HF_HUB_OFFLINE is set: "
                                 f"download it first (huggingface-cli download {repo}) "
                                 "or unset HF_HUB_OFFLINE")
@@ -137,14 +146,42 @@ def check_hub_repo(repo: str, what: str, filename: str = "model_index.json") -> 
         raise FileNotFoundError(f"{what} {repo} {why}") from None
 
 
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
+                "tokenizer_3/tokenizer_config.json"]  # what the planner and the checks read of a pipeline
+
+
+def is_hub_id(path: str) -> bool:
+    """`owner/name` that is not a local path (check_model_path's rule)."""
+    p = Path(repo_path(path))
+    return not (p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1)
+
+
+def config_folder(path: str) -> str | None:
+    """A local folder holding the pipeline's configuration files (model_index.json, each component's
+    config.json, the T5 tokenizer's config): `path` itself for a local pipeline folder; for a hub id its
+    snapshot in the hub cache, where on a machine with internet only these small files are fetched
+    (never weights). None when a hub id's configs are neither cached nor fetchable."""
+    if not is_hub_id(path):
+        return repo_path(path)
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=CONFIG_FILES, local_files_only=hub_offline())
+    except Exception:  # offline and not cached, unknown repo, no connection: the hub's error types vary
+        return None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def check_model_path(path: str) -> None:
     """Fail fast on a model path that is neither a readable SD3 folder nor a usable hub id (before
     loading)."""
     p = Path(repo_path(path))
-    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
-    if not looks_local:
+    if is_hub_id(path):
         check_hub_repo(path, "model")
-    if looks_local:
+    else:
         if not p.is_dir():
             raise FileNotFoundError(f"model path {path!r} does not exist (expected a diffusers pipeline "
                                     "folder or a hub id such as stabilityai/stable-diffusion-3.5-medium)")
@@ -157,21 +194,36 @@ def check_model_path(path: str) -> None:
                              "(StableDiffusion3Pipeline) are supported")
 
 
-def resolution_rule(path: str) -> tuple[int, int] | None:
-    """(divisor, default size in px) of an SD3 pipeline folder, read from its configs without loading
-    it: height and width must be multiples of VAE factor x patch size. None for a hub id."""
-    p = Path(repo_path(path))
+def resolution_rule(path: str) -> tuple[int, int, int] | None:
+    """(divisor, default size, largest size) in px of an SD3 pipeline (folder or hub id), read from its
+    configs without loading it: height and width must be multiples of VAE factor x patch size, and at most
+    pos_embed_max_size patches. None when its configs cannot be read here (a hub id neither cached nor
+    fetchable)."""
+    p = Path(config_folder(path) or path)
     if not (p / "transformer" / "config.json").is_file() or not (p / "vae" / "config.json").is_file():
         return None
     tr = read_json(p / "transformer" / "config.json", "transformer config")
     vae_scale = 2 ** (len(read_json(p / "vae" / "config.json", "VAE config")["block_out_channels"]) - 1)
-    return vae_scale * tr["patch_size"], tr["sample_size"] * vae_scale
+    divisor = vae_scale * tr["patch_size"]
+    return divisor, tr["sample_size"] * vae_scale, (tr.get("pos_embed_max_size") or 10**6) * divisor
 
 
-def check_resolution(height: int, width: int, divisor: int) -> None:
+def check_resolution(height: int, width: int, divisor: int, largest: int | None = None) -> None:
     if height % divisor or width % divisor:
         raise ValueError(f"resolution {height}x{width} is not divisible by VAE factor x patch size = "
                          f"{divisor}: pass --height/--width as multiples of {divisor}")
+    if largest and max(height, width) > largest:
+        raise ValueError(f"resolution {height}x{width} is larger than this model's largest, {largest} px "
+                         f"(its pos_embed_max_size patches): pass --height/--width <= {largest} (0: its own "
+                         "resolution)")
+
+
+def check_model_resolution(path: str, height: int, width: int) -> None:
+    """A run's --height/--width (0: the model's own) are ones the model at `path` can sample, read from its
+    configs before anything loads; nothing is checked when its configs cannot be read here."""
+    rule = resolution_rule(path)
+    if rule and (height or width):
+        check_resolution(height or rule[1], width or rule[1], rule[0], rule[2])
 
 
 def _add_adapter(transformer, cfg, name: str) -> None:
@@ -220,42 +272,62 @@ class FlowModel:
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
                 m.requires_grad_(False).eval()  # models built from configs start in train mode
-        # the transformer and the text encoders take `dtype`; the VAE stays in float32.
-        pipe.to(self.device)
+        if self.device.type == "cuda":  # what stays float32 (the VAE, LoRA math) runs its matmuls in TF32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self._neg: TextEmbeds | None = None
         self._full_finetune = False
+        self._encoders_offloaded = False
         # _frozen holds the base and the teacher adapters (the live transformer itself, unless full
         # fine-tuning made it the student); _active is the module `velocity` calls.
         self._frozen = self._active = self.transformer
         self._fingerprint = None
-        if dtype != torch.float32:
-            self.fingerprint()  # of the float32 weights: the same base in any dtype has one fingerprint
+        if self.transformer.dtype != dtype:  # a pipeline built in memory: cast here (load() casts on reading)
+            self.fingerprint()  # of the stored weights: the same base in any dtype has one fingerprint
             self.transformer.to(dtype)
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # T5-XXL is 19 GB in float32
+            for name in TEXT_ENCODERS:
                 if getattr(pipe, name, None) is not None:
                     getattr(pipe, name).to(dtype)
+        # the transformer and the text encoders run in `dtype`; the VAE in float32, as Flow-GRPO (ac4c86e)
+        # and NVlabs' DiffusionNFT run it
+        pipe.to(self.device)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str, device="cpu", dtype=torch.float32, max_sequence_length=None) -> "FlowModel":
-        """Load an SD3-family pipeline from a local folder or a hub id (offline-safe). A relative path
-        that is not under the working directory is looked up in the repository (`repo_path`)."""
+        """Load an SD3-family pipeline from a local folder or a hub id (offline-safe), each weight read
+        directly in the dtype it runs in (transformer and text encoders `dtype`, VAE float32): no
+        float32 copy of a bfloat16 run on the host. A relative path that is not under the working
+        directory is looked up in the repository (`repo_path`)."""
         check_model_path(path)
         from diffusers import StableDiffusion3Pipeline
         from diffusers.utils import logging as diffusers_logging
         local = repo_path(path)
-        local_only = Path(local).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        local_only = Path(local).is_dir() or hub_offline()
         bar = diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar per process
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=torch.float32,
-                                                            local_files_only=local_only)
+            dtypes = {"default": torch.float32, "transformer": dtype, **{n: dtype for n in TEXT_ENCODERS}}
+            pipe = StableDiffusion3Pipeline.from_pretrained(local, dtype=dtypes, local_files_only=local_only)
         finally:
             if bar:
                 diffusers_logging.enable_progress_bar()
         model = cls(pipe, device, dtype, max_sequence_length, name=path)
+        model._fingerprint = _stored_fingerprint(pipe.transformer)
         model.path = portable_path(path)  # what saved adapters name as their base
         return model
+
+    def offload_text_encoders(self) -> None:
+        """Keep the text encoders in host memory between prompt encodings (the memory plan's choice when
+        a GPU cannot hold them beside training: T5-XXL alone is 9.5 GB in bfloat16); encode_prompts
+        brings them to the device for each call."""
+        self._encoders_offloaded = True
+        self._text_encoders_to("cpu")
+
+    def _text_encoders_to(self, device) -> None:
+        for name in TEXT_ENCODERS:
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to(device)
 
     @property
     def vae_scale(self) -> int:
@@ -264,7 +336,8 @@ class FlowModel:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image size, with a clear error for bad sizes."""
-        check_resolution(height, width, self.vae_scale * self.transformer.config.patch_size)
+        divisor = self.vae_scale * self.transformer.config.patch_size
+        check_resolution(height, width, divisor, (self.transformer.config.pos_embed_max_size or 10**6) * divisor)
         return (self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
     def default_resolution(self) -> int:
@@ -274,9 +347,15 @@ class FlowModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
         """Encode prompts with the three SD3 text encoders (no CFG pair; see `negative`)."""
-        seq, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        if self._encoders_offloaded:
+            self._text_encoders_to(self.device)
+        try:
+            seq, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        finally:
+            if self._encoders_offloaded:
+                self._text_encoders_to("cpu")
         return TextEmbeds(seq.to(self.dtype), pooled.to(self.dtype))
 
     def negative(self, batch: int) -> TextEmbeds:
@@ -538,14 +617,40 @@ class FlowModel:
              **(extra_config or {})}, indent=2))
 
     def fingerprint(self) -> str:
-        """A short hash of the base transformer's config and first/last weights (identifies the base)."""
-        if self._fingerprint is not None:
-            return self._fingerprint
-        h = hashlib.sha256(json.dumps({k: v for k, v in self._frozen.config.items() if not k.startswith("_")},
-                                            sort_keys=True, default=str).encode())
-        base = {n.replace(".base_layer", ""): p
-                for n, p in self._frozen.named_parameters() if "lora_" not in n}
-        for n in (sorted(base)[0], sorted(base)[-1]):
-            h.update(base[n].detach().float().cpu().numpy().tobytes()[:4096])
-        self._fingerprint = h.hexdigest()[:16]
+        """A short hash of the base transformer's config and first/last weights (identifies the base),
+        of the weights as stored (in float32): the same base loaded in any dtype has one fingerprint."""
+        if self._fingerprint is None:
+            base = {n.replace(".base_layer", ""): p
+                    for n, p in self._frozen.named_parameters() if "lora_" not in n}
+            self._fingerprint = _fingerprint(self._frozen.config, lambda name: base[name], list(base))
         return self._fingerprint
+
+
+def _fingerprint(config, tensor, names: list[str]) -> str:
+    """sha256 of the config and of the first 4,096 bytes of the first and last weight by name, in float32."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")},
+                                  sort_keys=True, default=str).encode())
+    for n in (sorted(names)[0], sorted(names)[-1]):
+        h.update(tensor(n).detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def _stored_fingerprint(transformer) -> str | None:
+    """FlowModel.fingerprint of a transformer loaded from a folder, read from its safetensors files (one
+    file or an index of shards): the stored values, whatever dtype they were loaded in. None when the
+    files are not found (fingerprint() then hashes the loaded weights)."""
+    from safetensors import safe_open
+    folder = Path(transformer.config.get("_name_or_path", ""))
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = {name: folder / f for name, f in read_json(index, "weights index")["weight_map"].items()}
+    elif (folder / "diffusion_pytorch_model.safetensors").is_file():
+        files = {}
+    else:
+        return None
+    names = [n for n, _ in transformer.named_parameters() if "lora_" not in n]
+
+    def tensor(name):
+        with safe_open(str(files.get(name, folder / "diffusion_pytorch_model.safetensors")), "pt") as f:
+            return f.get_tensor(name)
+    return _fingerprint(transformer.config, tensor, names)

@@ -54,10 +54,10 @@ import torch
 from tqdm import tqdm
 
 from evaluate import evaluate_student
-from harness import (Dist, Phases, StudentConfig, StudentTrainer, config_dict, fail, no_phase,
-                     one_line_stops, parse_config, print_main, step_seed, trained_steps,
+from harness import (Dist, Phases, StudentConfig, StudentTrainer, config_dict, fail, load_base, no_phase,
+                     one_line_stops, parse_config, peak_memory, print_main, step_seed, trained_steps,
                      update_or_stop)
-from model import FlowModel, TextEmbeds, weights_dtype
+from model import FlowModel, TextEmbeds
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from teachers import load_teachers, validate
 
@@ -88,10 +88,7 @@ class OPDConfig(StudentConfig):
     estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
     teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
     train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
-    grad_checkpointing: bool = False    # recompute block activations in the backward
-    max_memory_gb: float = 0.0          # budget: memory.py picks chunks and checkpointing that fit;
-                                        # 0 = the GPU's memory on CUDA, no planning on CPU
-    dtype: str = "auto"                 # transformer weights: auto (CUDA: bf16), float32, bfloat16
+    offload_rewards: bool = False       # reward models on the host, used only to evaluate (memory plan)
     teacher_dtype: str = "float32"      # frozen teacher LoRAs: float32, or "model" (the backbone's)
     compile: bool = False               # torch.compile the transformer blocks
 
@@ -180,7 +177,7 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher, prompts, seeds, st
 def round_batches(cfg: OPDConfig, teachers, step: int, dist: Dist, prompts_by_task):
     """Batch m of round `step` belongs to task m: its teacher, this rank's share of its prompts
     (drawn from that task's prompt set) and their seeds (one per global sample: regenerable)."""
-    mine = dist.split(cfg.prompts_per_batch, "prompts_per_batch")
+    mine = dist.split(cfg.prompts_per_batch, "prompts_per_batch", "--prompts_per_batch")
     for m, teacher in enumerate(teachers):
         prompts = prompts_by_task[teacher.task.name]
         rng = np.random.default_rng([cfg.seed, step, m])
@@ -217,7 +214,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
     study's hooks (study/instruments.py). Returns (model, teachers, trainer, dist) after the last
     round, or None after printing the resolved config with --dry_run (nothing loaded or written)."""
     try:
-        dist = Dist(cfg.device)
+        dist = Dist(cfg.device, plan_only=cfg.dry_run)
     except ValueError as e:
         fail(e)
     specs, prompts_by_task, rewards, run = validate(cfg, dist, argv, script)
@@ -226,17 +223,13 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
                    json.dumps(config_dict(cfg), indent=2))
         return None
     try:
-        model = FlowModel.load(cfg.model, device=dist.device, dtype=weights_dtype(cfg.dtype, dist))
-        size = model.default_resolution()
-        model.latent_shape(cfg.height or size, cfg.width or size)
+        model = load_base(cfg, dist)  # --dtype, the memory plan's placement
         # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy
         trainer = StudentTrainer(model, cfg, dist, run)
         lora_dtype = model.dtype if cfg.teacher_dtype == "model" else torch.float32
         teachers = load_teachers(model, specs, dist, lora_dtype)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
-    if cfg.grad_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
     if cfg.compile:
         model.compile_blocks()
     start = trainer.begin()  # the run directory is written only now, after every model has loaded
@@ -255,6 +248,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
             evaluated, images = evaluate_student(trainer, tasks, rewards, dist, cfg, step,
                                                  cfg.guidance, per_task_keys=True)
             metrics.update(evaluated)
+        metrics.update(peak_memory(dist.device))
         if after_round is not None:
             after_round(step, last, metrics, model, teachers, trainer, dist)
         # ---- log, checkpoint

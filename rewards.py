@@ -233,6 +233,29 @@ CHECKS = {  # name -> fn(**options) -> lines: what each reward needs, checked wi
 }
 
 
+# The models each reward loads and their parameter counts (from their published configs), for the memory
+# planner (memory.py): a model that several rewards share (one CLIP ViT-L/14 for clipscore, aesthetic and
+# geneval, through _load_clip) counts once. A reward not listed loads no model on the device.
+REWARD_MODELS = {
+    "pickscore": {"yuvalkirstain/PickScore_v1 (CLIP ViT-H/14)": 986_000_000},
+    "clipscore": {CLIP_L14: 427_600_000},
+    "aesthetic": {CLIP_L14: 427_600_000, "LAION aesthetic MLP": 928_000},
+    "geneval": {"facebook/mask2former-swin-small-coco-instance": 69_000_000, CLIP_L14: 427_600_000},
+    "hpsv2": {"HPSv2.1 (open_clip ViT-H-14)": 986_000_000},
+    "imagereward": {"ImageReward-v1.0 (BLIP ViT-L)": 447_000_000},
+    "ocr": {"OCR engine (text detector + recogniser)": 25_000_000},
+}
+
+
+def reward_bytes(specs: list[str], dtype: torch.dtype = torch.float32) -> int:
+    """Device bytes of the reward models of every spec in `specs` ("name=w,..."), each model once."""
+    models = {}
+    for spec in specs:
+        for name in parse_spec(spec):
+            models.update(REWARD_MODELS.get(name, {}))
+    return sum(models.values()) * torch.finfo(dtype).bits // 8
+
+
 def check_spec(spec, **options) -> list[str]:
     """What every reward of `spec` needs and where it comes from, checked without loading anything
     (the scripts' --dry_run): weights cached or fetchable, packages installed, servers reachable.
@@ -444,9 +467,10 @@ def aesthetic_mlp_path(path=None, download: bool = True) -> str:
                                 f"not the pinned {AESTHETIC_MLP_SHA256[:12]} (changed upstream or damaged); "
                                 "set AESTHETIC_MLP to a copy you trust")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".tmp", "wb") as f:
+    tmp = f"{cached}.{os.getpid()}.tmp"  # one temporary file per process: never two writers on one path
+    with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(cached + ".tmp", cached)
+    os.replace(tmp, cached)
     return cached
 
 

@@ -206,8 +206,8 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    from model import (SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution,
-                       resolution_rule)
+    from model import (DTYPES, SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_model_resolution,
+                       resolve_dtype)
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
     ap.add_argument("--model", default=SD35_MEDIUM,
                     help="pipeline folder or hub id (default: the paper's SD3.5-M)")
@@ -223,6 +223,8 @@ def main(argv=None):
     ap.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
     ap.add_argument("--out", default="grid.png")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="transformer and text encoders (auto: bfloat16 on CUDA, float32 on CPU); VAE float32")
     args = ap.parse_args(argv)
     try:  # every input checked before the model loads
         for name in ("n_per_prompt", "steps", "scale"):
@@ -240,12 +242,11 @@ def main(argv=None):
         check_model_path(args.model)
         if args.lora:
             check_lora_folder(args.lora)
-        rule = resolution_rule(args.model)
-        if rule and (args.height or args.width):
-            check_resolution(args.height or rule[1], args.width or rule[1], rule[0])
+        check_model_resolution(args.model, args.height or 0, args.width or 0)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    model = FlowModel.load(args.model, device=args.device)
+    device = torch.device(args.device)
+    model = FlowModel.load(args.model, device=device, dtype=DTYPES[resolve_dtype(args.dtype, device)])
     adapter = None
     if args.lora:
         adapter = "adapter"

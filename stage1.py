@@ -22,19 +22,20 @@ Run: a library; `python teacher_rl.py --help`, `python nft.py --help`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import memory
 from data import load_prompts, load_task
 from evaluate import evaluate_student
 from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values,
-                     check_student_config, config_dict, describe_recipe, fail, given_keys, print_main,
-                     require, require_positive, step_seed)
-from model import (SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_resolution,
-                   resolution_rule)
-from rewards import check_spec, make_reward
+                     check_student_config, config_dict, describe_recipe, fail, given_keys, load_base,
+                     peak_memory, print_main, require, require_positive, step_seed)
+from model import SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution, resolve_dtype
+from rewards import check_spec, make_reward, reward_bytes
 
 
 @dataclass
@@ -88,14 +89,16 @@ def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list
 def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe=None) -> tuple:
     """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
     split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
-    (the algorithm's own), then the run directory and the reward. `own_recipe(cfg)` ({key: (value,
-    reason)}, e.g. teacher_rl.GUARD_RECIPE) is applied first, to the keys the command line does not set.
-    Every bad input fails here with a one-line error, before any model loads or anything is written.
-    Returns (task, reward_fn, run); reward_fn is None with --dry_run."""
+    (the algorithm's own), the memory plan (memory.plan_run, applied to cfg), then the run directory and
+    the reward. `own_recipe(cfg)` ({key: (value, reason)}, e.g. teacher_rl.GUARD_RECIPE) is applied first,
+    to the keys the command line does not set. Every bad input fails here with a one-line error, before
+    any model loads or anything is written. Returns (task, reward_fn, run); reward_fn is None with
+    --dry_run."""
     try:
         given = given_keys(type(cfg), argv)
         own = apply_values(cfg, given, own_recipe(cfg) if own_recipe else {})
         changed = apply_recipe(cfg, given, cfg.model, recipe)
+        cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
         check_student_config(cfg)
         require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "adv_clip",
                          "updates_per_rollout")
@@ -105,22 +108,22 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
                 f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         require(cfg.batch % cfg.group_size == 0,
                 f"--group_size {cfg.group_size} does not divide the global --batch {cfg.batch}")
-        require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0,
-                f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates "
-                f"(--updates_per_rollout) of equal shares over {dist.world} ranks")
+        require(cfg.batch % (cfg.updates_per_rollout * dist.world) == 0, batch_error(cfg, dist.world))
         checks(cfg)
         check_model_path(cfg.model)
-        rule = resolution_rule(cfg.model)
-        if rule and (cfg.height or cfg.width):
-            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
+        check_model_resolution(cfg.model, cfg.height, cfg.width)
         if cfg.init_lora:
             check_lora_folder(cfg.init_lora)
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
+        kind = {"teacher_rl": "grpo", "nft": "nft"}[recipe]
+        plan = memory.plan_run(kind, cfg, dist, given | set(changed) | set(own), reward_bytes([task.reward]),
+                               adapters=1 if kind == "nft" else 0)  # NFT's old policy: a second LoRA
         run = RunDir(cfg.out, cfg, dist, script, argv)
         needs = check_spec(task.reward) if cfg.dry_run else []   # what the reward needs, nothing loaded
-        reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
-        print_main(dist, describe_recipe(cfg, changed), *needs)
+        with dist.local_first():
+            reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
+        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)
         if own:
             print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
                 f"  {key} = {value!r} (default {default!r}): {reason}"
@@ -130,12 +133,22 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         fail(e)
 
 
+def batch_error(cfg, world: int) -> str:
+    """The one-line error of a --batch that does not split into equal shares: the nearest batches that do
+    (multiples of the group size and of updates x ranks) and the images per GPU each gives."""
+    step = math.lcm(cfg.group_size, cfg.updates_per_rollout * world)
+    lo, hi = cfg.batch // step * step, (cfg.batch // step + 1) * step
+    use = " or ".join(f"--batch {n} ({n // world} images per GPU)" for n in (lo, hi) if n)
+    return (f"--batch {cfg.batch} does not split into {cfg.updates_per_rollout} updates (--updates_per_rollout) "
+            f"of equal shares over {world} ranks: use {use}")
+
+
 def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
     """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
     student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer), or None
     after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
     try:
-        dist = Dist(cfg.device)
+        dist = Dist(cfg.device, plan_only=cfg.dry_run)
     except ValueError as e:
         fail(e)
     task, reward_fn, run = validate(cfg, dist, argv, script, recipe, checks, own_recipe)
@@ -144,8 +157,7 @@ def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
                    json.dumps(config_dict(cfg), indent=2))
         return None
     try:
-        model = FlowModel.load(cfg.model, device=dist.device)
-        model.latent_shape(cfg.height or model.default_resolution(), cfg.width or model.default_resolution())
+        model = load_base(cfg, dist)  # --dtype, the plan's placement
         trainer = StudentTrainer(model, cfg, dist, run)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
     except (ValueError, FileNotFoundError) as e:
         fail(e)
@@ -186,6 +198,7 @@ def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, s
         evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step,
                                              cfg.guidance, per_task_keys=False)
         metrics.update(evaluated)
+    metrics.update(peak_memory(dist.device))
     trainer.run.log(metrics, images)
     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
     if (step + 1) % cfg.save_every == 0 or last:

@@ -27,11 +27,10 @@ import torch
 import memory
 from data import Task, load_prompts, load_task
 from harness import (Dist, RunDir, apply_recipe, check_same_base, check_student_config, describe_recipe, fail,
-                     given_keys, print_main, require, require_positive, trained_steps)
+                     given_keys, print_main, require, require_positive)
 from jsonfiles import read_json
-from model import (DTYPES, FlowModel, check_lora_folder, check_model_path, check_resolution, resolution_rule,
-                   weights_dtype)
-from rewards import check_spec, make_reward
+from model import FlowModel, check_lora_folder, check_model_path, check_model_resolution, resolve_dtype
+from rewards import check_spec, make_reward, reward_bytes
 
 
 @dataclass
@@ -159,45 +158,46 @@ def load_teachers(model: FlowModel, specs, dist, dtype: torch.dtype = torch.floa
 def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py"):
     """Every input of a distillation run (opd.py's OPDConfig) checked, with a one-line error, before any
     model loads and before anything is written: the teachers (resolve_teachers), the recipe (applied to
-    cfg), every field, the base, the memory plan (applied to cfg: memory.plan_round), the prompt sets
-    and the run folder. Returns (teacher specs, train prompts by task, rewards by task, run dir)."""
+    cfg), every field, the base, the memory plan (applied to cfg: memory.plan_run), the prompt sets
+    and the run folder. Returns (teacher specs, train prompts by task, rewards by task, run dir); the
+    rewards are built on the host when the plan offloads them (they only evaluate)."""
     try:
-        base, specs = resolve_teachers(cfg)
+        with dist.local_first():  # a hub teacher downloads once per node
+            base, specs = resolve_teachers(cfg)
         cfg.model = cfg.model or base
         given = given_keys(type(cfg), argv)
         changed = apply_recipe(cfg, given, cfg.model, "opd")
+        cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
         check_student_config(cfg)
         require_positive(cfg, "prompts_per_batch", "num_steps")
         require(cfg.noise_level >= 0, f"--noise_level must be >= 0, got {cfg.noise_level}")
         require(0 < cfg.timestep_fraction <= 1,
                 f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         require(cfg.teacher_chunk >= 0 and cfg.train_chunk >= 0, "--teacher_chunk/--train_chunk must be >= 0")
-        require(cfg.dtype in ("auto", *DTYPES),
-                f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
         require(cfg.teacher_dtype in ("float32", "model"),
                 f"--teacher_dtype must be float32 or model, got {cfg.teacher_dtype!r}")
-        require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
-                "full fine-tuning trains the transformer's own weights: keep --dtype float32")
         require(cfg.estimator in ("closed_form", "ppo"),
                 f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
         require(not (cfg.estimator == "ppo" and cfg.noise_level <= 0),
                 "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
         bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
         require(not bad, f"--train_steps {bad} outside 0..{cfg.num_steps - 1}")
+        dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)",
+                   "--prompts_per_batch")
         check_model_path(cfg.model)
-        rule = resolution_rule(cfg.model)
-        if rule and (cfg.height or cfg.width):
-            check_resolution(cfg.height or rule[1], cfg.width or rule[1], rule[0])
-        plan = memory.plan_round(cfg, dist, given, len(specs), weights_dtype(cfg.dtype, dist),
-                                 trained_steps(cfg), always=cfg.dry_run)
+        check_model_resolution(cfg.model, cfg.height, cfg.width)
+        teacher_size = 0.5 if cfg.teacher_dtype == "model" and cfg.dtype == "bfloat16" else 1.0
+        plan = memory.plan_run("opd", cfg, dist, given | set(changed), reward_bytes([s["task"].reward for s in specs]),
+                               adapters=teacher_size * sum(s["kind"] == "lora" for s in specs))
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
-        dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)")
         run = RunDir(cfg.out, cfg, dist, script, argv)
         needs = [line for s in specs for line in check_spec(s["task"].reward)] if cfg.dry_run else []
-        rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=dist.device)
-                                          for s in specs}
+        device = "cpu" if cfg.offload_rewards else dist.device
+        with dist.local_first():  # first-use downloads of the reward models, once per node
+            rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=device)
+                                              for s in specs}
         print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)
         return specs, prompts_by_task, rewards, run
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:

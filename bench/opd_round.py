@@ -379,10 +379,13 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     out = {"sec": sec, "images": images, "net": net}
     out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dist.device) - held + s.own_bytes if meter.cuda else
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    setting = memory.Setting(cfg.train_chunk, cfg.teacher_chunk, cfg.grad_checkpointing)
-    out["predicted_peak_mem_mb"] = max(memory.predict(s.footprint, setting, cfg.prompts_per_batch // dist.world,
-                                                      len(trained_steps(cfg)), cfg.num_steps,
-                                                      len(s.teachers)).values()) / 2**20
+    # the planner's round phases (allocated bytes: no margin, no CUDA context), as max_memory_allocated counts
+    job = memory.Job("opd", cfg.prompts_per_batch // dist.world, len(train_steps), cfg.num_steps, 2, 0, 0)
+    setting = {"train_chunk": cfg.train_chunk, "teacher_chunk": cfg.teacher_chunk,
+               "grad_checkpointing": cfg.grad_checkpointing, "eval_batch": 1}
+    teachers = len(s.teachers) * s.footprint.lora * (0.5 if cfg.teacher_dtype == "model" else 1)
+    peaks = memory.phases(s.footprint, job, setting, int(teachers))
+    out["predicted_peak_mem_mb"] = max(peaks[k] for k in ("rollout", "teacher", "train")) / 2**20
     return out
 
 
@@ -612,9 +615,23 @@ def main(argv=None):
     report = {"config": dataclasses.asdict(cfg), "device": torch.cuda.get_device_name(dist.device) if cuda else "cpu",
               "world": dist.world, "torch": torch.__version__, "peak_matmul_tflops": peak,
               "peak_matmul_dtype": str(peak_dtype).removeprefix("torch.")}
+    base_cfg = dataclasses.asdict(cfg)
+
+    def save(results):
+        """The report so far, written at once: a run cut short keeps every measurement already taken."""
+        base = results["baseline"]["sec"]["total"]
+        for r in results.values():
+            r["speedup_vs_baseline"] = base / r["sec"]["total"]
+        report["variants"] = {name: {"overrides": {k: v for k, v in dataclasses.asdict(cfgs[name]).items()
+                                                   if k != "levers" and v != base_cfg[k]}, **r}
+                              for name, r in results.items()}
+        if dist.is_main:
+            Path(cfg.out).write_text(json.dumps(report, indent=2))
+
     with NetMeter(dist.device) as meter:
         setups = setups_for(cfgs, dist, meter)
         results = time_variants(cfgs, setups, dist, meter, peak)
+        save(results)
         if dist.is_main:
             print(table(results), flush=True)
         s = setups["baseline"]
@@ -624,6 +641,7 @@ def main(argv=None):
             report["eval"] = evaluation(s, cfg, dist, meter)
         if s.rewards and cfg.overlap_batches:
             report["overlap"] = overlap(s, cfg, dist)
+        save(results)
         del s, setups
         if cfg.max_batch and cuda:  # each model alone on the GPU
             for name, c in cfgs.items():
@@ -632,20 +650,14 @@ def main(argv=None):
                 alone = build(c, dist)
                 meter.watch_model(alone.model)
                 results[name]["max_batch"] = max_batch(alone, c, dist, meter, peak)
+                save(results)
         if cfg.grpo_steps:
             report["grpo"] = grpo(cfg, dist, meter)
-    base = results["baseline"]["sec"]["total"]
-    for r in results.values():
-        r["speedup_vs_baseline"] = base / r["sec"]["total"]
-    base_cfg = dataclasses.asdict(cfg)
-    report["variants"] = {name: {"overrides": {k: v for k, v in dataclasses.asdict(cfgs[name]).items()
-                                               if k != "levers" and v != base_cfg[k]}, **r}
-                          for name, r in results.items()}
+            save(results)
     if dist.is_main:
         for key in ("cfg_pair", "overlap", "eval", "grpo"):
             if key in report:
                 print(f"{key}: " + json.dumps({k: v for k, v in report[key].items() if k != "argv"}))
-        Path(cfg.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {cfg.out}")
     dist.close()
     return report

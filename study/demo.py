@@ -327,7 +327,7 @@ def main(argv=None) -> dict:
               "cascade-nft": [str(r) for r in cascade]}
     launch(cfg, "study.table", ["--models", *[f"{k}={v}" for k, v in models.items()],
                                 "--time", *[f"{k}={'+'.join(v)}" for k, v in chains.items()],
-                                "--tasks", *TASKS, "--prompts", str(cfg.final_prompts), "--steps",
+                                "--tasks", *TASKS, "--recipe", cfg.recipe, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
     table = read_json(results / "table.json", "table")
     from study.plots import plot_distance, run_seconds

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from harness import Dist, StudentTrainer, fail, no_phase, one_line_stops, parse_config, print_main, trained_steps
-from model import FlowModel, TextEmbeds, weights_dtype
+from harness import (Dist, StudentTrainer, fail, load_base, no_phase, one_line_stops, parse_config, print_main,
+                     trained_steps)
+from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid
 from teachers import load_teachers, validate
 
@@ -136,7 +137,7 @@ def gradient_variance(cfg, argv=None) -> dict:
         out, cfg.out = cfg.out, f"{scratch}/run"
         specs, prompts_by_task, _, _ = validate(cfg, dist, argv, "study/instruments.py")
         cfg.out = out
-    model = FlowModel.load(cfg.model, device=dist.device, dtype=weights_dtype(cfg.dtype, dist))
+    model = load_base(cfg, dist)
     trainer = StudentTrainer(model, cfg, dist, None)
     teachers = load_teachers(model, specs, dist)
     grads, steps = {"closed_form": [], "ppo": []}, trained_steps(cfg)

@@ -38,12 +38,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import memory
 from data import Task, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
-from harness import Dist, check_same_base, config_dict, parse_config
+from harness import (Dist, apply_recipe, check_same_base, config_dict, describe_recipe, given_keys, parse_config,
+                     print_main)
 from jsonfiles import read_json
-from model import FlowModel, check_model_path, repo_path
-from rewards import make_reward
+from model import DTYPES, FlowModel, check_model_path, check_model_resolution, repo_path, resolve_dtype
+from rewards import check_spec, make_reward, reward_bytes
 
 
 # ---------------------------------------------------------------------- Table 1
@@ -142,7 +144,8 @@ def cache_key(spec: ModelSpec, cfg) -> dict:
     """What a cached result depends on: the weights (adapter file hash) and the protocol."""
     return {"base": spec.base, "adapter": spec.adapter,
             "adapter_sha256": _sha256(Path(spec.adapter) / "adapter_model.safetensors") if spec.adapter else None,
-            "prompts": cfg.prompts, "steps": cfg.steps, "guidance": model_guidance(spec, cfg), "seed": cfg.seed}
+            "prompts": cfg.prompts, "steps": cfg.steps, "guidance": model_guidance(spec, cfg), "seed": cfg.seed,
+            "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype}
 
 
 # ---------------------------------------------------------------------- command line
@@ -161,19 +164,32 @@ class EvalConfig:
     guidance: float = EVAL_GUIDANCE     # CFG (paper: 4.5)
     own_guidance: bool = True           # a teacher is sampled with its own guidance (model_guidance)
     seed: int = 0                       # prompt i uses seed + i
-    batch: int = 32                     # images per forward, per rank
+    batch: int = 32                     # images per forward, per rank (lowered by the memory plan)
+    height: int = 512                   # pixels (paper: 512); 0 = the model's default resolution
+    width: int = 512
+    recipe: str = "auto"                # auto: the first model's base folder's recipe.json ("table"), paper, a path
     grid_prompts: int = 8               # per task in each model's sample grid
     device: str = "auto"
+    dtype: str = "auto"                 # transformer and text encoders: auto (CUDA: bfloat16; CPU: float32),
+                                        # float32, bfloat16; the VAE: float32
+    offload_text_encoders: bool = False  # keep the text encoders in host memory between encodings
+    max_memory_gb: float = 0.0          # the memory plan's budget per GPU; 0 = the GPU's memory on CUDA
+    dry_run: bool = False               # check every input, print the plan and the config, load nothing
 
 
-def validate(cfg: EvalConfig):
+def validate(cfg: EvalConfig, argv=None):
     """Every bad input fails here with a one-line error, before any model loads and before --out is
-    written."""
+    written; the recipe of the first model's base is applied (its "table" values, e.g. the embedded base's
+    own resolution) to the keys the command line does not set."""
     from study.plots import parse_named, read_metrics
     try:
         for name in ("prompts", "steps", "batch"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+        if cfg.height < 0 or cfg.width < 0 or cfg.max_memory_gb < 0:
+            raise ValueError("--height/--width/--max_memory_gb must be >= 0")
+        if cfg.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
         if cfg.grid_prompts < 0:
             raise ValueError(f"--grid_prompts must be >= 0, got {cfg.grid_prompts}")
         if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -200,8 +216,23 @@ def validate(cfg: EvalConfig):
             read_metrics(run)
         for spec in models:
             check_model_path(spec.base)
-        return models, tasks, times, curves
+        changed = apply_recipe(cfg, given_keys(EvalConfig, argv), models[0].base, "table")
+        for spec in models:
+            check_model_resolution(spec.base, cfg.height, cfg.width)
+        return models, tasks, times, curves, changed
     except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def plan(cfg: EvalConfig, models: list[ModelSpec], tasks: list[Task], dist, argv=None) -> str:
+    """The memory plan of the evaluation (memory.plan_run; --batch and the text encoders' place are chosen
+    when not given) and the resolved dtype, set on cfg; the lines to print."""
+    try:
+        cfg.dtype = resolve_dtype(cfg.dtype, dist.device)
+        adapters = sum((Path(m.adapter) / "adapter_model.safetensors").stat().st_size for m in models if m.adapter)
+        return memory.plan_run("table", cfg, dist, given_keys(EvalConfig, argv), reward_bytes([t.reward for t in tasks]),
+                               adapter_bytes=adapters, model=models[0].base)
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -222,7 +253,10 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
     if not todo and grid_file.is_file():
         return results
     if spec.base not in loaded:
-        loaded[spec.base] = FlowModel.load(spec.base, device=dist.device)
+        with dist.local_first():  # a hub model downloads once per node
+            loaded[spec.base] = FlowModel.load(spec.base, device=dist.device, dtype=DTYPES[cfg.dtype])
+        if cfg.offload_text_encoders:
+            loaded[spec.base].offload_text_encoders()
     model, adapter = loaded[spec.base], None
     if spec.adapter:
         check_same_base(spec.adapter, model)
@@ -233,7 +267,8 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
     for task in todo:
         per_prompt = {}
         res = evaluate_task(model, task, rewards[task.name], dist, adapter, cfg.prompts, cfg.steps,
-                            guidance, cfg.seed, cfg.batch, per_prompt=per_prompt)
+                            guidance, cfg.seed, cfg.batch, per_prompt=per_prompt, height=cfg.height or None,
+                            width=cfg.width or None)
         results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res,
                               "per_prompt": per_prompt, "guidance": guidance}
         if dist.is_main:
@@ -243,8 +278,8 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
         for task in tasks:
             prompts, _ = load_prompts(task.dataset, "test")
             idx = list(range(min(cfg.grid_prompts, len(prompts))))
-            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, guidance, cfg.seed, adapter),
-                               [prompts[i] for i in idx])
+            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, guidance, cfg.seed, adapter,
+                                           cfg.height or None, cfg.width or None), [prompts[i] for i in idx])
         save_sample_grid(rows, str(grid_file), f"{spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else "")
                          + f"  (ODE {cfg.steps} steps, CFG {guidance}, prompt i seeded {cfg.seed} + i)")
         cache_file.write_text(json.dumps({"key": key, "tasks": results}, indent=2))
@@ -255,10 +290,21 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
 def main(argv=None) -> dict:
     from study.plots import plot_curves
     cfg = parse_config(EvalConfig, argv)
-    models, tasks, times, curves = validate(cfg)
+    models, tasks, times, curves, changed = validate(cfg, argv)
     try:
-        dist = Dist(cfg.device)
-        rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
+        dist = Dist(cfg.device, plan_only=cfg.dry_run)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print_main(dist, *filter(None, [plan(cfg, models, tasks, dist, argv), describe_recipe(cfg, changed)]))
+    if cfg.dry_run:
+        needs = [f"{t.name}: {line}" for t in tasks for line in check_spec(t.reward)]
+        print_main(dist, *needs, "dry run: every input checked; the resolved config:",
+                   json.dumps(config_dict(cfg), indent=2))
+        dist.close()
+        return None
+    try:
+        with dist.local_first():  # first-use downloads of the reward models, once per node
+            rewards, loaded = {t.name: make_reward(t.reward, device=dist.device) for t in tasks}, {}
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(cfg.out)

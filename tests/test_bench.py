@@ -2,6 +2,7 @@
 benchmark end to end (tiny model, every optional measurement, a half-precision lever, GRPO steps)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,25 @@ def test_levers_change_speed_not_the_gradient(teachers):
         # compared as a whole (elementwise, single tiny coordinates are all rounding)
         rel = ((g - grads["baseline"]).norm() / grads["baseline"].norm()).item()
         assert rel < F32_REL, (name, rel)
+
+
+def test_the_random_sd35m_folder_has_the_published_widths_and_loads_like_sd35m(tmp_path):
+    """bench/sd35m_folder.py (gpu_check.sh's real-size smoke runs), one block per network here: every width,
+    vocabulary and tokenizer limit of the fixture's configs, and FlowModel loads and samples it in bfloat16."""
+    import json
+
+    from bench.sd35m_folder import FIXTURE, build
+    from model import FlowModel
+    from sample import rollout
+    folder = build(str(tmp_path / "m"), "cpu", torch.bfloat16, layers=1)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        saved, published = (json.loads((Path(root) / name / "config.json").read_text()) for root in (folder, FIXTURE))
+        differ = {k for k in published if not k.startswith("_") and saved.get(k) != published[k]}
+        # transformers' T5Config writes tie_word_embeddings true whatever it is given: an encoder has no head
+        assert differ <= {"num_layers", "num_hidden_layers", "dual_attention_layers", "tie_word_embeddings"}, \
+            (name, differ)
+    model = FlowModel.load(folder, dtype=torch.bfloat16)
+    embeds = model.encode_prompts(["a photo of a cat"])
+    assert model.max_sequence_length == 128 and embeds.seq.shape == (1, 77 + 128, 4096)
+    images = rollout(model, embeds, [0], 2, 4.5, 0.0, 64, 64).images
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()

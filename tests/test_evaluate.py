@@ -175,7 +175,7 @@ def test_reward_terms_are_reported_as_their_means(tiny_pipe_dir, tmp_path):
 def _cli_args(tiny_pipe_dir, adapter, runs, out):
     return ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}", "--tasks", "geneval", "aesthetic",
             "--time", f"tuned={runs[0]}+{runs[1]}", "--prompts", "4", "--steps", "3", "--batch", "2",
-            "--grid_prompts", "2", "--out", str(out)]
+            "--grid_prompts", "2", "--height", "0", "--width", "0", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")

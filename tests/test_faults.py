@@ -321,7 +321,8 @@ def test_study_table_bad_inputs_leave_nothing(case, tiny_pipe_dir, tmp_path, no_
         pytest.skip("this machine has a GPU")
     (tmp_path / "FILE").write_text("x")
     extra, match = TABLE_CASES[case]
-    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "ocr", "--out", str(tmp_path / "out"),
+    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "ocr", "--out", str(tmp_path / "out"), "--height", "0",
+            "--width", "0",
             *[str(tmp_path / "FILE") if a == "FILE" else a for a in extra]]
     _one_line(lambda: table_cli.main(args), match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]

@@ -60,8 +60,10 @@ def inputs(tiny_pipe_dir, tmp_path_factory):
         "guard": ("teacher_rl", lambda out: _guard_args(tiny_pipe_dir, out, "--steps", "2", "--dataset", cats,
                                                         *brightness)),
         "nft": ("nft", lambda out: _nft_args(tiny_pipe_dir, out, "--steps", "2", "--dataset", cats, *brightness)),
-        "opd": ("opd", lambda out: opd_args(teachers, out, "--steps", "2")),
-        "table": ("study.table", lambda out: _cli_args(tiny_pipe_dir, adapter, runs, out)),
+        # an odd number of test prompts: every one is evaluated on 2 ranks too
+        "opd": ("opd", lambda out: opd_args(teachers, out, "--steps", "2", "--eval_prompts", "3")),
+        "table": ("study.table", lambda out: [*_cli_args(tiny_pipe_dir, adapter, runs, out), "--prompts", "5"]),
+        "local_first": ("local_first_probe", lambda out: [out]),
     }
     (root / "jobs.json").write_text(json.dumps([{"name": name, "module": module, "argv": argv(str(root / "two" / name))}
                                                 for name, (module, argv) in jobs.items()]))
@@ -107,7 +109,7 @@ def _assert_same_metrics(one, two, keys):
     m1, m2 = _metrics(one), _metrics(two)
     assert len(m1) == len(m2)
     for a, b in zip(m1, m2):
-        for key in keys:
+        for key in (k for k in keys if k in a or k in b):  # evaluation keys: on the evaluated steps
             assert a[key] == pytest.approx(b[key], rel=REL, abs=FLOOR.get(key, 1e-9)), (a["step"], key)
 
 
@@ -145,7 +147,8 @@ def test_opd_two_ranks_make_the_same_update_with_one_flat_all_reduce_per_step(ti
     trainable values (Dist.average_gradients); every other collective carries a few scalars."""
     one, two = _one_and_two(inputs, "opd")
     _assert_same_update(one, two, _init_lora(tiny_pipe_dir))
-    _assert_same_metrics(one, two, ["loss", "loss/geneval", "loss/ocr", "grad_norm"])
+    _assert_same_metrics(one, two, ["loss", "loss/geneval", "loss/ocr", "grad_norm", "eval/geneval/reward",
+                                    "eval/ocr/reward"])  # 3 test prompts per task: all of them on 2 ranks
     m = _metrics(one)
     assert m[1]["loss"] != m[0]["loss"] and "eval/geneval/reward" in m[-1]
     n_trainable = sum(p.numel() for p in _init_lora(tiny_pipe_dir))
@@ -154,9 +157,17 @@ def test_opd_two_ranks_make_the_same_update_with_one_flat_all_reduce_per_step(ti
         assert all(c <= 64 for c in calls if c != n_trainable), calls
 
 
-def test_study_table_on_two_ranks_gives_the_table_of_one(inputs):
+def test_study_table_on_two_ranks_gives_the_table_of_one_on_an_odd_number_of_prompts(inputs):
     one, two = _one_and_two(inputs, "table")
     t1, t2 = (json.loads((Path(run) / "table.json").read_text()) for run in (one, two))
     for m1, m2 in zip(t1["models"], t2["models"]):
         for task in m1["scores"]:
             assert m1["scores"][task] == pytest.approx(m2["scores"][task], abs=1e-5)
+            assert len(m1["per_prompt"][task]["reward"]) == len(m2["per_prompt"][task]["reward"]) == 5
+
+
+def test_first_use_downloads_run_on_local_rank_0_before_the_others(inputs):
+    """Dist.local_first: rank 1 enters the block only after rank 0 has left it."""
+    (enter0, leave0), (enter1, leave1) = (json.loads((inputs["root"] / "two" / f"local_first.{r}").read_text())
+                                          for r in range(2))
+    assert enter0 < leave0 <= enter1 < leave1

@@ -165,7 +165,7 @@ def test_ratio_norm_brings_grpo_guards_recipe_for_every_key_not_given(tiny_pipe_
     """--ratio_norm: GRPO-Guard's per-prompt std, clip 2e-6, lr 1e-4, no KL (its config/grpo_guard.py);
     a flag given on the command line wins; without --ratio_norm Flow-GRPO's global std stays."""
     base = ["--model", tiny_pipe_dir, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward", "jpeg_incompressibility=1",
-            "--recipe", "paper", "--out", str(tmp_path / "run"), "--dry_run"]
+            "--recipe", "paper", "--height", "0", "--width", "0", "--out", str(tmp_path / "run"), "--dry_run"]
     guard = teacher_rl.main(base + ["--ratio_norm"])
     assert (guard.per_group_std, guard.clip_range, guard.lr, guard.kl_beta) == (True, 2e-6, 1e-4, 0.0)
     assert "per_group_std = True" in capsys.readouterr().err

@@ -1,0 +1,16 @@
+"""tests/test_ranks.py's probe of harness.Dist.local_first, run by tests/ranks_runner.py on 2 ranks of one
+node: each rank records when it entered and left the block (a stand-in for a first-use download)."""
+import json
+import time
+from pathlib import Path
+
+import harness
+
+
+def main(argv):
+    dist = harness.Dist("cpu")
+    with dist.local_first():
+        enter = time.time()
+        time.sleep(0.3)
+        leave = time.time()
+    Path(f"{argv[0]}.{dist.rank}").write_text(json.dumps([enter, leave]))
