@@ -31,9 +31,10 @@ Departures from the reference code (DiffusionOPD release)
 2. Teacher targets for all trained steps of a batch are computed in batched forwards
    (`teacher_chunk` rows at a time) instead of one forward per timestep; the student's forward and
    backward likewise take `train_chunk` rows at a time (0: all of a batch's trained steps at once).
-3. Half precision is bfloat16 transformer weights (`--dtype auto`: bfloat16 on CUDA, float32 on CPU)
-   with the LoRA, optimizer and loss in float32 (no loss scaling needed), not the release's fp16
-   mixed precision. `python -m bench.opd_round` measures it and the other speed levers.
+3. Half precision is bfloat16 transformer and text-encoder weights (`--dtype auto`: bfloat16 on CUDA,
+   float32 on CPU; the VAE in float32) with the LoRA, optimizer and loss in float32 (no loss scaling
+   needed), not the release's fp16 mixed precision. `python -m bench.opd_round` measures it and the
+   other speed levers; memory.py plans the chunks, checkpointing and placement that fit the GPU.
 4. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
    `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
 

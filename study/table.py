@@ -17,6 +17,9 @@ Departures from the paper
 2. Time is the training wall-clock read from the runs' metrics.jsonl (study.plots: sec/* of each step
    summed without sec/eval), in minutes; `--time NAME=RUN+RUN` sums a chain run one after another
    on one machine (the paper adds the teachers' time, trained in parallel, as "85.8 + 11.3").
+3. Models are sampled at --height x --width (the paper's 512 px; a base folder's recipe.json may say
+   otherwise: the embedded toy base evaluates at its own 32 px), in --dtype (bfloat16 on CUDA), with the
+   images per forward (--batch) lowered by the memory plan when they would not fit the GPU.
 
 Run:
     python -m study.table --models base=models/toy-sd3 opd=models/toy-sd3+runs/opd --out runs/eval   # CPU
@@ -27,7 +30,7 @@ Run:
         --tasks geneval ocr aesthetic --out runs/demo/results
     python -m study.table --models sd35=stabilityai/stable-diffusion-3.5-medium \\
         student=stabilityai/stable-diffusion-3.5-medium+DiffusionOPD/Student/lora --tasks geneval \\
-        --datasets geneval=dataset/geneval --prompts 2212 --batch 16       # 1 GPU, SD3.5-M
+        --datasets geneval=dataset/geneval --prompts 2212       # 1 GPU, SD3.5-M: bf16, 512 px, planned batch
     (dataset/geneval/task.json: {"reward": "geneval=1", "eval_key": "strict"}; see data.py)
 """
 from __future__ import annotations
