@@ -334,17 +334,35 @@ def step_seed(seed: int, step: int, index: int = 0) -> int:
 
 # ---------------------------------------------------------------------- EMA
 class EMA:
-    """ema <- decay * ema + (1 - decay) * w, every `every` steps (paper section 7: 0.9 every 8)."""
+    """The references' EMA of the trainable weights (paper section 7): Flow-GRPO's EMAModuleWrapper
+    (flow_grpo/ema.py at ac4c86e), which Flow-GRPO, NVlabs' DiffusionNFT and the DiffusionOPD release all
+    use. A call at optimizer-step count s (the steps taken so far) updates the shadow when
+    (s + 1) % every == 0, with a warm-up decay:
+        d(s) = min((1 + s) / (10 + s), decay),        ema <- d ema + (1 - d) w
+    (0.47 at s = 7, 0.64 at s = 15, `decay` from s = 80 for 0.9). Each reference calls it `calls` times per
+    optimizer step: calls - 1 times before the step (during its gradient accumulation, with the count and
+    weights before it) and once after it (with the new count and weights): the release once per task
+    batch of a round (calls = M tasks), Flow-GRPO once per training micro-batch, NVlabs once per step
+    (calls = 1). `before_step` and `after_step` are those calls."""
 
-    def __init__(self, params, decay: float, every: int):
-        self.params, self.decay, self.every = list(params), decay, every
+    def __init__(self, params, decay: float, every: int, calls: int = 1):
+        self.params, self.decay, self.every, self.calls = list(params), decay, every, calls
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, step: int):
-        if (step + 1) % self.every == 0:
-            for s, p in zip(self.shadow, self.params):
-                s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+    def call(self, s: int) -> None:
+        """One call of the reference's ema.step(params, s)."""
+        if (s + 1) % self.every == 0:
+            d = min((1 + s) / (10 + s), self.decay)
+            for e, p in zip(self.shadow, self.params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def before_step(self, s: int) -> None:
+        for _ in range(self.calls - 1):
+            self.call(s)
+
+    def after_step(self, s: int) -> None:
+        self.call(s)
 
     @torch.no_grad()
     def swap(self):
@@ -686,8 +704,9 @@ class StudentConfig:
     lr: float = 3e-4                    # AdamW, betas (0.9, 0.999)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0              # on the gradient of the release's loss scale (see the script)
-    ema_decay: float = 0.9              # EMA of the trainable weights: evaluated and saved
-    ema_every: int = 8                  # optimizer steps between EMA updates
+    ema_decay: float = 0.9              # EMA of the trainable weights (evaluated and saved): its decay after
+                                        # the warm-up min((1 + s) / (10 + s), ema_decay) at optimizer step s
+    ema_every: int = 8                  # the EMA updates at optimizer steps s with (s + 1) % ema_every == 0
     eval_every: int = 20                # evaluate the EMA weights every this many steps (and at the end)
     eval_prompts: int = 64              # test prompts per task
     eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
@@ -747,25 +766,27 @@ class NonFiniteError(RuntimeError):
 
 
 class StudentTrainer:
-    """The trainable weights of a run: a fresh LoRA (or `--init_lora`, or full fine-tuning), AdamW,
+    """The trainable weights of a run: a fresh LoRA (or `--init_lora`, a folder, or full fine-tuning), AdamW,
     gradient averaging over ranks + clipping + the non-finite guard, the EMA copy, and the run
     directory with exact resume. `begin()` writes the run directory, after every model has loaded."""
 
-    def __init__(self, model, cfg, dist: Dist, run: RunDir | None):
+    def __init__(self, model, cfg, dist: Dist, run: RunDir | None, ema_calls: int = 1, init_lora: str | None = None):
         self.model, self.cfg, self.dist, self.run = model, cfg, dist, run  # run None: nothing is saved
+        init_lora = getattr(cfg, "init_lora", "") if init_lora is None else init_lora  # a folder
         if cfg.full_finetune:
             params = model.enable_full_finetune()
-        elif getattr(cfg, "init_lora", ""):
-            check_same_base(cfg.init_lora, model)
+        elif init_lora:
+            check_same_base(init_lora, model)
             from model import STUDENT
-            model.load_lora(cfg.init_lora, STUDENT, trainable=True)
+            model.load_lora(init_lora, STUDENT, trainable=True)
             params = model.trainable_parameters()
         else:
             params = model.add_student_lora(cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         self.params = params
         # AdamW, betas (0.9, 0.999), paper section 7
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        self.ema = EMA(params, cfg.ema_decay, cfg.ema_every)
+        self.ema = EMA(params, cfg.ema_decay, cfg.ema_every, ema_calls)  # the script's call pattern (EMA)
+        self.optimizer_steps = 0  # optimizer steps taken (the EMA's s): skipped steps take none
         self.skipped = 0   # consecutive non-finite steps so far
         self.tensors: dict[str, list[torch.Tensor]] = {}  # more state a resume needs (NFT's old policy)
         self.start = run.start if run else 0
@@ -776,7 +797,10 @@ class StudentTrainer:
         """Write the run directory; on --resume restore the checkpoint. Returns the first step to run."""
         self.run.create()
         if self.start > 0:
-            self.skipped = self.run.load(self.opt, self.ema, self.tensors).get("skipped", 0)
+            state = self.run.load(self.opt, self.ema, self.tensors)
+            self.skipped = state.get("skipped", 0)
+            # a checkpoint written before the count was saved: every step so far took its optimizer steps
+            self.optimizer_steps = state.get("optimizer_steps", self.start * getattr(self.cfg, "updates_per_rollout", 1))
         return self.start
 
     def update(self, step: int, loss: torch.Tensor) -> tuple[float, bool]:
@@ -792,8 +816,10 @@ class StudentTrainer:
             self.skipped += 1
         else:
             self.skipped = 0
+            self.ema.before_step(self.optimizer_steps)
             self.opt.step()
-            self.ema.update(step)
+            self.optimizer_steps += 1
+            self.ema.after_step(self.optimizer_steps)
         self.opt.zero_grad(set_to_none=True)
         if self.skipped >= self.cfg.max_skipped_steps:
             where = f"the last checkpoint in {self.run.checkpoint} is intact" if self.run else \
@@ -829,7 +855,7 @@ class StudentTrainer:
 
     def save(self, step: int, extra_config: dict) -> None:
         self.run.save(step, self.model, self.opt, self.ema, {"base_model": self.cfg.model, **extra_config},
-                      {"skipped": self.skipped}, self.tensors)
+                      {"skipped": self.skipped, "optimizer_steps": self.optimizer_steps}, self.tensors)
 
     def mean_over_ranks(self, stats: dict) -> dict:
         """Average per-rank scalar statistics over ranks (max for keys ending in _dev)."""

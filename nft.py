@@ -24,8 +24,9 @@ Notation (paper -> code)
 
 The defaults are the NVlabs recipe for SD3.5-M GenEval (config/nft.py sd3_geneval): 48 prompts x 24
 images per step, one optimizer step, global std, beta 1.0, beta_ref 1e-4, lr 3e-4, guidance 1.0, 10
-steps, EMA 0.9 every step for evaluation, 512 px; OCR: --beta 0.1 --updates_per_rollout 2
---old_decay_flat 75 --old_decay_rate 0.0075 --old_decay_max 0.999. A base model folder's recipe.json
+steps, an EMA for evaluation (Flow-GRPO's wrapper: decay min((1 + s) / (10 + s), 0.9) at optimizer
+step s, called once after every optimizer step: train_nft_sd3.py line 1029), 512 px; OCR: --beta 0.1
+--updates_per_rollout 2 --old_decay_flat 75 --old_decay_rate 0.0075 --old_decay_max 0.999. A base model folder's recipe.json
 (the embedded base's holds its CPU-scale values) changes a few values, printed at start and saved in
 config.json. What Stage 1's scripts share is in stage1.py.
 
@@ -78,7 +79,7 @@ class NFTConfig(Stage1Config):
     old_decay_flat: int = 0             # old-policy decay schedule (module docstring)
     old_decay_rate: float = 0.001
     old_decay_max: float = 0.5
-    ema_every: int = 1                  # NVlabs: EMA 0.9 every step
+    ema_every: int = 1                  # NVlabs: its EMA (0.9 after the warm-up) updates at every optimizer step
 
 
 def optimality(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:

@@ -8,9 +8,11 @@ batch's task gives its transition mean, and the student's mean is recomputed wit
     ODE (a = 0):  L = E_x [ sum_j 1/2 ||mu_S(x_j) - mu_T(x_j)||^2 ]                   (Eq. 12)
 
 Routing (Algorithm 1, `opd_round`): each round has one sampling batch per task, in round-robin
-order; the batch's prompts come from that task's dataset and only that task's teacher supervises it;
-the gradients of the whole round are accumulated and ONE optimizer step is taken, so every rollout
-is on-policy.
+order; the batch's prompts come from that task's dataset and only that task's teacher supervises it
+(a task may have several teachers, the release's teacher axis: the batch's loss is the sum of its
+loss against each of them, as the release sums it); the gradients of the whole round are accumulated
+and ONE optimizer step is taken, so every rollout is on-policy. The student starts from a fresh LoRA,
+or from `--init_lora` (the release's train.lora_path: a PEFT folder, a teacher, a hub reference).
 
 Scale. The logged `loss` is the true L above: summed over latent dims d and trained steps, averaged
 over samples. The optimizer sees the release's scale: each step's loss averaged over dims, then over
@@ -37,6 +39,8 @@ Departures from the reference code (DiffusionOPD release)
    other speed levers; memory.py plans the chunks, checkpointing and placement that fit the GPU.
 4. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
    `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
+5. A task with fewer teachers than another has just its own: the release pads every task's teacher
+   slots to the same count with zero means, which pulls the student toward a zero mean there.
 
 Run:
     torchrun --standalone --nproc_per_node=2 opd.py --teachers ckpts/*    # CPU, embedded teachers
@@ -60,7 +64,7 @@ from harness import (Dist, Phases, StudentConfig, StudentTrainer, config_dict, f
                      update_or_stop)
 from model import FlowModel, TextEmbeds
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
-from teachers import load_teachers, validate
+from teachers import by_task, fetch_teacher, load_teachers, validate
 
 
 
@@ -75,6 +79,8 @@ class OPDConfig(StudentConfig):
     teacher_cfg: list[str] = field(default_factory=list)      # task=W guidance overrides
     teacher_reward: list[str] = field(default_factory=list)   # task=SPEC (evaluation) overrides
     model: str = ""                     # base; default: the base the teachers name
+    init_lora: str = ""                 # start the student from this LoRA (the release's train.lora_path):
+                                        # a PEFT folder, a teacher's run folder or owner/repo[/subfolder]
     out: str = "runs/opd"
     seed: int = 0
     steps: int = 60                     # rounds = optimizer steps
@@ -136,11 +142,12 @@ def teacher_means(teacher, model: FlowModel, prompts, embeds: TextEmbeds, x, t, 
 
 
 # ---------------------------------------------------------------------- one task batch
-def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher, prompts, seeds, steps: list[int],
+def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, steps: list[int],
                    scale: float, phase=no_phase):
-    """One task batch of Algorithm 1: roll out the student, get the teacher's targets at its states,
-    and add to .grad the gradient of `scale` x the batch's loss at the release's scale (module
-    docstring). Returns the true loss per sample, summed over the trained steps `steps` (B,)."""
+    """One task batch of Algorithm 1: roll out the student, get its task's teachers' targets at its
+    states, and add to .grad the gradient of `scale` x the batch's loss at the release's scale (module
+    docstring), the loss summed over `teachers` (one, or the task's several). Returns the true loss per
+    sample, summed over the trained steps `steps` and the teachers (B,)."""
     with phase("rollout"):
         embeds = model.encode_prompts(prompts)
         traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
@@ -156,18 +163,19 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher, prompts, seeds, st
         rows_embeds = TextEmbeds(embeds.seq.repeat(K, 1, 1), embeds.pooled.repeat(K, 1))
         # Eq. 5's s_j divides by 1 - t_j, 0 at t_0 = 1: there the sampler uses 1 - t_1 (its t_guard)
         t_guard = traj.t[1].item()
-        mean_t = teacher_means(teacher, model, list(prompts) * K, rows_embeds, x, t, t_next,
-                               cfg.noise_level, t_guard, cfg.teacher_chunk)
+        means_t = [teacher_means(teacher, model, list(prompts) * K, rows_embeds, x, t, t_next, cfg.noise_level,
+                                 t_guard, cfg.teacher_chunk) for teacher in teachers]
     with phase("train"):
         d, chunk, per_row = x[0].numel(), cfg.train_chunk or x.shape[0], []
         for lo in range(0, x.shape[0], chunk):
             sl = slice(lo, lo + chunk)
             v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance, cfg.cfg_detach_uncond)
             mean_s = transition_mean(x[sl], v, t[sl], t_next[sl], cfg.noise_level, t_guard)
+            # the release's teacher axis: the per-step loss summed over the task's teachers
             if cfg.estimator == "ppo":
-                loss = ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl])
+                loss = sum(ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl]) for mean_t in means_t)
             else:
-                loss = closed_form_loss(mean_s, mean_t[sl], sbar[sl], cfg.noise_level == 0)
+                loss = sum(closed_form_loss(mean_s, mean_t[sl], sbar[sl], cfg.noise_level == 0) for mean_t in means_t)
             # the release's scale: the mean over dims d, trained steps K and samples B
             ((loss / d).sum() * scale / (K * B)).backward()
             per_row.append(loss.detach())
@@ -175,36 +183,37 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teacher, prompts, seeds, st
 
 
 # ---------------------------------------------------------------------- one round: Algorithm 1
-def round_batches(cfg: OPDConfig, teachers, step: int, dist: Dist, prompts_by_task):
-    """Batch m of round `step` belongs to task m: its teacher, this rank's share of its prompts
-    (drawn from that task's prompt set) and their seeds (one per global sample: regenerable)."""
+def round_batches(cfg: OPDConfig, routes, step: int, dist: Dist, prompts_by_task):
+    """Batch m of round `step` belongs to task m (routes[m]: its teachers, teachers.by_task): the task's
+    teachers, this rank's share of its prompts (drawn from that task's prompt set) and their seeds (one
+    per global sample: regenerable)."""
     mine = dist.split(cfg.prompts_per_batch, "prompts_per_batch", "--prompts_per_batch")
-    for m, teacher in enumerate(teachers):
-        prompts = prompts_by_task[teacher.task.name]
+    for m, teachers in enumerate(routes):
+        prompts = prompts_by_task[teachers[0].task.name]
         rng = np.random.default_rng([cfg.seed, step, m])
         n = cfg.prompts_per_batch
         idx = rng.choice(len(prompts), n, replace=len(prompts) < n)[mine]
         first = m * cfg.prompts_per_batch  # global index of the batch's first sample
-        yield teacher, [prompts[i] for i in idx], [step_seed(cfg.seed, step, first + i)
-                                                   for i in range(mine.start, mine.stop)]
+        yield teachers, [prompts[i] for i in idx], [step_seed(cfg.seed, step, first + i)
+                                                    for i in range(mine.start, mine.stop)]
 
 
-def opd_round(cfg: OPDConfig, model, teachers, trainer, step: int, dist: Dist, prompts_by_task,
+def opd_round(cfg: OPDConfig, model, routes, trainer, step: int, dist: Dist, prompts_by_task,
               phase, gradient=batch_gradient) -> dict:
     """Algorithm 1, one round: for each task m in turn, the student's rollouts of its prompts and
-    the gradient of their loss against teacher m only, accumulated; then ONE optimizer step, so
-    every rollout of the round came from the current weights. `gradient` may stand in for
+    the gradient of their loss against task m's teachers only, accumulated; then ONE optimizer step,
+    so every rollout of the round came from the current weights. `gradient` may stand in for
     batch_gradient (the study's SFT baseline). Returns the round's metrics."""
     metrics, losses, steps = {"step": step}, [], trained_steps(cfg)
-    for teacher, prompts, seeds in round_batches(cfg, teachers, step, dist, prompts_by_task):
+    for teachers, prompts, seeds in round_batches(cfg, routes, step, dist, prompts_by_task):
         # the round's loss is the mean over its M task batches: each enters with 1 / M
-        loss = gradient(cfg, model, teacher, prompts, seeds, steps, 1.0 / len(teachers), phase)
+        loss = gradient(cfg, model, teachers, prompts, seeds, steps, 1.0 / len(routes), phase)
         losses.append(loss)
-        metrics[f"loss/{teacher.task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
+        metrics[f"loss/{teachers[0].task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
     with phase("optimizer"):
         metrics["grad_norm"], skipped = update_or_stop(trainer, step, losses, metrics)
     metrics["skipped_nonfinite"] = int(skipped)
-    metrics["loss"] = float(np.mean([metrics[f"loss/{t.task.name}"] for t in teachers]))
+    metrics["loss"] = float(np.mean([metrics[f"loss/{r[0].task.name}"] for r in routes]))
     return metrics
 
 
@@ -225,24 +234,27 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
         return None
     try:
         model = load_base(cfg, dist)  # --dtype, the memory plan's placement
-        # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy
-        trainer = StudentTrainer(model, cfg, dist, run)
+        # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy; its
+        # EMA is called once per task batch, as the release calls it (harness.EMA)
+        n_tasks = len({s["task"].name for s in specs})
+        trainer = StudentTrainer(model, cfg, dist, run, ema_calls=n_tasks,
+                                 init_lora=fetch_teacher(cfg.init_lora) if cfg.init_lora else "")
         lora_dtype = model.dtype if cfg.teacher_dtype == "model" else torch.float32
         teachers = load_teachers(model, specs, dist, lora_dtype)
+        routes = by_task(teachers)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     if cfg.compile:
         model.compile_blocks()
     start = trainer.begin()  # the run directory is written only now, after every model has loaded
-    tasks = [t.task for t in teachers]
+    tasks = [r[0].task for r in routes]
     saved = {"tasks": [t.name for t in tasks], "teachers": cfg.teachers, "guidance": cfg.guidance}
     bar = tqdm(range(start, cfg.steps), desc="opd", disable=not dist.is_main, initial=start,
                total=cfg.steps)
     for step in bar:
         phase, last, images = Phases(dist.device), step + 1 == cfg.steps, {}
         # ---- rollout -> teacher targets -> loss -> one update: a round of Algorithm 1
-        metrics = opd_round(cfg, model, teachers, trainer, step, dist, prompts_by_task, phase,
-                            gradient)
+        metrics = opd_round(cfg, model, routes, trainer, step, dist, prompts_by_task, phase, gradient)
         metrics.update({f"sec/{k}": v for k, v in phase.sec.items()})
         # ---- evaluate the EMA student on every task with the 40-step ODE
         if (step + 1) % cfg.eval_every == 0 or last:

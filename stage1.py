@@ -143,9 +143,10 @@ def batch_error(cfg, world: int) -> str:
             f"of equal shares over {world} ranks: use {use}")
 
 
-def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
+def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None, ema_calls: int = 1):
     """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
-    student (fresh LoRA or --init_lora). Returns (dist, task, reward_fn, run, model, trainer), or None
+    student (fresh LoRA or --init_lora; its EMA called `ema_calls` times per optimizer step, the
+    reference's pattern: harness.EMA). Returns (dist, task, reward_fn, run, model, trainer), or None
     after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
     try:
         dist = Dist(cfg.device, plan_only=cfg.dry_run)
@@ -158,7 +159,7 @@ def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None):
         return None
     try:
         model = load_base(cfg, dist)  # --dtype, the plan's placement
-        trainer = StudentTrainer(model, cfg, dist, run)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
+        trainer = StudentTrainer(model, cfg, dist, run, ema_calls)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     return dist, task, reward_fn, run, model, trainer

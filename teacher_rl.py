@@ -28,7 +28,9 @@ per-prompt std, clip range 2e-6, lr 1e-4, no KL) for every key the command line 
 
 The defaults are Flow-GRPO's SD3.5-M recipe (section 8a; its config/grpo.py geneval_sd3): a = 0.7,
 10 steps, 48 prompts x 24 images per step in two optimizer steps, global std, int(0.99 x 10) = 9
-trained steps, beta 0.04, clip 1e-4, lr 3e-4, EMA 0.9 every 8, 512 px. A base model folder may carry
+trained steps, beta 0.04, clip 1e-4, lr 3e-4, 512 px, and Flow-GRPO's EMA: decay min((1 + s) / (10 + s), 0.9)
+at optimizer step s, updated when (s + 1) % 8 == 0, called 8 times per optimizer step as Flow-GRPO
+calls it (once per training micro-batch: FLOW_GRPO_EMA_CALLS). A base model folder may carry
 its own recipe (recipe.json; the embedded base's holds its CPU-scale values): the values it changes are
 printed at start and saved in config.json. What Stage 1's scripts share is in stage1.py.
 
@@ -98,6 +100,12 @@ class TeacherConfig(Stage1Config):
     ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights, and
                                         # GUARD_RECIPE for the keys not given (clip 2e-6, lr 1e-4, ...)
 
+
+# Flow-GRPO calls its EMA once per training micro-batch (scripts/train_sd3.py at ac4c86e, line 954), with the
+# optimizer-step count: its SD3.5-M configs (config/grpo.py) train 48 x 24 images per step on 8 GPUs in
+# micro-batches of 9, two optimizer steps per step, so 1152 / (8 x 9 x 2) = 8 calls per optimizer step
+# (harness.EMA). A constant here, so that 1 and N ranks (and any --train_batch) make the same EMA.
+FLOW_GRPO_EMA_CALLS = 8
 
 # GRPO-Guard's own values (its config/grpo_guard.py, *_rationorm), applied with --ratio_norm to every
 # key the command line does not set: {key: (value, reason)}
@@ -212,7 +220,7 @@ def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
     started = stage1.start(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks,
-                           lambda c: GUARD_RECIPE if c.ratio_norm else {})
+                           lambda c: GUARD_RECIPE if c.ratio_norm else {}, ema_calls=FLOW_GRPO_EMA_CALLS)
     if started is None:
         return cfg
     dist, task, reward_fn, run, model, trainer = started

@@ -10,8 +10,11 @@ DiffusionOPD release (quanhaol/DiffusionOPD/{AesTeacher,GenEvalTeacher,OCRTeache
 A teacher trained here carries its task, dataset, reward, guidance and base in run_config.json; the
 others name no base (adapter_config.json: base_model_name_or_path null) and no task, so opd.py's
 `--model` and `--teacher_task` supply them, and `--teacher_dataset/--teacher_cfg/--teacher_reward`
-(task=value) set or override the rest. `resolve_teachers` reads only configs (no weights) and fails on
-every inconsistency before any compute; `load_teachers` loads them onto the student's model.
+(task=value) set or override the rest. A task may have several teachers (`--teacher_task geneval
+geneval ocr`, the release's teacher axis): they supervise the same batches of its prompts, each with its
+own guidance, and must share its prompt set and reward. `resolve_teachers` reads only configs (no
+weights) and fails on every inconsistency before any compute; `load_teachers` loads them onto the
+student's model; `by_task` groups them into Algorithm 1's routes.
 
 `validate` checks every input of a distillation run, the teachers first.
 
@@ -118,11 +121,15 @@ def resolve_teachers(cfg) -> tuple[str, list[dict]]:
             fingerprints.add(saved.get("base_fingerprint"))
         else:
             check_model_path(path)
-        specs.append({"path": path, "kind": kind, "task": task})
+        specs.append({"path": path, "kind": kind, "task": task, "ref": ref})
     names = [s["task"].name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"two teachers claim the same task {dup}: one teacher per task")
+    for name in dict.fromkeys(names):  # several teachers of one task supervise one batch of its prompts
+        same = [s["task"] for s in specs if s["task"].name == name]
+        for what in ("dataset", "reward"):
+            if len({getattr(task, what) for task in same}) > 1:
+                raise ValueError(f"the teachers of task {name!r} name different {what}s "
+                                 f"{sorted({getattr(task, what) for task in same})}: pass --teacher_{what} "
+                                 f"{name}=... (one per task)")
     for key in list(datasets) + list(cfgs) + list(rewards):
         if key not in names:
             raise ValueError(f"override for unknown task {key!r}; teachers' tasks are {names}")
@@ -146,13 +153,31 @@ def load_teachers(model: FlowModel, specs, dist, dtype: torch.dtype = torch.floa
     for s in specs:
         if s["kind"] == "lora":
             check_same_base(s["path"], model)
-            name = f"teacher_{s['task'].name}"
+            before = sum(t.task.name == s["task"].name for t in teachers)  # the task's teachers so far
+            name = f"teacher_{s['task'].name}" + (f"_{before}" if before else "")
             model.load_lora(s["path"], name, dtype=dtype)
             teachers.append(Teacher(s["task"], name))
         else:
             teachers.append(Teacher(s["task"], None, FlowModel.load(s["path"], device=dist.device,
                                                                    dtype=model.dtype)))
     return teachers
+
+
+def by_task(teachers: list) -> list[list]:
+    """Algorithm 1's routes: the teachers grouped by task, tasks in the order of their first teacher."""
+    tasks = list(dict.fromkeys(t.task.name for t in teachers))
+    return [[t for t in teachers if t.task.name == name] for name in tasks]
+
+
+def routing_table(specs) -> str:
+    """What supervises what (printed at start and by the dry run): per task its teachers, prompts and
+    guidance."""
+    lines = ["routing (Algorithm 1): task <- teachers (loss summed over a task's teachers), prompts, guidance"]
+    for name in dict.fromkeys(s["task"].name for s in specs):
+        mine = [s for s in specs if s["task"].name == name]
+        lines.append(f"  {name} <- {', '.join(s['ref'] for s in mine)}; prompts {mine[0]['task'].dataset}; "
+                     f"guidance {', '.join(str(s['task'].guidance) for s in mine)}")
+    return "\n".join(lines)
 
 
 def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py"):
@@ -185,6 +210,9 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)",
                    "--prompts_per_batch")
         check_model_path(cfg.model)
+        if cfg.init_lora:
+            with dist.local_first():
+                check_lora_folder(fetch_teacher(cfg.init_lora))  # the base is checked when it loads
         check_model_resolution(cfg.model, cfg.height, cfg.width)
         teacher_size = 0.5 if cfg.teacher_dtype == "model" and cfg.dtype == "bfloat16" else 1.0
         plan = memory.plan_run("opd", cfg, dist, given | set(changed), reward_bytes([s["task"].reward for s in specs]),
@@ -198,7 +226,7 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         with dist.local_first():  # first-use downloads of the reward models, once per node
             rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=device)
                                               for s in specs}
-        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)
+        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed), routing_table(specs)]), *needs)
         return specs, prompts_by_task, rewards, run
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)

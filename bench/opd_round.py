@@ -71,7 +71,7 @@ from evaluate import EVAL_GUIDANCE, evaluate_task
 from harness import Dist, Phases, StudentTrainer, apply_recipe, given_keys, parse_config, trained_steps
 from model import LORA_TARGETS, STUDENT, FlowModel, weights_dtype
 from sample import rollout
-from teachers import load_teachers, resolve_teachers, validate
+from teachers import by_task, load_teachers, resolve_teachers, validate
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
@@ -365,9 +365,9 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     phases = Phases(dist.device)
     start = clock(dist.device)
     images, losses = 0, []
-    for teacher, prompts, seeds in opd.round_batches(cfg, s.teachers, step, dist, s.prompts_by_task):
-        loss = opd.batch_gradient(cfg, s.model, teacher, prompts, seeds, train_steps,
-                                  1.0 / len(s.teachers), phases)
+    routes = by_task(s.teachers)
+    for teachers, prompts, seeds in opd.round_batches(cfg, routes, step, dist, s.prompts_by_task):
+        loss = opd.batch_gradient(cfg, s.model, teachers, prompts, seeds, train_steps, 1.0 / len(routes), phases)
         dist.all_gather(loss.to(dist.device)).mean().item()  # opd.main logs it
         losses.append(loss)
         images += len(prompts)

@@ -41,7 +41,7 @@ from harness import (Dist, StudentTrainer, fail, load_base, no_phase, one_line_s
                      trained_steps)
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid
-from teachers import load_teachers, validate
+from teachers import by_task, load_teachers, validate
 
 # prime offsets of a sample's seed: the SFT noise and the variance rollouts draw from other streams than
 # the rollouts of training (whose seeds are harness.step_seed(seed, round, index) for rounds < 10**6)
@@ -59,10 +59,14 @@ class InstrumentsConfig(opd.OPDConfig):
     variance_rollouts: int = 0          # > 0: measure both estimators' gradient variance, then exit
 
 
-def sft_gradient(cfg, model: FlowModel, teacher, prompts, seeds, steps: list[int], scale: float,
+def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[int], scale: float,
                  phase=no_phase):
-    """opd.batch_gradient's stand-in for the SFT baseline (module docstring). Returns the loss per
-    sample summed over the trained steps (B,)."""
+    """opd.batch_gradient's stand-in for the SFT baseline (module docstring), for a task with one teacher.
+    Returns the loss per sample summed over the trained steps (B,)."""
+    if len(teachers) != 1:
+        raise ValueError(f"the SFT baseline fits one teacher's samples per task; task {teachers[0].task.name} "
+                         f"has {len(teachers)} teachers")
+    teacher = teachers[0]
     net = teacher.model or model
     with phase("teacher"):
         emb_t = net.encode_prompts(prompts)
@@ -119,8 +123,10 @@ def log_distances(cfg):
             return
         t0 = time.perf_counter()
         with trainer.ema_weights():
-            for teacher in teachers:
-                metrics[f"eval/{teacher.task.name}/distance"] = distance_to_teacher(cfg, model, teacher, dist)
+            for teachers_of_task in by_task(teachers):
+                for k, teacher in enumerate(teachers_of_task):  # a task's second teacher and on: /1, /2...
+                    key = f"eval/{teacher.task.name}/distance" + (f"/{k}" if k else "")
+                    metrics[key] = distance_to_teacher(cfg, model, teacher, dist)
         metrics["sec/eval"] = metrics.get("sec/eval", 0.0) + time.perf_counter() - t0
     return after_round
 
@@ -139,14 +145,14 @@ def gradient_variance(cfg, argv=None) -> dict:
         cfg.out = out
     model = load_base(cfg, dist)
     trainer = StudentTrainer(model, cfg, dist, None)
-    teachers = load_teachers(model, specs, dist)
+    routes = by_task(load_teachers(model, specs, dist))
     grads, steps = {"closed_form": [], "ppo": []}, trained_steps(cfg)
     for r in tqdm(range(cfg.variance_rollouts), desc="variance", disable=not dist.is_main):
         for est in grads:
             one = dataclasses.replace(cfg, estimator=est)
-            batches = opd.round_batches(one, teachers, VARIANCE_ROUNDS + r, dist, prompts_by_task)
-            for teacher, prompts, seeds in batches:
-                opd.batch_gradient(one, model, teacher, prompts, seeds, steps, 1.0 / len(teachers))
+            batches = opd.round_batches(one, routes, VARIANCE_ROUNDS + r, dist, prompts_by_task)
+            for teachers, prompts, seeds in batches:
+                opd.batch_gradient(one, model, teachers, prompts, seeds, steps, 1.0 / len(routes))
             dist.average_gradients(trainer.params)
             grads[est].append(torch.cat([p.grad.flatten() for p in trainer.params]).cpu())
             trainer.opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import opd_round as bench
 from harness import Dist
+from teachers import by_task
 from helpers import F32_REL
 from model import LORA_TARGETS, FlowModel
 
@@ -155,8 +156,8 @@ def test_levers_change_speed_not_the_gradient(teachers):
     grads = {}
     for name, cfg in cfgs.items():
         bench.configure(s.model, cfg)
-        teacher, prompts, seeds = next(opd.round_batches(cfg, s.teachers, 0, dist, s.prompts_by_task))
-        loss = opd.batch_gradient(cfg, s.model, teacher, prompts, seeds, [0, 1, 2], 1.0)
+        teachers, prompts, seeds = next(opd.round_batches(cfg, by_task(s.teachers), 0, dist, s.prompts_by_task))
+        loss = opd.batch_gradient(cfg, s.model, teachers, prompts, seeds, [0, 1, 2], 1.0)
         assert loss.abs().sum() > 0
         grads[name] = torch.cat([p.grad.flatten() for p in s.trainer.params])
         s.trainer.opt.zero_grad(set_to_none=True)

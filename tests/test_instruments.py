@@ -12,7 +12,7 @@ from data import load_prompts
 from harness import Dist, parse_config
 from helpers import f32_atol
 from study import instruments
-from teachers import load_teachers, resolve_teachers
+from teachers import by_task, load_teachers, resolve_teachers
 from test_opd import _args, _teacher
 
 
@@ -72,9 +72,9 @@ def test_sft_fits_the_teachers_own_samples_by_flow_matching(tiny_pipe_dir, teach
     model = FlowModel.load(base)
     loaded = load_teachers(model, specs, Dist("cpu"))
     params = model.add_student_lora(rank=4, alpha=8)
-    teacher, prompts, seeds = next(opd.round_batches(cfg, loaded, 0, Dist("cpu"), {
+    (teacher,), prompts, seeds = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
         s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}))
-    loss = instruments.sft_gradient(cfg, model, teacher, prompts, seeds, [0, 1], 1.0)
+    loss = instruments.sft_gradient(cfg, model, [teacher], prompts, seeds, [0, 1], 1.0)
     # independent: the teacher's ODE sample, then ||v_S(x_t, t) - (eps - x0)||^2 at t_0 and t_1 with the same noise
     x0 = rollout(model, model.encode_prompts(prompts), seeds, 3, teacher.task.guidance, 0.0,
                  adapter=teacher.adapter, decode=False).latents[:, -1]

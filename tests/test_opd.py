@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import opd
-from teachers import load_teachers, resolve_teachers, validate
+from teachers import by_task, load_teachers, resolve_teachers, validate
 from helpers import f32_atol
 from harness import Dist
 from sample import sde_step
@@ -99,9 +99,9 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
     loaded = load_teachers(model, specs, Dist("cpu"))
     params = model.add_student_lora(rank=4, alpha=8)
     prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
-    batches = list(opd.round_batches(cfg, loaded, 0, Dist("cpu"), prompts_by_task))
-    assert [b[0].task.name for b in batches] == ["geneval", "ocr"]
-    for teacher, prompts, _ in batches:
+    batches = list(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), prompts_by_task))
+    assert [b[0][0].task.name for b in batches] == ["geneval", "ocr"]
+    for (teacher,), prompts, _ in batches:
         assert set(prompts) <= set(prompts_by_task[teacher.task.name])
     # the student copied from teacher "ocr" has zero loss against it and not against "geneval"
     sd = load_file(Path(teachers[1]) / "adapter_model.safetensors")
@@ -110,7 +110,7 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
         for k, v in sd.items():
             named[k.removeprefix("base_model.model.").replace(".weight", ".student.weight")].copy_(v)
     cfg.guidance = 2.0  # the teachers' guidance, so that identical weights give identical means
-    losses = {t.task.name: opd.batch_gradient(cfg, model, t, p, s, [0, 1, 2], 1.0) for t, p, s in batches}
+    losses = {t[0].task.name: opd.batch_gradient(cfg, model, t, p, s, [0, 1, 2], 1.0) for t, p, s in batches}
     assert losses["ocr"].abs().max() < 1e-8 and losses["geneval"].min() > 1e-6
     teacher_params = [p for n, p in named.items() if ".teacher_" in n]
     assert teacher_params and all(p.grad is None for p in teacher_params)
@@ -137,7 +137,7 @@ def test_detached_uncond_branch_changes_the_gradient_not_the_loss(teachers):
         cfg.cfg_detach_uncond = detach
         for p in params:
             p.grad = None
-        loss = opd.batch_gradient(cfg, model, teacher, prompts, [11, 12], [0, 1], 1.0)
+        loss = opd.batch_gradient(cfg, model, [teacher], prompts, [11, 12], [0, 1], 1.0)
         out[detach] = loss, torch.cat([p.grad.flatten() for p in params])
     torch.testing.assert_close(out[True][0], out[False][0], atol=f32_atol(out[False][0]), rtol=0)
     assert (out[True][1] - out[False][1]).norm() > 0.1 * out[False][1].norm()
@@ -158,8 +158,8 @@ def test_bad_inputs(tiny_pipe_dir, teachers, tmp_path):
         opd.main(_args([teachers[0], str(tmp_path / "missing")], tmp_path / "x"))
     with pytest.raises(SystemExit, match="could not be fetched from the hub"):  # tests run with HF_HUB_OFFLINE=1
         opd.main(_args([teachers[0], "quanhaol/DiffusionOPD/AesTeacher/lora"], tmp_path / "x"))
-    with pytest.raises(SystemExit, match="same task"):
-        opd.main(_args([teachers[0], teachers[0]], tmp_path / "x"))
+    with pytest.raises(SystemExit, match="the teachers of task 'geneval' name different datasets"):
+        opd.main(_args(teachers, tmp_path / "x", "--teacher_task", "geneval", "geneval"))
     with pytest.raises(SystemExit, match="does not exist"):
         opd.main(_args(teachers, tmp_path / "x", "--teacher_dataset", f"ocr={tmp_path / 'nope'}"))
     other = _teacher(tiny_pipe_dir, tmp_path / "other", "aesthetic", 3)
