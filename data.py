@@ -64,6 +64,31 @@ def load_task(name: str, dataset: str = "", reward: str = "", guidance: float | 
                 spec.get("eval_key", ""))
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is a one-line error naming the file and
+    its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 (byte {data[e.start]:#04x}): save the file as "
+                         "UTF-8") from None
+
+
+def check_prompts(task: Task) -> None:
+    """What the task's reward reads of a prompt is there, in every train and test prompt (file and line
+    named): the OCR reward's target, the first double-quoted span."""
+    from rewards import PROMPT_RULES, parse_spec
+    rules = [PROMPT_RULES[name] for name in parse_spec(task.reward) if name in PROMPT_RULES]
+    for split in ("train", "test") if rules else ():
+        path = Path(repo_path(task.dataset)) / f"{split}.txt"
+        for number, line in enumerate(read_text_lines(path), 1):
+            for rule in rules:
+                if line.strip():
+                    rule(line.strip(), f"{path} line {number}")
+
+
 def load_prompts(folder, split):
     """(prompts, metadatas) from <folder>/<split>.txt and, if present, <split>_metadata.jsonl
     (Flow-GRPO layout); without a metadata file every metadata is {}. `folder` may be stored form."""
@@ -73,7 +98,7 @@ def load_prompts(folder, split):
     path = folder / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected {split}.txt with one prompt per line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text_lines(path) if line.strip()]
     if not prompts:
         raise ValueError(f"{path} has no prompts")
     meta_path = folder / f"{split}_metadata.jsonl"

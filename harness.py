@@ -19,6 +19,15 @@ Departures from the reference code
    reference code steps the optimizer whatever the gradient is.
 4. Checkpoints carry a manifest (checkpoint.json: step, size and SHA-256 of every file) written
    last; --resume uses the newest checkpoint whose files match it and never deletes that one.
+5. SIGTERM (a scheduler's preemption notice) ends the run at the end of the step it arrives in, with
+   that step saved (every rank agrees on the step: one all-reduce of a flag per step), one line and
+   exit 143; under torchrun its workers have the 30 s the launcher gives them after the signal.
+   A collective that waits longer than --collective_timeout_s for a rank ends the run with one line
+   naming the rank that stopped answering (gloo's monitored barrier on a side group).
+6. A resume keeps the run's value of every key the command line does not set (a recipe or a default
+   that changed since) and accepts new values of what does not change the training (RESUMABLE) and
+   of the remedies (lr, grad_clip); each is printed. An adapter or a run records its base's stored
+   weights (model.weights_digest: every component), checked before any model loads.
 
 Run: a library. `python teacher_rl.py --help` lists a script's config.
 """
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fcntl
 import functools
@@ -124,6 +134,29 @@ def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _with_flags(command: str, **values) -> str:
+    """`command` with each --key set to its value (replacing any --key of it) and without --resume."""
+    import shlex
+    words, out = shlex.split(command), []
+    skip = False
+    for w in words:
+        name = w.removeprefix("--").split("=")[0].replace("-", "_") if w.startswith("--") else None
+        if skip and not w.startswith("--"):
+            continue
+        skip = name in values or name == "resume"
+        if not skip:
+            out.append(w)
+    return " ".join([shlex.join(out), *(_flag(k, v) for k, v in values.items())])
+
+
+def _flag(key: str, value) -> str:
+    """`--key value` as a command line takes it (lists as several values, quoted for a shell)."""
+    import shlex
+    values = value if isinstance(value, list) else [value]
+    text = " ".join(shlex.quote(str(v).lower() if isinstance(v, bool) else str(v)) for v in values)
+    return f"--{key} {text}".rstrip()
+
+
 def require(ok: bool, message: str) -> None:
     """A user-input check: ValueError(message) unless ok (scripts turn it into a one-line error)."""
     if not ok:
@@ -192,13 +225,16 @@ def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
 
 
 # ---------------------------------------------------------------------- distributed
+FIRST_USE_WAIT_S = 6 * 3600  # how long the other ranks of a node wait for local rank 0's first-use downloads
+
+
 class Dist:
     """Rank/world/device from torchrun's environment; a no-op world of 1 under plain python.
 
     plan_only (a --dry_run): `--device cuda` on a machine without a GPU names the device the run will
     have, so that the plan is made for it; nothing runs there."""
 
-    def __init__(self, device: str = "auto", plan_only: bool = False):
+    def __init__(self, device: str = "auto", plan_only: bool = False, timeout_s: float = 1800.0):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -217,7 +253,17 @@ class Dist:
             torch.cuda.set_device(index)
         self.device = torch.device("cuda", index) if use_cuda else torch.device("cpu")
         if self.world > 1 and not tdist.is_initialized():
-            tdist.init_process_group("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
+            # a collective that waits longer than timeout_s raises (NCCL: in the main thread, blocking wait)
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+            nccl = use_cuda and torch.cuda.is_available()
+            tdist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if self.world > 1 and tdist.is_initialized() and "group" not in _DIAGNOSIS:
+            # side groups of gloo: one on which a timed-out rank asks which ranks stopped answering, one on
+            # which a node's ranks wait for its first-use downloads (longer than a collective may take)
+            _DIAGNOSIS.update(group=tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)),
+                              wait_group=tdist.new_group(backend="gloo",
+                                                         timeout=datetime.timedelta(seconds=FIRST_USE_WAIT_S)),
+                              timeout_s=min(30.0, timeout_s))
         self.is_main = self.rank == 0
 
     def split(self, n_global: int, what: str, flag: str = "") -> slice:
@@ -235,14 +281,16 @@ class Dist:
         """Run the block on each node's local rank 0 first, then on the node's other ranks: a first-use
         download (a hub model, a reward's weights) happens once per node, and the others read the cache.
         Every rank passes one barrier, also when the block fails on local rank 0."""
-        ranks = self.world > 1 and tdist.is_initialized()
+        ranks = self.world > 1 and tdist.is_initialized() and "wait_group" in _DIAGNOSIS
+        # a download may take longer than --collective_timeout_s: this barrier (on a side group of gloo) waits
+        # up to FIRST_USE_WAIT_S
         if ranks and self.local_rank != 0:
-            tdist.barrier()
+            tdist.barrier(_DIAGNOSIS["wait_group"])
         try:
             yield
         finally:
             if ranks and self.local_rank == 0:
-                tdist.barrier()
+                tdist.barrier(_DIAGNOSIS["wait_group"])
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped per-rank tensors along dim 0, in rank order."""
@@ -465,23 +513,29 @@ class RunDir:
     The constructor only checks (before any model loads, writing nothing); `create` writes.
     """
 
-    # keys that may differ between a run and its resumption
+    # keys that may differ between a run and its resumption: what is run, saved, logged and evaluated around
+    # the training, and how memory is used (the memory plan may choose anew), not what is trained
     RESUMABLE = ("resume", "steps", "out", "device", "report_to", "wandb_project", "push_to_hub", "dry_run",
-                 # how memory is used, not what is computed (the memory plan may choose them anew)
+                 "collective_timeout_s",
+                 "save_every", "eval_every", "eval_prompts", "eval_steps", "max_skipped_steps",
                  "max_memory_gb", "train_chunk", "teacher_chunk", "train_batch", "rollout_batch", "eval_batch",
                  "grad_checkpointing", "offload_text_encoders", "offload_rewards", "compile")
+    REMEDIES = ("lr", "grad_clip")  # may change on resume, for the steps after it (a non-finite run's remedy)
+    INPUTS = ("model", "teachers", "teacher_task", "teacher_dataset", "teacher_cfg", "teacher_reward", "task",
+              "dataset", "reward", "init_lora", "height", "width", "dtype")  # read before the run folder
     SLOTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # where save() leaves complete checkpoints
 
     def __init__(self, out: str, cfg, dist: Dist, script: str = "", argv: list[str] | None = None):
         self.path, self.dist = Path(out), dist
         self.cfg = config_dict(cfg)
+        self.given = given_keys(type(cfg), argv) if script else set()  # the keys the command line set
         self.script, self.command = script, command_line(script, argv) if script else ""
         self.trackers = Trackers([], self.path, {}, 0, False)  # real ones from create()
         self.last_eval: dict = {}
         self.resume_from: Path | None = None
         self.start = 0
         self.saved_step = 0  # the step of the newest complete checkpoint (0: none yet)
-        self._created, self._lock_fd = False, None
+        self._created, self._fresh, self._lock_fd = [], False, None  # folders claim() made; a run it starts
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {out} is a file, not a directory")
         if not self.cfg.get("dry_run"):
@@ -524,18 +578,43 @@ class RunDir:
                             "restore it from a copy, or start over with another --out")
             # a field added to the script after the run started counts as its default
             defaults = json.loads(json.dumps(config_dict(type(cfg)())))
-            diff = sorted(k for k in set(old) | set(self.cfg)
-                          if k not in self.RESUMABLE and old.get(k, defaults.get(k)) != self.cfg.get(k)
-                          and not (k == "dtype" and old.get(k, "auto") == "auto"))  # saved before it was resolved
-            if diff:
-                raise ValueError(f"output directory {out} holds a different run (config differs in {diff}); "
-                                 "choose another --out")
+            changed = sorted(k for k in set(old) | set(self.cfg) if old.get(k, defaults.get(k)) != self.cfg.get(k)
+                             and not (k == "dtype" and old.get(k, "auto") == "auto"))  # saved before resolved
+            trained = [k for k in changed if k not in self.RESUMABLE]
             if not self.cfg.get("resume"):
-                raise ValueError(f"output directory {out} already holds this run; "
-                                 "pass --resume to continue it")
+                if trained:
+                    raise ValueError(f"output directory {out} holds a different run (config differs in {trained}); "
+                                     "choose another --out")
+                raise ValueError(f"output directory {out} already holds this run; pass --resume to continue it")
+            self._resume_config(out, cfg, {k: old.get(k, defaults.get(k)) for k in changed})
             self._find_checkpoint()
         elif self.path.exists() and any(p.name != LOCK for p in self.path.iterdir()):
             raise ValueError(f"output directory {out} is not empty and holds no run; choose another --out")
+
+    def _resume_config(self, out: str, cfg, saved: dict) -> None:
+        """--resume with a config that differs from the run's in `saved` ({key: the run's value}): what does
+        not change the training (RESUMABLE) and the remedies (REMEDIES) take the new value; a value the
+        command line did not give (a recipe's or a default that changed since) takes the run's value back;
+        a value given on the command line that would train another run is refused, naming the flags that
+        resume it. Every change is printed."""
+        notes, refused = [], []
+        for key, value in saved.items():
+            new = self.cfg.get(key)
+            if key in self.RESUMABLE or key in self.REMEDIES:
+                if key not in ("resume", "dry_run", "out"):
+                    notes.append(f"  {key}: {value!r} -> {new!r}" + (" (the steps after the checkpoint train with it)"
+                                                                     if key in self.REMEDIES else ""))
+            elif key not in self.given and key not in self.INPUTS:
+                setattr(cfg, key, value)
+                self.cfg[key] = value
+                notes.append(f"  {key} = {value!r} kept from the run ({new!r} is today's recipe or default)")
+            else:
+                refused.append(_flag(key, value))
+        if refused:
+            raise ValueError(f"--resume: {out} was trained with other values; resume it with {' '.join(refused)}, "
+                             "or choose another --out")
+        if notes:
+            print_main(self.dist, f"resuming {out} with:", *notes)
 
     def claim(self) -> None:
         """Take the run folder for this run, on every rank or none: rank 0 creates it if missing and holds
@@ -545,16 +624,18 @@ class RunDir:
         error = ""
         for stale in [r for r in _CLAIMED if r.path.resolve() == self.path.resolve()]:
             stale.release()  # a run of this process that ended without finish(): its folder is free again
-        if self.dist.is_main:
+        foreign = self.path.is_dir() and not (self.path / "config.json").exists() and \
+            any(p.name != LOCK for p in self.path.iterdir())  # a folder of the user's: _check refuses it
+        if self.dist.is_main and not foreign:
             try:
-                self._created = not self.path.exists()
+                self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+                self._fresh = not (self.path / "config.json").exists()  # this run starts the folder
                 self.path.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 error = (f"--out {self.path} cannot be created or written ({e.strerror or e}); choose a "
                          "folder you can write to")
-                if self._created and self.path.is_dir() and not any(self.path.iterdir()):
-                    self.path.rmdir()
+                self._remove_created()
             else:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -576,16 +657,27 @@ class RunDir:
 
     def release(self, remove_if_unused: bool = False) -> None:
         """Let go of the run folder's lock (the end of the run, or a failure). remove_if_unused: after a
-        failure before the run wrote anything, remove the folder this process created for it (only its
-        lock inside), so bad input leaves nothing behind."""
+        failure or a stop before this run saved its first checkpoint, remove what it wrote (the folder and
+        any parents it created, or, in a folder it found empty, its files), so that bad input leaves
+        nothing behind and the same command starts again as printed."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         if self in _CLAIMED:
             _CLAIMED.remove(self)
-        if remove_if_unused and self._created and self.path.is_dir() and \
-                all(p.name == LOCK for p in self.path.iterdir()):
-            shutil.rmtree(self.path, ignore_errors=True)
+        if remove_if_unused and self._fresh and not self.saved_step and self.path.is_dir() and \
+                not (self.path / "checkpoint").exists():
+            if self._created:
+                self._remove_created()
+            else:
+                for p in self.path.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _remove_created(self) -> None:
+        """Remove the folder and the parents that claim() created (deepest first)."""
+        for p in self._created:
+            shutil.rmtree(p, ignore_errors=True) if p == self.path else (p.rmdir() if p.is_dir() and
+                                                                          not any(p.iterdir()) else None)
 
     def _find_checkpoint(self) -> None:
         """The newest complete checkpoint among the slots save() writes, or an error if only damaged
@@ -616,7 +708,7 @@ class RunDir:
         self.dist.barrier()
         if self.dist.is_main:
             (self.path / "samples").mkdir(parents=True, exist_ok=True)
-            (self.path / "config.json").write_text(json.dumps(self.cfg, indent=2))
+            write_atomic(self.path / "config.json", json.dumps(self.cfg, indent=2))
             if self.resume_from is not None and self.resume_from != self.checkpoint:
                 if self.checkpoint.is_dir():  # older, or damaged: kept aside, not deleted
                     shutil.rmtree(self.path / "checkpoint.damaged", ignore_errors=True)
@@ -718,6 +810,8 @@ class StudentConfig:
     push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
     resume: bool = False                # continue the run in --out exactly
     device: str = "auto"                # auto: cuda if available, else cpu
+    collective_timeout_s: float = 1800.0  # several ranks: a collective waiting longer than this for a rank
+                                        # that stopped answering ends the run, naming the rank
     dtype: str = "auto"                 # transformer and text encoders: auto (CUDA: bfloat16, the references'
                                         # mixed precision; CPU: float32), float32, bfloat16; the VAE: float32
     grad_checkpointing: bool = False    # recompute the transformer blocks' activations in the backward
@@ -738,6 +832,7 @@ def check_student_config(cfg) -> None:
     require(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     require(cfg.steps > 0, f"--steps must be > 0, got {cfg.steps}")
     require(cfg.max_memory_gb >= 0, f"--max_memory_gb must be >= 0, got {cfg.max_memory_gb}")
+    require(cfg.collective_timeout_s > 0, f"--collective_timeout_s must be > 0, got {cfg.collective_timeout_s}")
     require(cfg.dtype in ("auto", *DTYPES), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     require(not (cfg.dtype == "bfloat16" and cfg.full_finetune),
             "full fine-tuning trains the transformer's own weights: keep --dtype float32")
@@ -822,12 +917,14 @@ class StudentTrainer:
             self.ema.after_step(self.optimizer_steps)
         self.opt.zero_grad(set_to_none=True)
         if self.skipped >= self.cfg.max_skipped_steps:
-            where = f"the last checkpoint in {self.run.checkpoint} is intact" if self.run else \
-                "nothing was saved"
+            run = self.run
+            where = "nothing was saved" if not (run and run.saved_step) else \
+                f"the checkpoint of step {run.saved_step} in {run.checkpoint} is intact"
+            again = f": check the rewards, or resume with a lower learning rate: " \
+                    f"{_with_flags(run.command, lr=self.cfg.lr / 10)} --resume" if run and run.command else ""
             raise NonFiniteError(
                 f"{self.skipped} consecutive steps (through step {step}) had a non-finite loss or gradient "
-                f"and were skipped, the weights never saw them; {where}: lower --lr or check the rewards, "
-                f"then --resume (or raise --max_skipped_steps)")
+                f"and were skipped, the weights never saw them; {where}{again}")
         return norm.item(), skipped
 
     def finish(self) -> None:
@@ -841,6 +938,18 @@ class StudentTrainer:
                 print_main(self.dist, f"uploaded {self.run.checkpoint} to {url}")
         self.dist.barrier()
         self.run.release()
+
+    def stop_if_terminated(self, step: int, extra_config: dict) -> None:
+        """The end of step `step`: if SIGTERM arrived (on any rank: one all-reduce of a flag, so that every
+        rank stops at the same step), save the steps done unless this step just saved them, then raise
+        Terminated (one_line_stops ends the run with the resume command, exit 143). Bounded by the rest of
+        the step plus one save."""
+        flag = torch.tensor([float(_SIGTERM["received"])], device=self.dist.device)
+        if self.dist.sum(flag).item() == 0:
+            return
+        if self.run.saved_step != step + 1:
+            self.save(step + 1, extra_config)
+        raise Terminated
 
     def ema_weights(self):
         """Context: the student's weights are the EMA copy inside (for evaluation)."""
@@ -882,36 +991,100 @@ def update_or_stop(trainer: StudentTrainer, step: int, losses: list[torch.Tensor
 
 
 def check_same_base(adapter_dir: str, model) -> None:
-    """An adapter this project saved records its base's fingerprint; refuse it on another base."""
+    """An adapter this project saved records its base (the digest of every component's stored weights, and
+    the transformer's fingerprint); refuse it on another base. `model`: a loaded FlowModel, or the path of
+    a base not yet loaded (then only the stored weights are compared, when both are here)."""
+    from model import base_weights_differ, weights_digest
     cfg_file = Path(adapter_dir) / "run_config.json"
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist")
-    if cfg_file.is_file():
-        saved = read_json(cfg_file, "the adapter's run_config").get("base_fingerprint")
-        if saved and saved != model.fingerprint():
-            raise ValueError(f"adapter {adapter_dir} was trained on another base model "
-                             f"(fingerprint {saved}, this base {model.fingerprint()})")
+    if not cfg_file.is_file():
+        return
+    saved = read_json(cfg_file, "the adapter's run_config")
+    current = weights_digest(model) if isinstance(model, str) else model.base_weights
+    differ = base_weights_differ(saved["base_weights"], current) if saved.get("base_weights") and current else []
+    if differ:
+        raise ValueError(f"adapter {adapter_dir} was trained on another base model: the stored weights of its "
+                         f"{', '.join(differ)} differ from this base's ({model if isinstance(model, str) else model.name})")
+    if not isinstance(model, str) and saved.get("base_fingerprint") and saved["base_fingerprint"] != model.fingerprint():
+        raise ValueError(f"adapter {adapter_dir} was trained on another base model "
+                         f"(fingerprint {saved['base_fingerprint']}, this base {model.fingerprint()})")
 
 
 def _disk_full(error: BaseException) -> bool:
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+    """A full disk, however the writer reports it: ENOSPC, its message, or torch.save's RuntimeError
+    ("PytorchStreamWriter failed writing file ...: file write failed"), which carries no errno."""
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or \
+        (isinstance(error, RuntimeError) and "PytorchStreamWriter failed writing" in text)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived and the run saved the steps done (StudentTrainer.stop_if_terminated)."""
+
+
+_SIGTERM = {"received": False}  # set by the handler one_line_stops installs; read at the end of each step
 
 
 def one_line_stops(main):
-    """Decorator of a script's main(): Ctrl-C, or a full disk during a save, ends the run with one line
-    that says what was kept and the command that resumes (exit 130 after Ctrl-C, 1 for the disk).
-    The newest complete checkpoint is never touched by either (RunDir.save, publish_dir)."""
+    """Decorator of a script's main(): Ctrl-C, SIGTERM (a scheduler's preemption notice), a full disk during a
+    save, or a rank that stops answering end the run with one line that says what was kept and the
+    command that resumes (exit 130 after Ctrl-C, 143 after SIGTERM, 1 otherwise). SIGTERM lets the step it
+    arrives in finish, saves it, then stops: no step done is lost. The newest complete checkpoint is never
+    touched (RunDir.save, publish_dir)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        import signal
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.update(received=True)) \
+            if threading_main() else None
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
             _stop("interrupted", 130)
-        except (OSError, SafetensorError) as e:
-            if not _disk_full(e):
-                raise
-            _stop("the disk is full", 1, "free some space, then ")
+        except Terminated:
+            _stop("terminated (SIGTERM) at the end of a step", 143)
+        except (OSError, SafetensorError, RuntimeError) as e:
+            if _disk_full(e):
+                _stop("the disk is full", 1, "free some space, then ")
+            if _timed_out(e):
+                _stop(f"a collective timed out: {_stuck_ranks()} did not answer within --collective_timeout_s "
+                      f"(stopped, hung or killed)", 1)
+            raise
+        finally:
+            _SIGTERM["received"] = False
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapped
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _timed_out(error: BaseException) -> bool:
+    """A collective's timeout, as gloo and NCCL (blocking wait) report it."""
+    text = str(error).lower()
+    return tdist.is_initialized() and ("timed out" in text or "timeout" in text)
+
+
+def _stuck_ranks() -> str:
+    """Which ranks stopped answering: gloo's monitored barrier on the side group Dist made for this, which
+    names the ranks that do not arrive (every live rank reaches it after its own timeout)."""
+    group = _DIAGNOSIS.get("group")
+    if group is None:
+        return "another rank"
+    try:
+        tdist.monitored_barrier(group, timeout=datetime.timedelta(seconds=_DIAGNOSIS["timeout_s"]),
+                                wait_all_ranks=True)
+    except RuntimeError as e:
+        found = re.findall(r"[Rr]anks? ([\d, ]+) failed", str(e))
+        if found:
+            return "rank " + found[0].strip().rstrip(",")
+    return "another rank"
+
+
+_DIAGNOSIS: dict = {}  # the gloo group and its wait (seconds) that _stuck_ranks uses
 
 
 def _stop(what: str, code: int, then: str = "") -> typing.NoReturn:
@@ -919,10 +1092,11 @@ def _stop(what: str, code: int, then: str = "") -> typing.NoReturn:
     if run is None:
         line = f"{what}; nothing was written"
     elif run.saved_step:
-        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} is intact (steps "
-                f"after it are lost); {then}resume with: {run.command.removesuffix(' --resume')} --resume")
+        lost = "(it holds every step done)" if code == 143 else "is intact (steps after it are lost)"
+        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} {lost}; "
+                f"{then}resume with: {_with_flags(run.command)} --resume")
     else:
-        line = f"{what} before the first checkpoint; {then}start again with: {run.command}"
+        line = f"{what} before the first checkpoint; {then}start again with: {_with_flags(run.command)}"
     for r in list(_CLAIMED):
         r.release(remove_if_unused=True)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -282,6 +282,7 @@ class FlowModel:
         # fine-tuning made it the student); _active is the module `velocity` calls.
         self._frozen = self._active = self.transformer
         self._fingerprint = None
+        self.base_weights: dict | None = None  # weights_digest of the folder it was loaded from (load())
         if self.transformer.dtype != dtype:  # a pipeline built in memory: cast here (load() casts on reading)
             self.fingerprint()  # of the stored weights: the same base in any dtype has one fingerprint
             self.transformer.to(dtype)
@@ -314,6 +315,7 @@ class FlowModel:
                 diffusers_logging.enable_progress_bar()
         model = cls(pipe, device, dtype, max_sequence_length, name=path)
         model._fingerprint = _stored_fingerprint(pipe.transformer)
+        model.base_weights = weights_digest(path)  # every component's stored weights, saved with adapters
         model.path = portable_path(path)  # what saved adapters name as their base
         return model
 
@@ -490,6 +492,11 @@ class FlowModel:
         cfg = LoraConfig.from_pretrained(folder)
         state = {k.removeprefix("base_model.model."): v
                  for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if not torch.isfinite(v).all()}
+        if bad:
+            key = next(iter(bad))
+            raise ValueError(f"LoRA {folder!r} holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
+                             f"tensors, e.g. {key}): the adapter is damaged; re-save or re-download it")
         tr = self.transformer if name == STUDENT else self._frozen
         modules = dict(tr.named_modules())
         for key, tensor in state.items():
@@ -612,9 +619,10 @@ class FlowModel:
                 out,
                 transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
                 transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=DIFFUSERS_WEIGHTS)
-        (out / "run_config.json").write_text(json.dumps(
-            {"base_fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length,
-             **(extra_config or {})}, indent=2))
+        record = {"base_fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length}
+        if self.base_weights:
+            record["base_weights"] = self.base_weights
+        (out / "run_config.json").write_text(json.dumps({**record, **(extra_config or {})}, indent=2))
 
     def fingerprint(self) -> str:
         """A short hash of the base transformer's config and first/last weights (identifies the base),
@@ -624,6 +632,73 @@ class FlowModel:
                     for n, p in self._frozen.named_parameters() if "lora_" not in n}
             self._fingerprint = _fingerprint(self._frozen.config, lambda name: base[name], list(base))
         return self._fingerprint
+
+
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_DIGESTS: dict = {}  # (file, size, mtime) -> digest: each weights file is read once per process
+
+
+def weights_folder(path: str) -> str | None:
+    """The local folder holding the weights of a pipeline (a folder, or a hub id's snapshot in the hub cache
+    when its weights are downloaded); None when they are not here yet."""
+    if not is_hub_id(path):
+        return repo_path(path)
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # not in the cache: the hub's error types vary
+        return None
+
+
+def _file_digest(path: Path, samples: int = 16, window: int = 64) -> str:
+    """sha256 of a safetensors file's size, header (every tensor's name, dtype, shape and place) and, of
+    every tensor, `samples` windows of `window` bytes spread over its data (all of it when small): a change
+    of any tensor's values beyond a few isolated elements changes it, at a few KB read per tensor."""
+    import struct
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256(str(stat.st_size).encode())
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = f.read(n)
+            h.update(header)
+            for name, info in sorted(json.loads(header).items()):
+                if name == "__metadata__":
+                    continue
+                begin, end = (8 + n + o for o in info["data_offsets"])
+                starts = [begin] if end - begin <= samples * window else \
+                    [begin + (end - begin - window) * i // (samples - 1) for i in range(samples)]
+                for start in starts:
+                    f.seek(start)
+                    h.update(f.read(min(window if len(starts) > 1 else end - begin, end - start)))
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def weights_digest(path: str) -> dict[str, str] | None:
+    """{component: digest of its safetensors files} of a pipeline's stored weights (transformer, VAE, text
+    encoders), read without loading them (a few KB per tensor; cached per file): the record a run and its
+    adapters keep of their base. None when the weight files are not here (a hub model not yet downloaded)."""
+    folder = weights_folder(path)
+    if folder is None:
+        return None
+    out = {}
+    for name in WEIGHT_COMPONENTS:
+        files = sorted((Path(folder) / name).glob("*.safetensors"))
+        if (Path(folder) / name / "config.json").is_file():
+            if not files:
+                return None
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.name}:{_file_digest(f)}".encode())
+            out[name] = h.hexdigest()[:16]
+    return out
+
+
+def base_weights_differ(recorded: dict, current: dict) -> list[str]:
+    """The components whose recorded and current weights digests differ (weights_digest)."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
 def _fingerprint(config, tensor, names: list[str]) -> str:

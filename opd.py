@@ -83,7 +83,8 @@ class OPDConfig(StudentConfig):
                                         # a PEFT folder, a teacher's run folder or owner/repo[/subfolder]
     out: str = "runs/opd"
     seed: int = 0
-    steps: int = 60                     # rounds = optimizer steps
+    steps: int = 60                     # rounds of Algorithm 1, one optimizer step each (the release trains
+                                        # until stopped; the paper's 11.3 h on 8 GPUs: ~3,440, docs/sd35.md)
     prompts_per_batch: int = 24         # a task's prompts per round, all ranks (paper: 3 x 8 GPUs)
     num_steps: int = 10                 # sampling steps N
     noise_level: float = 0.0            # a: 0 = ODE (default), > 0 = SDE
@@ -224,7 +225,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
     study's hooks (study/instruments.py). Returns (model, teachers, trainer, dist) after the last
     round, or None after printing the resolved config with --dry_run (nothing loaded or written)."""
     try:
-        dist = Dist(cfg.device, plan_only=cfg.dry_run)
+        dist = Dist(cfg.device, plan_only=cfg.dry_run, timeout_s=cfg.collective_timeout_s)
     except ValueError as e:
         fail(e)
     specs, prompts_by_task, rewards, run = validate(cfg, dist, argv, script)
@@ -269,6 +270,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.save_every == 0 or last:
             trainer.save(step + 1, saved)
+        trainer.stop_if_terminated(step, saved)  # SIGTERM: this step saved, then one line and exit 143
     trainer.finish()
     return model, teachers, trainer, dist
 

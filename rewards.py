@@ -233,6 +233,19 @@ CHECKS = {  # name -> fn(**options) -> lines: what each reward needs, checked wi
 }
 
 
+def _needs_quoted_target(prompt: str, where: str) -> None:
+    try:
+        quoted_target(prompt)
+    except ValueError:
+        raise ValueError(f"{where}: {prompt!r} has no double-quoted text, which the ocr reward reads as the "
+                         "target: quote it, or drop the prompt") from None
+
+
+# What a reward reads of each prompt, checked in every prompt file before anything loads (data.check_prompts):
+# name -> fn(prompt, where) raising a ValueError that names the file and line
+PROMPT_RULES = {"ocr": _needs_quoted_target}
+
+
 # The models each reward loads and their parameter counts (from their published configs), for the memory
 # planner (memory.py): a model that several rewards share (one CLIP ViT-L/14 for clipscore, aesthetic and
 # geneval, through _load_clip) counts once. A reward not listed loads no model on the device.

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 import memory
-from data import load_prompts, load_task
+from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
-from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values,
+from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values, check_same_base,
                      check_student_config, config_dict, describe_recipe, fail, given_keys, load_base,
                      peak_memory, print_main, require, require_positive, step_seed)
-from model import SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution, resolve_dtype
+from model import (SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution, portable_path,
+                   resolve_dtype)
 from rewards import check_spec, make_reward, reward_bytes
 
 
@@ -49,7 +50,8 @@ class Stage1Config(StudentConfig):
     out: str = ""                       # run directory; default runs/<script>-<task>
     init_lora: str = ""                 # start from this adapter (cascade baseline)
     seed: int = 0
-    steps: int = 60                     # rollout steps (x updates_per_rollout optimizer steps)
+    steps: int = 60                     # rollout steps of --batch images, each --updates_per_rollout optimizer
+                                        # steps (the paper's teachers: 1,120-2,900 on 8 GPUs, docs/sd35.md)
     batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
     group_size: int = 24                # G images per prompt
     updates_per_rollout: int = 2        # optimizer steps per rollout batch
@@ -96,6 +98,8 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
     --dry_run."""
     try:
         given = given_keys(type(cfg), argv)
+        cfg.model = portable_path(cfg.model)  # inside the repository: stored relative to it, as datasets are
+        cfg.init_lora = portable_path(cfg.init_lora) if cfg.init_lora else ""
         own = apply_values(cfg, given, own_recipe(cfg) if own_recipe else {})
         changed = apply_recipe(cfg, given, cfg.model, recipe)
         cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
@@ -116,10 +120,13 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
             check_lora_folder(cfg.init_lora)
         task = load_task(cfg.task, cfg.dataset, cfg.reward, cfg.guidance)
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
+        check_prompts(task)  # what the reward reads of every prompt (OCR: its quoted target)
         kind = {"teacher_rl": "grpo", "nft": "nft"}[recipe]
         plan = memory.plan_run(kind, cfg, dist, given | set(changed) | set(own), reward_bytes([task.reward]),
                                adapters=1 if kind == "nft" else 0)  # NFT's old policy: a second LoRA
         run = RunDir(cfg.out, cfg, dist, script, argv)
+        for adapter in filter(None, [cfg.init_lora, run.resume_from and str(run.resume_from)]):
+            check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights
         needs = check_spec(task.reward) if cfg.dry_run else []   # what the reward needs, nothing loaded
         with dist.local_first():
             reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
@@ -149,7 +156,7 @@ def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None, ema_call
     reference's pattern: harness.EMA). Returns (dist, task, reward_fn, run, model, trainer), or None
     after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
     try:
-        dist = Dist(cfg.device, plan_only=cfg.dry_run)
+        dist = Dist(cfg.device, plan_only=cfg.dry_run, timeout_s=cfg.collective_timeout_s)
     except ValueError as e:
         fail(e)
     task, reward_fn, run = validate(cfg, dist, argv, script, recipe, checks, own_recipe)
@@ -204,3 +211,4 @@ def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, s
     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
     if (step + 1) % cfg.save_every == 0 or last:
         trainer.save(step + 1, saved)
+    trainer.stop_if_terminated(step, saved)  # SIGTERM: this step saved, then one line and exit 143

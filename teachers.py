@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 import memory
-from data import Task, load_prompts, load_task
+from data import Task, check_prompts, load_prompts, load_task
 from harness import (Dist, RunDir, apply_recipe, check_same_base, check_student_config, describe_recipe, fail,
                      given_keys, print_main, require, require_positive)
 from jsonfiles import read_json
-from model import FlowModel, check_lora_folder, check_model_path, check_model_resolution, resolve_dtype
+from model import (FlowModel, check_lora_folder, check_model_path, check_model_resolution, portable_path,
+                   resolve_dtype)
 from rewards import check_spec, make_reward, reward_bytes
 
 
@@ -189,7 +190,10 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
     try:
         with dist.local_first():  # a hub teacher downloads once per node
             base, specs = resolve_teachers(cfg)
-        cfg.model = cfg.model or base
+        # paths inside the repository stored relative to it, as datasets and bases are: the same run by any path
+        cfg.model = portable_path(cfg.model or base)
+        cfg.teachers = [portable_path(t) for t in cfg.teachers]
+        cfg.init_lora = portable_path(cfg.init_lora) if cfg.init_lora else ""
         given = given_keys(type(cfg), argv)
         changed = apply_recipe(cfg, given, cfg.model, "opd")
         cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
@@ -220,7 +224,12 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")
+            check_prompts(s["task"])  # what its reward reads of every prompt (OCR: its quoted target)
         run = RunDir(cfg.out, cfg, dist, script, argv)
+        adapters = [s["path"] for s in specs if s["kind"] == "lora"]
+        adapters += [fetch_teacher(cfg.init_lora)] if cfg.init_lora else []
+        for adapter in adapters + ([str(run.resume_from)] if run.resume_from else []):
+            check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights
         needs = [line for s in specs for line in check_spec(s["task"].reward)] if cfg.dry_run else []
         device = "cpu" if cfg.offload_rewards else dist.device
         with dist.local_first():  # first-use downloads of the reward models, once per node

@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import memory
-from data import Task, load_prompts, load_task
+from data import Task, check_prompts, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
 from harness import (Dist, apply_recipe, check_same_base, config_dict, describe_recipe, given_keys, parse_config,
                      print_main)
 from jsonfiles import read_json
-from model import DTYPES, FlowModel, check_model_path, check_model_resolution, repo_path, resolve_dtype
+from model import (DTYPES, FlowModel, check_lora_folder, check_model_path, check_model_resolution, repo_path,
+                   resolve_dtype)
 from rewards import check_spec, make_reward, reward_bytes
 
 
@@ -210,6 +211,7 @@ def validate(cfg: EvalConfig, argv=None):
         tasks = [load_task(name, datasets.get(name) or toy_dataset(name), rewards.get(name, "")) for name in cfg.tasks]
         for task in tasks:
             load_prompts(task.dataset, "test")
+            check_prompts(task)
         times = parse_named(cfg.time, "--time")
         stray = sorted(set(times) - {m.name for m in models})
         if stray:
@@ -219,6 +221,9 @@ def validate(cfg: EvalConfig, argv=None):
             read_metrics(run)
         for spec in models:
             check_model_path(spec.base)
+            if spec.adapter:  # before any model loads: its files, and its recorded base against this one's
+                check_lora_folder(spec.adapter)
+                check_same_base(spec.adapter, spec.base)
         changed = apply_recipe(cfg, given_keys(EvalConfig, argv), models[0].base, "table")
         for spec in models:
             check_model_resolution(spec.base, cfg.height, cfg.width)

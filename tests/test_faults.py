@@ -8,7 +8,17 @@ input named). Each case is a tiny run; the kinds of faults:
 - a malformed JSON or JSONL file the project reads: one line naming the file (and line);
 - a bad GenEval metadata field, an unreachable reward server, an unwritable or file-blocked --out,
   --steps 0, an unknown hub id: one line before any model loads, nothing left behind;
-- Ctrl-C and a full disk: one line saying what was kept and the command that resumes; the resume is exact;
+- Ctrl-C and a full disk (torch.save's too): one line saying what was kept and the command that resumes;
+  the resume is exact;
+- SIGTERM (a preemption) on 1 and 2 ranks: the step it arrives in is saved, exit 143, and the printed
+  command resumes; a rank that stops answering (SIGSTOP): the others end within the collective timeout,
+  naming it;
+- every command a stop prints runs as printed (the start again before a first checkpoint, the non-finite
+  stop's lower learning rate); a resume after a recipe changed keeps the run's value; a teacher by
+  another path to the same folder is the same run;
+- named before anything loads: a prompt file's non-UTF-8 byte, an OCR prompt without its quoted target,
+  a teacher or a table's adapter of another base, a base whose stored weights changed; a teacher's
+  non-finite weights when it loads; no leftovers in a folder the run did not make;
 - study.table: the same rules (nothing left behind, one line)."""
 import errno
 import fcntl
@@ -326,3 +336,239 @@ def test_study_table_bad_inputs_leave_nothing(case, tiny_pipe_dir, tmp_path, no_
             *[str(tmp_path / "FILE") if a == "FILE" else a for a in extra]]
     _one_line(lambda: table_cli.main(args), match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+# ---------------------------------------------------------------------- preemption, stuck ranks
+REPO = Path(__file__).resolve().parents[1]
+JPEG = ["--reward", "jpeg_incompressibility=1"]  # a reward any fresh `python teacher_rl.py` has
+
+
+def _ranks(fault: str, argv: list[str], world: int, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """tests/fault_runner.py on `world` ranks started as plain processes with torchrun's environment."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), fault, *argv], cwd=REPO,
+                              env={**os.environ, "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return procs
+
+
+def _printed_command(line: str) -> list[str]:
+    """The command a one-line stop prints (after "with: "), as argv for this machine's python."""
+    import shlex
+    words = shlex.split(line.split("with: ", 1)[1])
+    assert words[:2] == ["python", "teacher_rl.py"], words
+    return [sys.executable, *words[1:]]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_saves_the_step_it_arrives_in_and_the_printed_command_resumes_exactly(world, tiny_pipe_dir,
+                                                                                      tmp_path):
+    """SIGTERM (a preemption's notice) to rank 0 at the end of step 0 of a run that saves only at its end:
+    every rank saves step 1 and stops (exit 143, one line); the printed command resumes to the
+    uninterrupted run."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, full, "--steps", "3", "--save_every", "10", *JPEG))
+    procs = _ranks("sigterm:0:0", _args(tiny_pipe_dir, run, "--steps", "3", "--save_every", "10", *JPEG), world)
+    done = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in done] == [143] * world, done[0][1][-2000:]
+    line = done[0][1].strip().splitlines()[-1]
+    assert line.startswith("terminated (SIGTERM) at the end of a step: the checkpoint of step 1 in") and \
+        "(it holds every step done)" in line and line.endswith("--resume"), line
+    again = subprocess.run(_printed_command(line), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    if world == 1:
+        _same_run(full, run)
+    else:  # resumed on 1 process: the same steps, to float32 rounding of other batch shapes (test_ranks.py)
+        assert [r["step"] for r in _metrics(run)] == [0, 1, 2]
+
+
+def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time_naming_it(tiny_pipe_dir, tmp_path):
+    import time
+    procs = _ranks("freeze:1:1", _args(tiny_pipe_dir, tmp_path / "run", "--steps", "3", "--collective_timeout_s", "8"),
+                   2)
+    start = time.perf_counter()
+    try:
+        rc = procs[0].wait(timeout=90)
+        seconds = time.perf_counter() - start
+        err = procs[0].stderr.read()
+    finally:
+        procs[1].kill()  # a stopped process still dies of SIGKILL, as the launcher would kill it
+        procs[1].wait()
+    line = err.strip().splitlines()[-1]
+    assert rc == 1 and seconds < 60, (rc, seconds, err[-2000:])
+    # rank 1 stopped as step 1 ended; rank 0 saved step 2 and waited for it at the save's barrier
+    assert line.startswith("a collective timed out: rank 1 did not answer within --collective_timeout_s") and \
+        "the checkpoint of step 2 in" in line and line.endswith("--resume"), line
+    assert harness.read_manifest(tmp_path / "run" / "checkpoint")[0] == 2
+
+
+# ---------------------------------------------------------------------- the printed remedies work
+def test_an_interruption_before_the_first_checkpoint_prints_a_start_that_works(tiny_pipe_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    run = tmp_path / "new" / "run"  # its parent made by the run, too
+    with monkeypatch.context() as m:
+        _stop_at_step(m, 0, KeyboardInterrupt())
+        with pytest.raises(SystemExit):
+            teacher_rl.main(_args(tiny_pipe_dir, run, "--save_every", "10", *JPEG))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted before the first checkpoint; start again with: python teacher_rl.py"), line
+    assert not (tmp_path / "new").exists()  # what the run made is gone: the same command starts again
+    again = subprocess.run(_printed_command(line.replace("start again with", "with")), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_the_non_finite_stop_prints_a_resume_with_a_lower_lr_that_works(tiny_pipe_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1", "--lr", "1e-3", *JPEG))
+    with monkeypatch.context() as m:  # every loss NaN from here on
+        m.setattr(teacher_rl, "grpo_loss", lambda *a, **k: (a[0].flatten(1).sum(1) * float("nan"),
+                                                             torch.ones(len(a[0])), None))
+        line = _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "4", "--max_skipped_steps", "2",
+                                                       "--lr", "1e-3", "--resume", *JPEG)), "non-finite")
+    assert "resume with a lower learning rate: python teacher_rl.py" in line and "--lr 0.0001 --resume" in line, line
+    again = subprocess.run(_printed_command(line.split("learning rate: ", 1)[0] + "with: " +
+                                            line.split("learning rate: ", 1)[1]), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "lr: 0.001 -> 0.0001" in again.stderr, again.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.0001
+
+
+def test_resume_after_a_recipe_changed_keeps_the_runs_value(tiny_pipe_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipe_dir, base)
+    recipe = {"teacher_rl": {"kl_beta": {"value": 0.02, "reason": "a test"}}}
+    (base / "recipe.json").write_text(json.dumps(recipe))
+    args = [a for a in _args(str(base), tmp_path / "run", "--steps", "1") if a not in ("--kl_beta",)]
+    teacher_rl.main(args)
+    recipe["teacher_rl"]["kl_beta"]["value"] = 0.03  # the recipe changed since the run started
+    (base / "recipe.json").write_text(json.dumps(recipe))
+    teacher_rl.main([*args, "--steps", "2", "--resume"])
+    assert "kl_beta = 0.02 kept from the run (0.03 is today's recipe or default)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["kl_beta"] == 0.02
+
+
+def test_a_teacher_by_another_path_to_the_same_folder_resumes_the_same_run(tmp_path):
+    import opd
+    small = ["--prompts_per_batch", "2", "--num_steps", "2", "--eval_prompts", "1", "--eval_steps", "2",
+             "--save_every", "1", "--out", str(tmp_path / "run")]
+    opd.main(["--teachers", "ckpts/toy-ocr", "--steps", "1", *small])
+    opd.main(["--teachers", str(REPO / "ckpts" / "toy-ocr"), "--steps", "2", "--resume", *small])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["teachers"] == ["ckpts/toy-ocr"]
+
+
+# ---------------------------------------------------------------------- named before anything loads
+def test_inputs_named_before_anything_loads(tiny_pipe_dir, tmp_path, no_model_load):
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    (data / "train.txt").write_bytes((data / "train.txt").read_bytes().replace(b"\n", b"\ncaf\xe9\n", 1))
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o1", "--dataset", str(data))),
+              r"data/train.txt line 2 is not UTF-8 \(byte 0xe9\): save the file as UTF-8")
+    ocr = tmp_path / "ocr"
+    ocr.mkdir()
+    (ocr / "train.txt").write_text('a sign that says "A7"\n')
+    (ocr / "test.txt").write_text('a sign that says "B2"\na sign with no quotes\n')
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o2", "--dataset", str(ocr), "--reward", "ocr=1")),
+              r"ocr/test.txt line 2: 'a sign with no quotes' has no double-quoted text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ocr"]
+
+
+def test_an_adapter_of_another_base_is_refused_before_anything_loads(tiny_pipe_dir, tmp_path, monkeypatch):
+    """A teacher (opd.py) and a table's adapter (study.table) trained on another base: refused from their
+    record of its stored weights, before any model loads."""
+    import opd
+    from test_opd import _args as opd_args
+    from test_opd import _teacher
+    from toy.pipeline import build_tiny_pipeline
+    other = tmp_path / "other"
+    build_tiny_pipeline(seed=9).save_pretrained(other)
+    foreign = _teacher(str(other), tmp_path / "foreign", "ocr", 5)
+    monkeypatch.setattr(FlowModel, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    _one_line(lambda: opd.main(opd_args([foreign], tmp_path / "o3", "--model", tiny_pipe_dir)),
+              r"adapter .*foreign was trained on another base model: the stored weights of its .*transformer")
+    _one_line(lambda: table_cli.main(["--models", f"x={tiny_pipe_dir}+{foreign}", "--tasks", "ocr", "--out",
+                                      str(tmp_path / "o4"), "--height", "0", "--width", "0"]),
+              "was trained on another base model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "other"]
+
+
+def test_a_teacher_with_non_finite_weights_is_named_when_it_loads(tiny_pipe_dir, a_teacher, tmp_path):
+    import opd
+    from test_opd import _args as opd_args
+    teacher = tmp_path / "teacher"
+    shutil.copytree(a_teacher, teacher)
+    weights = load_file(teacher / "adapter_model.safetensors")
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("nan")
+    safetensors.torch.save_file(weights, teacher / "adapter_model.safetensors")
+    _one_line(lambda: opd.main(opd_args([str(teacher)], tmp_path / "run")),
+              rf"LoRA .*teacher' holds non-finite weights \(1 values in 1 tensors, e.g. {key.removeprefix('base_model.model.')}\)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change", ["a block's attention weight", "every text-encoder weight"])
+def test_a_resume_onto_a_base_whose_weights_changed_is_refused_naming_them(change, tiny_pipe_dir, tmp_path):
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_pipe_dir, base)
+    teacher_rl.main(_args(str(base), run, "--steps", "1"))
+    if change == "a block's attention weight":  # as when a LoRA is merged into the base
+        files, names = [base / "transformer" / "diffusion_pytorch_model.safetensors"], ["transformer"]
+        edit = {"transformer_blocks.1.attn.to_q.weight": lambda w: w + 0.01}
+    else:
+        files = [base / n / "model.safetensors" for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        names, edit = ["text_encoder", "text_encoder_2", "text_encoder_3"], None
+    for f in files:
+        weights = load_file(f)
+        for k in weights:
+            if edit is None or k in edit:
+                weights[k] = (edit[k] if edit else (lambda w: w * 1.05))(weights[k])
+        safetensors.torch.save_file(weights, f)
+    message = _one_line(lambda: teacher_rl.main(_args(str(base), run, "--steps", "2", "--resume")),
+                        "was trained on another base model: the stored weights of its")
+    assert message.split("its ")[1].startswith(", ".join(names)), message
+
+
+# ---------------------------------------------------------------------- a full disk, leftovers
+def test_a_full_disk_inside_torch_save_stops_with_the_resume_line(tiny_pipe_dir, full_run, tmp_path, monkeypatch,
+                                                                 capsys):
+    run = tmp_path / "run"
+    real, saves = torch.save, {"n": 0}
+
+    def full(obj, path, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second checkpoint's trainer state
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return real(obj, path, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        with pytest.raises(SystemExit) as e:
+            teacher_rl.main(_args(tiny_pipe_dir, run))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and line.startswith("the disk is full: the checkpoint of step 1 in") and \
+        line.endswith("--resume"), line
+    teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
+    _same_run(full_run, run)
+
+
+def test_a_full_disk_at_start_and_refusals_leave_nothing_in_folders_the_run_did_not_make(tiny_pipe_dir, tmp_path,
+                                                                                         monkeypatch):
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(harness, "write_atomic", full)  # config.json, written atomically at the first start
+        with pytest.raises(SystemExit) as e:
+            teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "a" / "run"))
+    assert e.value.code == 1 and not (tmp_path / "a").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, mine)), "is not empty and holds no run")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no .lock written into it
+    monkeypatch.setenv("AESTHETIC_MLP", str(tmp_path / "missing.pth"))  # fails after --out is claimed
+    _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "b" / "c" / "run", "--reward", "aesthetic=1")),
+              "MLP weights not found")
+    assert not (tmp_path / "b").exists()

@@ -53,17 +53,37 @@ def test_teacher_rl_help_says_the_detached_cfg_branch_is_an_ablation(capsys):
     assert "ablation: v = sg(v_u) + w (v_c - sg(v_u))" in text and "as Flow-GRPO today (default False)" in text
 
 
+def _run(tmp_path, *argv):
+    """A RunDir for `x.py ARGV` (the keys the command line sets are the ones it gives)."""
+    return RunDir(str(tmp_path / "r"), parse_config(Cfg, list(argv)), Dist("cpu"), "x.py", list(argv))
+
+
 def test_run_dir_refuses_other_runs_and_accepts_fields_added_later(tmp_path):
-    RunDir(str(tmp_path / "r"), Cfg(lr=0.2), Dist("cpu")).create()
+    _run(tmp_path, "--lr", "0.2").create()
     with pytest.raises(ValueError, match="different run"):
-        RunDir(str(tmp_path / "r"), Cfg(lr=0.3, resume=True), Dist("cpu"))
+        _run(tmp_path, "--lr", "0.2", "--flag")
     with pytest.raises(ValueError, match="--resume"):
-        RunDir(str(tmp_path / "r"), Cfg(lr=0.2), Dist("cpu"))
-    RunDir(str(tmp_path / "r"), Cfg(lr=0.2, steps=9, resume=True), Dist("cpu"))  # steps may grow
+        _run(tmp_path, "--lr", "0.2")
+    # given on the command line, a value that trains another run is refused with the flags that resume it
+    with pytest.raises(ValueError, match=r"resume it with --flag false, or choose another --out"):
+        _run(tmp_path, "--lr", "0.2", "--flag", "--resume")
+    _run(tmp_path, "--lr", "0.2", "--steps", "9", "--resume")  # steps may grow
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
-    del saved["flag"]  # a run saved before `flag` existed
+    del saved["flag"]  # a run saved before `flag` existed: it counts as its default
     (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
-    RunDir(str(tmp_path / "r"), Cfg(lr=0.2, resume=True), Dist("cpu"))
-    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="flag"):
-        RunDir(str(tmp_path / "r"), Cfg(lr=0.2, flag=True, resume=True), Dist("cpu"))
+    _run(tmp_path, "--lr", "0.2", "--resume")
+    with pytest.raises(ValueError, match="--flag false"):
+        _run(tmp_path, "--lr", "0.2", "--flag", "--resume")
+
+
+def test_resume_keeps_the_runs_value_of_what_the_command_line_did_not_set(tmp_path, capsys):
+    """A default (or a recipe's value) that changed since the run started: the resume trains on with the
+    run's value and says so; the learning rate (a remedy) may change, also said."""
+    _run(tmp_path, "--names", "a", "--lr", "0.2").create()
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**saved, "flag": True}))  # today's default: False
+    run = _run(tmp_path, "--names", "a", "--lr", "0.05", "--resume")
+    assert run.cfg["flag"] is True and run.cfg["lr"] == 0.05
+    printed = capsys.readouterr().err
+    assert "flag = True kept from the run (False is today's recipe or default)" in printed
+    assert "lr: 0.2 -> 0.05 (the steps after the checkpoint train with it)" in printed

@@ -103,8 +103,10 @@ def test_opd_run_directory_errors(teachers, tmp_path, monkeypatch):
     _one_line_error(lambda: opd.main(opd_args(teachers, tmp_path / "file", "--steps", "1")), "is a file")
     opd.main(opd_args(teachers, tmp_path / "run", "--steps", "1"))
     _one_line_error(lambda: opd.main(opd_args(teachers, tmp_path / "run", "--steps", "1")), "pass --resume")
-    _one_line_error(lambda: opd.main(opd_args(teachers, tmp_path / "run", "--steps", "1", "--lr", "5e-4", "--resume")),
-                    r"different run \(config differs in \['lr'\]\)")
+    _one_line_error(lambda: opd.main(opd_args(teachers, tmp_path / "run", "--steps", "1", "--seed", "1")),
+                    r"different run \(config differs in \['seed'\]\)")
+    _one_line_error(lambda: opd.main(opd_args(teachers, tmp_path / "run", "--steps", "1", "--seed", "1", "--resume")),
+                    r"was trained with other values; resume it with --seed 0, or choose another --out")
     moved = tmp_path / "moved"
     (tmp_path / "run").rename(moved)  # a moved run directory resumes
     opd.main(opd_args(teachers, moved, "--steps", "2", "--resume"))

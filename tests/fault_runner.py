@@ -1,0 +1,29 @@
+"""tests/test_faults.py's runner: one teacher_rl.py run (python tests/fault_runner.py FAULT ARGV...) with a
+fault injected at the end of a step (RunDir.log, which every rank calls once per step):
+    sigterm:R:S   rank R sends itself SIGTERM as step S ends (a scheduler's preemption notice)
+    freeze:R:S    rank R stops (SIGSTOP) as step S ends: a rank that no longer answers
+    none          no fault
+Several ranks are started by the test as plain processes with torchrun's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT), so that it controls each one."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import harness  # noqa: E402
+import helpers  # noqa: E402,F401  (registers the test rewards)
+import teacher_rl  # noqa: E402
+
+fault, argv = sys.argv[1], sys.argv[2:]
+if fault != "none":
+    kind, rank, at = fault.split(":")
+    real_log = harness.RunDir.log
+
+    def log(self, metrics, images=None):
+        real_log(self, metrics, images)
+        if metrics.get("step") == int(at) and int(os.environ.get("RANK", 0)) == int(rank):
+            os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGSTOP)
+    harness.RunDir.log = log
+teacher_rl.main(argv)
