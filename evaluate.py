@@ -54,33 +54,60 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     On a mixed prompt set (every metadata names its "task") also "<task>/reward" per sub-task.
     `per_prompt`, if given, receives each prompt's values ("reward", the eval key) and "tags", from
     which `reported` recomputes the reported numbers and `interval` their bootstrap intervals."""
-    prompts, metas = load_prompts(task.dataset, "test")
+    return evaluate_tasks(model, [task], [reward_fn], dist, adapter, n_prompts, steps, guidance, seed, batch,
+                          grid_path, [per_prompt], height, width)[0]
+
+
+@torch.no_grad()
+def evaluate_tasks(model, tasks: list[Task], reward_fns: list, dist, adapter=None, n_prompts: int = 64,
+                   steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE, seed: int = 0, batch: int = 32,
+                   grid_path: str | None = None, per_prompt: list | None = None, height: int | None = None,
+                   width: int | None = None, export: str | None = None) -> list[dict]:
+    """evaluate_task for several tasks of one prompt set: each batch of images is generated once and
+    scored by every task's reward (Table 1's PickScore, CLIPScore, HPSv2.1 and aesthetic columns come from
+    one set of images). `per_prompt`: one dict (or None) per task. `export`: also write every image in
+    the official GenEval evaluator's layout, export/<index:05d>/{metadata.jsonl, samples/0000.png}."""
+    if len({t.dataset for t in tasks}) != 1:
+        raise ValueError(f"evaluate_tasks scores one prompt set; got {sorted({t.dataset for t in tasks})}")
+    prompts, metas = load_prompts(tasks[0].dataset, "test")
     n = min(n_prompts, len(prompts))
     per_rank = -(-n // dist.world)  # ceil: equal shares for the all_gather, padded past the last prompt
     mine = [min(i, n - 1) for i in range(dist.rank * per_rank, (dist.rank + 1) * per_rank)]
-    scores, keyed, images, terms = [], [], [], {}
+    scored, images = [{"scores": [], "keyed": [], "terms": {}} for _ in tasks], []
     for lo in range(0, per_rank, batch):
         idx = mine[lo:lo + batch]
         imgs = eval_images(model, prompts, idx, steps, guidance, seed, adapter, height, width)
-        s, info = reward_fn(imgs, [prompts[i] for i in idx], [metas[i] for i in idx])
-        key = _info_key(info, task.eval_key) if task.eval_key else None
-        scores.append(s)
-        keyed.append(info[key] if key else s)
+        for task, reward_fn, acc in zip(tasks, reward_fns, scored):
+            s, info = reward_fn(imgs, [prompts[i] for i in idx], [metas[i] for i in idx])
+            key = _info_key(info, task.eval_key) if task.eval_key else None
+            acc["scores"].append(s)
+            acc["keyed"].append(info[key] if key else s)
+            for k, v in info.items():  # the reward's other per-image terms (e.g. a judge's sub-scores)
+                if k != key:
+                    acc["terms"].setdefault(k, []).append(v.float())
         images.append(imgs.cpu())
-        for k, v in info.items():  # the reward's other per-image terms (e.g. a judge's sub-scores)
-            if k != key:
-                terms.setdefault(k, []).append(v.float())
+        if export:
+            _export_geneval(export, imgs, [i for i in range(dist.rank * per_rank + lo, dist.rank * per_rank + lo +
+                                                            len(idx)) if i < n], metas)
+    if grid_path and dist.is_main:
+        save_grid(torch.cat(images)[:16], grid_path, scale=4)
+    return [_reported(task, acc, metas, n, dist, (per_prompt or [None] * len(tasks))[k])
+            for k, (task, acc) in enumerate(zip(tasks, scored))]
+
+
+def _reported(task: Task, acc: dict, metas: list[dict], n: int, dist, per_prompt: dict | None) -> dict:
+    """One task's numbers from this rank's scores (evaluate_tasks), gathered over the ranks."""
     # ranks hold contiguous slices in rank order: all_scores[i] is prompt i's score (the padding dropped)
     def gather(values):
         return dist.all_gather(torch.cat(values).to(dist.device)).cpu()[:n]
-    all_scores = gather(scores)
+    all_scores = gather(acc["scores"])
     result = {"reward": all_scores.mean().item()}
-    for k, v in terms.items():  # mean of each term; a term that is the score itself is not repeated
+    for k, v in acc["terms"].items():  # mean of each term; a term that is the score itself is not repeated
         v = gather(v)
         if not torch.equal(v, all_scores.to(v.dtype)):
             result[k] = v.mean().item()
     if task.eval_key:
-        all_keyed = gather(keyed)
+        all_keyed = gather(acc["keyed"])
         tags = [m.get("tag") for m in metas[:n]]
         if all(tags):  # GenEval: the overall score is the mean of the per-tag means
             per_tag = {tag: all_keyed[[i for i, g in enumerate(tags) if g == tag]].mean().item()
@@ -94,22 +121,37 @@ def evaluate_task(model, task: Task, reward_fn, dist, adapter=None, n_prompts: i
     subtasks = [m.get("task") for m in metas[:n]]
     if all(subtasks):
         for sub in sorted(set(subtasks)):
-            mine = [i for i, s in enumerate(subtasks) if s == sub]
-            result[f"{sub}/reward"] = all_scores[mine].mean().item()
+            rows = [i for i, s in enumerate(subtasks) if s == sub]
+            result[f"{sub}/reward"] = all_scores[rows].mean().item()
     if per_prompt is not None:
         per_prompt["reward"] = all_scores.tolist()
         tags = [m.get("tag") for m in metas[:n]]
         per_prompt["tags"] = tags if all(tags) else None
-    if grid_path and dist.is_main:
-        save_grid(torch.cat(images)[:16], grid_path, scale=4)
     return result
+
+
+def _export_geneval(folder: str, images: torch.Tensor, indices: list[int], metas: list[dict]) -> None:
+    """Images of test prompts `indices` in the layout of GenEval's evaluate_images.py (one sample each):
+    folder/<index:05d>/metadata.jsonl (the prompt's metadata line) and folder/<index:05d>/samples/0000.png."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    for img, i in zip(images, indices):
+        sample = Path(folder) / f"{i:05d}"
+        (sample / "samples").mkdir(parents=True, exist_ok=True)
+        (sample / "metadata.jsonl").write_text(json.dumps(metas[i]) + "\n")
+        arr = (img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(sample / "samples" / "0000.png")
 
 
 def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step: int, guidance: float,
                      per_task_keys: bool) -> tuple[dict, dict]:
     """The EMA student of a training run (`trainer`: harness.StudentTrainer) on every task, with the
     protocol above at `guidance` (the CFG the model samples with), cfg.eval_prompts test prompts,
-    cfg.eval_steps steps, the run's resolution (cfg.height x cfg.width) and cfg.eval_batch; a PNG grid per task in the run's samples/. Returns (metrics, images):
+    cfg.eval_steps steps, the run's resolution (cfg.height x cfg.width) and cfg.eval_batch; a PNG grid per
+    task in the run's samples/. Returns (metrics, images):
     {"eval/<task>/<key>" (per_task_keys) or "eval/<key>": value, "sec/eval": seconds} and {tag: png path}."""
     import time
 

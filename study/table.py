@@ -43,7 +43,7 @@ from pathlib import Path
 
 import memory
 from data import Task, check_prompts, load_prompts, load_task
-from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_task, interval
+from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
 from harness import (Dist, apply_recipe, check_same_base, config_dict, describe_recipe, given_keys, parse_config,
                      print_main)
 from jsonfiles import read_json
@@ -160,6 +160,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
     datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> if it exists
     rewards: list[str] = field(default_factory=list)    # TASK=SPEC: another reward than the dataset's task.json
+    eval_key: list[str] = field(default_factory=list)   # TASK=KEY: the reward info entry to report (e.g. GenEval
+                                                        # through Flow-GRPO's server: geneval=rewards)
+    export_geneval: str = ""            # also write every GenEval image in its evaluator's layout: DIR/<model>/
     time: list[str] = field(default_factory=list)       # NAME=RUN[+RUN...]: training time, chain summed
     curves: list[str] = field(default_factory=list)     # NAME=RUN[+RUN...] to plot; default: the --time chains
     out: str = "runs/eval"
@@ -208,7 +211,12 @@ def validate(cfg: EvalConfig, argv=None):
         unknown = sorted((set(datasets) | set(rewards)) - set(cfg.tasks))
         if unknown:
             raise ValueError(f"--datasets/--rewards name tasks {unknown} not in --tasks {cfg.tasks}")
+        keys = dict(item.split("=", 1) for item in cfg.eval_key if "=" in item)
+        if len(keys) != len(cfg.eval_key) or sorted(set(keys) - set(cfg.tasks)):
+            raise ValueError(f"--eval_key expects TASK=KEY for tasks of --tasks, e.g. geneval=rewards, got {cfg.eval_key}")
         tasks = [load_task(name, datasets.get(name) or toy_dataset(name), rewards.get(name, "")) for name in cfg.tasks]
+        for task in tasks:
+            task.eval_key = keys.get(task.name, task.eval_key)
         for task in tasks:
             load_prompts(task.dataset, "test")
             check_prompts(task)
@@ -258,7 +266,7 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
     results = {t.name: old[t.name] for t in tasks
                if t.name in old and (old[t.name]["dataset"], old[t.name]["reward"]) == (t.dataset, t.reward)}
     todo = [task for task in tasks if task.name not in results]
-    if not todo and grid_file.is_file():
+    if not todo and (grid_file.is_file() or not cfg.grid_prompts):
         return results
     if spec.base not in loaded:
         with dist.local_first():  # a hub model downloads once per node
@@ -272,24 +280,29 @@ def evaluate_model(spec: ModelSpec, index: int, tasks: list[Task], rewards: dict
         if not model.has_adapter(adapter):
             model.load_lora(spec.adapter, adapter)
     guidance = model_guidance(spec, cfg)
-    for task in todo:
-        per_prompt = {}
-        res = evaluate_task(model, task, rewards[task.name], dist, adapter, cfg.prompts, cfg.steps,
-                            guidance, cfg.seed, cfg.batch, per_prompt=per_prompt, height=cfg.height or None,
-                            width=cfg.width or None)
-        results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res,
-                              "per_prompt": per_prompt, "guidance": guidance}
-        if dist.is_main:
-            print(f"{spec.name} on {task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+    for dataset in dict.fromkeys(t.dataset for t in todo):  # one generation per prompt set, every reward on it
+        group = [t for t in todo if t.dataset == dataset]
+        per_prompt = [{} for _ in group]
+        geneval = cfg.export_geneval and "include" in load_prompts(dataset, "test")[1][0]
+        found = evaluate_tasks(model, group, [rewards[t.name] for t in group], dist, adapter, cfg.prompts, cfg.steps,
+                               guidance, cfg.seed, cfg.batch, per_prompt=per_prompt, height=cfg.height or None,
+                               width=cfg.width or None,
+                               export=str(Path(cfg.export_geneval) / spec.name) if geneval else None)
+        for task, res, values in zip(group, found, per_prompt):
+            results[task.name] = {"dataset": task.dataset, "reward": task.reward, "result": res,
+                                  "per_prompt": values, "guidance": guidance}
+            if dist.is_main:
+                print(f"{spec.name} on {task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
     if dist.is_main:
-        rows = {}
-        for task in tasks:
-            prompts, _ = load_prompts(task.dataset, "test")
-            idx = list(range(min(cfg.grid_prompts, len(prompts))))
-            rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, guidance, cfg.seed, adapter,
-                                           cfg.height or None, cfg.width or None), [prompts[i] for i in idx])
-        save_sample_grid(rows, str(grid_file), f"{spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else "")
-                         + f"  (ODE {cfg.steps} steps, CFG {guidance}, prompt i seeded {cfg.seed} + i)")
+        if cfg.grid_prompts:
+            rows = {}
+            for task in tasks:
+                prompts, _ = load_prompts(task.dataset, "test")
+                idx = list(range(min(cfg.grid_prompts, len(prompts))))
+                rows[task.name] = (eval_images(model, prompts, idx, cfg.steps, guidance, cfg.seed, adapter,
+                                               cfg.height or None, cfg.width or None), [prompts[i] for i in idx])
+            save_sample_grid(rows, str(grid_file), f"{spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter
+                             else "") + f"  (ODE {cfg.steps} steps, CFG {guidance}, prompt i seeded {cfg.seed} + i)")
         cache_file.write_text(json.dumps({"key": key, "tasks": results}, indent=2))
     dist.barrier()
     return results

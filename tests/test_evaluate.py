@@ -12,7 +12,7 @@ import evaluate
 from helpers import f32_atol
 from study import plots
 from study import table as table_cli
-from data import Task
+from data import Task, load_prompts
 
 
 
@@ -208,7 +208,7 @@ def test_cli_writes_table_json_curves_and_grids_and_reuses_its_cache(tiny_pipe_d
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached model was evaluated again")
-    monkeypatch.setattr(table_cli, "evaluate_task", fail)
+    monkeypatch.setattr(table_cli, "evaluate_tasks", fail)
     again = table_cli.main(_cli_args(tiny_pipe_dir, adapter, runs, tmp_path))
     assert again == table
 
@@ -326,3 +326,63 @@ def test_split_guidance_takes_each_half_of_cfg_from_its_adapter(tiny_pipe_dir, t
         branches.main(["--model", tiny_pipe_dir, "--a", a])
     with pytest.raises(SystemExit, match="neither a PEFT LoRA folder"):
         branches.main(["--model", tiny_pipe_dir, "--a", a, "--b", str(tmp_path)])
+
+
+def test_the_table_generates_each_prompt_set_once_for_all_its_rewards(tiny_pipe_dir, tmp_path, monkeypatch):
+    """Table 1's PickScore, CLIPScore, HPSv2.1 and aesthetic columns share the PickScore prompts: one set of
+    images per model, scored by each reward; its GenEval images exported in GenEval's evaluator's layout."""
+    real, calls = evaluate.rollout, []
+
+    def counted(model, embeds, seeds, *a, **k):
+        calls.append(len(seeds))
+        return real(model, embeds, seeds, *a, **k)
+    monkeypatch.setattr(evaluate, "rollout", counted)
+    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "geneval", "bright", "jpeg", "--datasets",
+            "bright=data/toy/ocr", "jpeg=data/toy/ocr", "--rewards", "bright=test_brightness=1",
+            "jpeg=jpeg_incompressibility=1", "--prompts", "5", "--steps", "2", "--batch", "2", "--grid_prompts", "0",
+            "--height", "0", "--width", "0", "--export_geneval", str(tmp_path / "geneval"), "--out", str(tmp_path / "t")]
+    table = table_cli.main(args)
+    # geneval: 5 prompts in batches of 2, then the OCR prompt set once for both its rewards
+    assert calls == [2, 2, 1, 2, 2, 1], calls
+    scores = table["models"][0]["scores"]
+    assert set(scores) == {"geneval", "bright", "jpeg"} and scores["bright"]["reward"] != scores["jpeg"]["reward"]
+    folders = sorted(p.name for p in (tmp_path / "geneval" / "base").iterdir())
+    assert folders == [f"{i:05d}" for i in range(5)]
+    meta = json.loads((tmp_path / "geneval" / "base" / "00003" / "metadata.jsonl").read_text())
+    assert meta == load_prompts("data/toy/geneval", "test")[1][3]
+    assert (tmp_path / "geneval" / "base" / "00003" / "samples" / "0000.png").is_file()
+
+
+def test_geneval_through_a_reward_server_reports_the_key_asked_for(tiny_pipe_dir, tmp_path, monkeypatch):
+    """Flow-GRPO's GenEval server answers partial credit ("scores") and GenEval accuracy ("rewards"): with
+    --eval_key geneval=rewards the table reports the accuracy, GenEval's mean over tags."""
+    import http.server
+    import pickle
+    import threading
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            data = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            single = [float(m["tag"] == "single_object") for m in data["meta_datas"]]
+            body = pickle.dumps({"scores": [0.5] * len(single), "rewards": single})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("REWARD_SERVER_URL", f"http://127.0.0.1:{httpd.server_address[1]}")
+    try:
+        table = table_cli.main(["--models", f"base={tiny_pipe_dir}", "--tasks", "geneval", "--rewards", "geneval=http=1",
+                                "--eval_key", "geneval=rewards", "--prompts", "12", "--steps", "2", "--grid_prompts", "0",
+                                "--height", "0", "--width", "0", "--out", str(tmp_path / "t")])
+    finally:
+        httpd.shutdown()
+    tags = [m["tag"] for m in load_prompts("data/toy/geneval", "test")[1][:12]]
+    expected = evaluate.reported([float(t == "single_object") for t in tags], tags)
+    model = table["models"][0]
+    assert table["tasks"][0]["metric"] == "rewards" and model["columns"]["geneval"] == pytest.approx(expected)
+    assert model["scores"]["geneval"]["reward"] == pytest.approx(0.5)
