@@ -131,7 +131,8 @@ def load_reward(name, device="cpu", dtype=torch.float32, **options):
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
     device = torch.device(device)
-    key = (name, str(device), dtype, tuple(sorted(options.items())))
+    # the environment settings a reward reads where an option is not given are part of what it is
+    key = (name, str(device), dtype, tuple(sorted(options.items())), tuple(os.environ.get(v) for v in SETTINGS_ENV))
     try:
         hash(key)
     except TypeError as error:
@@ -362,6 +363,10 @@ def _jpeg(pil, quality):
 def _hub_kwargs():
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     return {"local_files_only": True} if offline else {}
+
+
+SETTINGS_ENV = ("AESTHETIC_MLP", "CLIP_MODEL", "GENEVAL_DETECTOR", "HPSV2_CHECKPOINT", "PICKSCORE_MODEL",
+                "PICKSCORE_PROCESSOR", "REWARD_SERVER_URL")  # every name _setting reads
 
 
 def _setting(value, env, default=None):

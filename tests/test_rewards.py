@@ -599,3 +599,17 @@ def test_registry_has_every_reward_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(rewards.__file__).parent))
     assert out.stdout.strip() == "False False"
+
+
+def test_a_built_reward_is_not_reused_after_its_environment_setting_changes(monkeypatch):
+    import re
+    read = set(re.findall(r'_setting\([^,()]+, "([A-Z0-9_]+)"', open(rewards.__file__).read()))
+    assert read and read <= set(rewards.SETTINGS_ENV), f"settings missing from SETTINGS_ENV: {read - set(rewards.SETTINGS_ENV)}"
+    with socket.socket() as listener:  # a reachable server, named by the environment only
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("REWARD_SERVER_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        rewards.load_reward("http", retries=0)
+    monkeypatch.delenv("REWARD_SERVER_URL")
+    with pytest.raises(ValueError, match="REWARD_SERVER_URL"):  # built again, not taken from the cache
+        rewards.load_reward("http", retries=0)
