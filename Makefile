@@ -16,8 +16,14 @@ export TRANSFORMERS_VERBOSITY := error
 
 venv: .venv/done
 
-test: .venv/test-extras  ## the whole test suite (CPU, a few minutes), with the optional trackers installed
+test: .venv/test-extras .venv/extras-checked  ## the whole test suite (CPU, a few minutes), with the optional trackers installed
 	$(PY) -m pytest tests -q
+
+check-extras: .venv/extras-checked  ## requirements-rewards.txt resolves beside requirements.txt's pins (pip's resolver; installs nothing)
+
+.venv/extras-checked: .venv/done requirements.txt requirements-rewards.txt
+	$(PY) -m pip install --dry-run -q -r requirements-rewards.txt -c requirements.txt
+	touch .venv/extras-checked
 
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
@@ -53,4 +59,4 @@ samples: .venv/done  ## a grid from the embedded base
 bench-gpu: .venv/done  ## docs/bench.md's GPU checks: toy smokes, real-size SD3.5-M (random weights) smokes and rounds, 1 GPU, no download (~6 min)
 	OUT=runs/bench-gpu PY=$(PY) bash bench/gpu_check.sh
 
-.PHONY: venv test opd teachers demo pretrain samples bench-gpu
+.PHONY: venv test check-extras opd teachers demo pretrain samples bench-gpu

@@ -22,6 +22,8 @@ Rewards (section 10; s = scores):
   http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
   jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
   hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
+The OCR engine and other reward extras: requirements-rewards.txt, pinned to install beside requirements.txt
+without moving any of its pins (`make check-extras` asks pip's resolver).
 Other modules register their own rewards with `register` (a dataset's task.json names the module that
 registers its reward as "reward_module": data.load_task imports it), e.g. the embedded world's.
 
@@ -31,15 +33,17 @@ Options and environment variables (an option wins over its variable, which wins 
   clipscore   model (CLIP_MODEL, openai/clip-vit-large-patch14)
   aesthetic   clip_model (CLIP_MODEL), mlp_path (AESTHETIC_MLP; default: the LAION MLP, downloaded once into
               the hub cache and checked against its sha256)
-  ocr         engine ("auto" | "easyocr" | "paddleocr") or reader (a callable: HxWx3 uint8 array -> str)
+  ocr         engine ("auto": PaddleOCR if installed, else EasyOCR | "paddleocr" | "easyocr") or reader
+              (a callable: HxWx3 uint8 array -> str); PaddleOCR: pip install -r requirements-rewards.txt
   geneval     detector (GENEVAL_DETECTOR, facebook/mask2former-swin-small-coco-instance),
               clip_model (CLIP_MODEL), threshold 0.3, counting_threshold 0.9, max_objects 16,
               position_margin 0.1
   http        url (REWARD_SERVER_URL), timeout_s 60, retries 3, backoff_s 1, wire "pickle" | "json"
   hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub cache)
 With HF_HUB_OFFLINE set, weights not in the cache fail with one line naming what to download and where.
-`check_spec` says, without loading anything, whether every reward of a spec can be built here (its
-weights cached or downloadable, its package installed, its server reachable): the scripts' --dry_run.
+`check_spec` says whether every reward of a spec can be built here (its weights cached or downloadable,
+its package installed, its server reachable) and, in the scripts' --dry_run, builds each one on the CPU
+from the files already here (downloads forbidden), naming a file that is missing.
 Model ids may be local folders; with HF_HUB_OFFLINE set, loads pass local_files_only=True.
 
 HTTP wire format (Flow-GRPO's reward-server, github.com/yifan123/reward-server, app_geneval.py): one
@@ -69,6 +73,8 @@ Departures from the paper / reference code, with reasons:
     not Flow-GRPO's exact-count "strict_rewards".
  6. OCR: a prompt without a double-quoted span raises ValueError (Flow-GRPO: IndexError), OCR errors
     propagate instead of scoring 0, and Levenshtein is computed in rules.py (python-Levenshtein is not a dep).
+    The engine is PaddleOCR 2.x as in Flow-GRPO, at 2.10.0 (Flow-GRPO: 2.9.1, which needs numpy < 2; the
+    same API); EasyOCR is accepted where PaddleOCR is not installed, and its scores are not the paper's.
  7. CLIPScore is the plain cosine of the paper's table (Flow-GRPO trains on 100 * cos / 30).
  8. JPEG rewards are DDPO's (kB, negated); Flow-GRPO divides the compressibility by 500.
  (Not a departure: every image reward quantises images to uint8 first, as the reference scorers do.)
@@ -204,9 +210,8 @@ def _check_hpsv2(checkpoint=None):
 
 
 def _check_ocr(engine="auto", reader=None):
-    if reader is None and not any(_importable(m) for m in ("easyocr", "paddleocr") if engine in ("auto", m)):
-        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, "
-                          "or pip install paddleocr paddlepaddle (Flow-GRPO's engine)")
+    if reader is None and not any(_importable(m) for m in OCR_ENGINES if engine in ("auto", m)):
+        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: {OCR_INSTALL}")
     return [f"OCR engine {engine}" if reader is None else "OCR reader given"]
 
 
@@ -270,15 +275,49 @@ def reward_bytes(specs: list[str], dtype: torch.dtype = torch.float32) -> int:
     return sum(models.values()) * torch.finfo(dtype).bits // 8
 
 
-def check_spec(spec, **options) -> list[str]:
-    """What every reward of `spec` needs and where it comes from, checked without loading anything
-    (the scripts' --dry_run): weights cached or fetchable, packages installed, servers reachable.
-    Returns one line per need; raises the one-line error of the first that cannot be met."""
+def check_spec(spec, build: bool = False, **options) -> list[str]:
+    """What every reward of `spec` needs and where it comes from (the scripts' --dry_run): weights cached
+    or fetchable, packages installed, servers reachable. Returns one line per need; raises the one-line
+    error of the first that cannot be met.
+
+    build=True (the dry run) then builds each reward on the CPU from the files already here, with
+    downloads forbidden, so that "built" means the run will build it too: a reward whose files are
+    not all here says which is missing (an error when HF_HUB_OFFLINE is set: nothing could fetch it);
+    one that fails for any other reason (a package at a version whose API differs) raises that.
+    PaddleOCR fetches its own models on first use whatever the setting (it has no switch for it)."""
     lines = []
     for name in parse_spec(spec):
         for line in CHECKS.get(name, lambda **kw: ["nothing to fetch"])(**options.get(name, {})):
             lines.append(f"{name}: {line}")
+        if build:
+            lines.append(f"{name}: {_build_here(name, options.get(name, {}))}")
     return lines
+
+
+def _build_here(name: str, options: dict) -> str:
+    """Build reward `name` on the CPU with downloads forbidden (check_spec(build=True)); one line."""
+    offline = _offline()
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # every loader here asks _offline() / _hub_kwargs() at call time
+    try:
+        REWARDS[name](torch.device("cpu"), torch.float32, **options)
+    except OSError as error:  # a weights file not here: transformers' OSError, our FileNotFoundError
+        what = " ".join(str(error).split())
+        if offline:
+            raise FileNotFoundError(f"{name} reward: a file it needs is not here and HF_HUB_OFFLINE is set: "
+                                    f"{what}") from None
+        return f"not built: a file is not here yet; the run downloads it on first use ({what})"
+    except (ImportError, ValueError):
+        raise
+    except Exception as error:
+        raise ValueError(f"{name} reward cannot be built here: {type(error).__name__}: "
+                           f"{' '.join(str(error).split())}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+    return "built on the CPU from the files here"
 
 
 class ComposedReward:
@@ -361,8 +400,7 @@ def _jpeg(pil, quality):
 
 
 def _hub_kwargs():
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return {"local_files_only": True} if offline else {}
+    return {"local_files_only": True} if _offline() else {}
 
 
 SETTINGS_ENV = ("AESTHETIC_MLP", "CLIP_MODEL", "GENEVAL_DETECTOR", "HPSV2_CHECKPOINT", "PICKSCORE_MODEL",
@@ -523,19 +561,22 @@ def _aesthetic(device, dtype, clip_model=None, mlp_path=None):
 # -------------------- OCR -------------------------------------------------------------------------
 
 
+OCR_ENGINES = ("paddleocr", "easyocr")  # "auto" takes the first installed: PaddleOCR is the paper's (Flow-GRPO's)
+OCR_INSTALL = "pip install -r requirements-rewards.txt (PaddleOCR, the paper's engine), or pip install easyocr"
+
+
 def _ocr_reader(engine, device):
     """A callable: (H, W, 3) uint8 RGB array -> all recognised text."""
-    if engine not in ("auto", "easyocr", "paddleocr"):
-        raise ValueError(f"ocr engine must be auto, easyocr or paddleocr: {engine!r}")
-    available = [name for name in ("easyocr", "paddleocr") if engine in ("auto", name) and _importable(name)]
+    if engine not in ("auto", *OCR_ENGINES):
+        raise ValueError(f"ocr engine must be auto, paddleocr or easyocr: {engine!r}")
+    available = [name for name in OCR_ENGINES if engine in ("auto", name) and _importable(name)]
     if not available:
-        raise ImportError(
-            f"ocr reward (engine={engine!r}) needs an OCR engine: pip install easyocr, "
-            f"or pip install paddleocr paddlepaddle (Flow-GRPO's engine), "
-            f"or pass reader=callable(image uint8 HxWx3) -> str")
+        raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: {OCR_INSTALL}, "
+                          "or pass reader=callable(image uint8 HxWx3) -> str")
     if available[0] == "easyocr":
         import easyocr
-        reader = easyocr.Reader(["en"], gpu=device.type == "cuda", verbose=False)
+        # with HF_HUB_OFFLINE (and in check_spec's build) its detector and recogniser are not downloaded
+        reader = easyocr.Reader(["en"], gpu=device.type == "cuda", verbose=False, download_enabled=not _offline())
         return lambda image: "".join(reader.readtext(image, detail=0))
     from paddleocr import PaddleOCR  # the 2.x API that Flow-GRPO uses
     paddle = PaddleOCR(use_angle_cls=False, lang="en", use_gpu=device.type == "cuda", show_log=False)

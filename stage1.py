@@ -127,7 +127,7 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         run = RunDir(cfg.out, cfg, dist, script, argv)
         for adapter in filter(None, [cfg.init_lora, run.resume_from and str(run.resume_from)]):
             check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights
-        needs = check_spec(task.reward) if cfg.dry_run else []   # what the reward needs, nothing loaded
+        needs = check_spec(task.reward, build=True) if cfg.dry_run else []   # built on the CPU, not kept
         with dist.local_first():
             reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
         print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)

@@ -230,7 +230,7 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         adapters += [fetch_teacher(cfg.init_lora)] if cfg.init_lora else []
         for adapter in adapters + ([str(run.resume_from)] if run.resume_from else []):
             check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights
-        needs = [line for s in specs for line in check_spec(s["task"].reward)] if cfg.dry_run else []
+        needs = [line for s in specs for line in check_spec(s["task"].reward, build=True)] if cfg.dry_run else []
         device = "cpu" if cfg.offload_rewards else dist.device
         with dist.local_first():  # first-use downloads of the reward models, once per node
             rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=device)

@@ -7,7 +7,8 @@ files (tests/fixtures/sd35m_config: every module is built on the meta device, no
 folder or under its hub id in a stand-in hub cache; Flow-GRPO's prompt folders (a few prompts each, their
 task.json); Stage-1 teachers and the release's teachers as adapter folders of rank 32 (configs and an
 empty weights file: a dry run reads headers only); reward models as empty local folders (a dry run checks
-that they exist), the OCR and HPSv2.1 packages' checks answered when they are not installed. What it
+that they exist; its builds of the rewards, which need their weights, are stood in), the OCR and HPSv2.1
+packages' checks answered when they are not installed. What it
 prints for each command is the plan's last line and the settings the plan chose.
 
 Run:
@@ -148,12 +149,14 @@ def dry_run(command: list[str], root: Path, env: dict, gib: float, world: int = 
         args = ["--model", str(FIXTURE), *args]
     argv = [*args, *extra, "--dry_run", "--device", "cuda", "--max_memory_gb", str(gib)]
     checks = {name: (lambda **o: ["stand-in"]) for name in ("ocr", "hpsv2")}
+    builds = {name: (lambda device, dtype, **o: None) for name in rewards.REWARDS}  # the dry run's reward builds
     printed = io.StringIO()
     with mock.patch.dict(os.environ, {**env, "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0",
                                       "HF_HUB_OFFLINE": "1"}), \
             mock.patch.object(torch.distributed, "init_process_group", lambda *a, **k: None), \
             mock.patch.object(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub")), \
-            mock.patch.dict(rewards.CHECKS, checks), contextlib.redirect_stderr(printed):
+            mock.patch.dict(rewards.CHECKS, checks), mock.patch.dict(rewards.REWARDS, builds), \
+            contextlib.redirect_stderr(printed):
         _module_main(target)(argv)
     text = printed.getvalue()
     config = json.loads(text[text.index("the resolved config:") + len("the resolved config:"):])

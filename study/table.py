@@ -318,7 +318,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     print_main(dist, *filter(None, [plan(cfg, models, tasks, dist, argv), describe_recipe(cfg, changed)]))
     if cfg.dry_run:
-        needs = [f"{t.name}: {line}" for t in tasks for line in check_spec(t.reward)]
+        try:
+            needs = [f"{t.name}: {line}" for t in tasks for line in check_spec(t.reward, build=True)]
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from None
         print_main(dist, *needs, "dry run: every input checked; the resolved config:",
                    json.dumps(config_dict(cfg), indent=2))
         dist.close()

@@ -572,3 +572,16 @@ def test_a_full_disk_at_start_and_refusals_leave_nothing_in_folders_the_run_did_
     _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "b" / "c" / "run", "--reward", "aesthetic=1")),
               "MLP weights not found")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_dry_run_names_the_reward_file_that_is_missing(tiny_pipe_dir, tmp_path, no_model_load, monkeypatch):
+    from test_rewards import save_tiny_clip
+    clip = Path(save_tiny_clip(tmp_path / "clip", seed=0))
+    for weights in clip.glob("model*.safetensors"):
+        weights.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CLIP_MODEL", str(clip))
+    line = _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o", "--reward", "clipscore=1", "--dry_run")),
+                     "clipscore reward: a file it needs is not here and HF_HUB_OFFLINE is set")
+    assert str(clip) in line and "model.safetensors" in line
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import pickle
+import shutil
 import socket
 import sys
 import threading
@@ -386,8 +387,29 @@ def test_ocr_reward_with_known_reader():
 
 @pytest.mark.skipif(rewards._importable("easyocr") or rewards._importable("paddleocr"), reason="an engine is here")
 def test_ocr_without_engine_says_how_to_install():
-    with pytest.raises(ImportError, match="pip install easyocr"):
+    with pytest.raises(ImportError, match=r"pip install -r requirements-rewards.txt \(PaddleOCR, the paper's engine\), "
+                                          "or pip install easyocr"):
         rewards.load_reward("ocr")
+
+
+def test_ocr_engine_is_paddleocr_with_flow_grpos_calls_when_both_are_installed(monkeypatch):
+    calls = []
+
+    class PaddleOCR:  # PaddleOCR 2.x's surface: ocr() -> [[(box, (text, confidence)), ...]] or [None]
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+        def ocr(self, image, cls):
+            calls.append({"cls": cls, "shape": image.shape})
+            return [[(None, ("HEL", 0.9)), (None, ("LO", 0.8))]] if image[0, 0, 0] else [None]
+    monkeypatch.setitem(sys.modules, "paddleocr", type(sys)("paddleocr"))
+    sys.modules["paddleocr"].PaddleOCR = PaddleOCR
+    monkeypatch.setattr(rewards, "_importable", lambda module: module in ("paddleocr", "easyocr"))
+    images = torch.stack([torch.ones(3, 8, 12), torch.zeros(3, 8, 12)])
+    scores, _ = rewards.load_reward("ocr", engine="auto")(images, ['a sign "hello"', 'a sign "hello"'], [{}, {}])
+    torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))  # "HELLO" contains the target; nothing read
+    assert calls == [{"use_angle_cls": False, "lang": "en", "use_gpu": False, "show_log": False},
+                     {"cls": False, "shape": (8, 12, 3)}, {"cls": False, "shape": (8, 12, 3)}]
 
 
 @pytest.mark.parametrize("name, message", [("hpsv2", "pip install hpsv2"), ("imagereward", "pip install image-reward")])
@@ -604,7 +626,8 @@ def test_registry_has_every_reward_and_imports_nothing_heavy():
 def test_a_built_reward_is_not_reused_after_its_environment_setting_changes(monkeypatch):
     import re
     read = set(re.findall(r'_setting\([^,()]+, "([A-Z0-9_]+)"', open(rewards.__file__).read()))
-    assert read and read <= set(rewards.SETTINGS_ENV), f"settings missing from SETTINGS_ENV: {read - set(rewards.SETTINGS_ENV)}"
+    missing = read - set(rewards.SETTINGS_ENV)
+    assert read and not missing, f"settings missing from SETTINGS_ENV: {missing}"
     with socket.socket() as listener:  # a reachable server, named by the environment only
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -613,3 +636,51 @@ def test_a_built_reward_is_not_reused_after_its_environment_setting_changes(monk
     monkeypatch.delenv("REWARD_SERVER_URL")
     with pytest.raises(ValueError, match="REWARD_SERVER_URL"):  # built again, not taken from the cache
         rewards.load_reward("http", retries=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dry run builds every reward from the files here (check_spec(build=True))
+
+
+def test_dry_run_builds_each_reward_from_the_files_here(tiny, tmp_path, monkeypatch):
+    torch.save(aesthetic_state(8, seed=3), tmp_path / "mlp.pth")
+    monkeypatch.setenv("AESTHETIC_MLP", str(tmp_path / "mlp.pth"))
+    options = {"pickscore": {"model": tiny["pick"], "processor": tiny["pick_processor"]},
+               "clipscore": {"model": tiny["clip"]}, "aesthetic": {"clip_model": tiny["clip"]},
+               "geneval": {"detector": tiny["detector"], "clip_model": tiny["clip"]}}
+    built = rewards.check_spec("pickscore=1,clipscore=1,aesthetic=1,geneval=1", build=True, **options)
+    assert [line for line in built if "built on the CPU" in line] == [
+        f"{name}: built on the CPU from the files here" for name in options]
+    # without build, nothing is loaded: a folder that lacks its weights passes the check but not the build
+    broken = tmp_path / "clip-without-weights"
+    shutil.copytree(tiny["clip"], broken)
+    for weights in broken.glob("model*.safetensors"):
+        weights.unlink()
+    assert rewards.check_spec("clipscore=1", clipscore={"model": str(broken)}) == [
+        f"clipscore: CLIP model {broken}: a local folder"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing could fetch it: one line that names the folder and file
+    with pytest.raises(FileNotFoundError, match=rf"clipscore reward: a file it needs is not here .*{broken}") as e:
+        rewards.check_spec("clipscore=1", build=True, clipscore={"model": str(broken)})
+    assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online: the run would download it, so the dry run says so and goes on
+    lines = rewards.check_spec("clipscore=1", build=True, clipscore={"model": str(broken)})
+    assert lines[-1].startswith("clipscore: not built: a file is not here yet; the run downloads it on first use")
+    assert "HF_HUB_OFFLINE" not in os.environ  # the build's own offline switch is put back
+
+
+def test_dry_run_names_a_reward_that_fails_to_build_for_another_reason(monkeypatch):
+    def broken_api(device, dtype):
+        raise TypeError("__init__() got an unexpected keyword argument 'use_gpu'")  # PaddleOCR 3.x, say
+    monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility", broken_api)
+    with pytest.raises(ValueError, match="jpeg_compressibility reward cannot be built here: TypeError: "
+                                         "__init__.. got an unexpected keyword argument 'use_gpu'"):
+        rewards.check_spec("jpeg_compressibility=1", build=True)
+
+
+def test_the_dry_run_build_downloads_nothing(monkeypatch):
+    seen = []
+    monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility",
+                        lambda device, dtype: seen.append(rewards._hub_kwargs()))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert rewards.check_spec("jpeg_compressibility=1", build=True)[-1].endswith("built on the CPU from the files here")
+    assert seen == [{"local_files_only": True}] and "HF_HUB_OFFLINE" not in os.environ
