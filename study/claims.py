@@ -9,7 +9,8 @@ seeds (bootstrap over seeds).
 Claims (paper section 9 and the text around Fig. 6):
     C1  OPD reaches each teacher on the teacher's own task        student / teacher >= 0.95
     C2  OPD beats multi-task RL and cascade RL on the average     min-max average difference > 0
-    C3  ... in less time (teachers trained in parallel + OPD)     minutes, measured (no interval)
+    C3  ... in less time (teachers trained in parallel + OPD)     minutes, measured (no interval); the demo
+                                                                  does not test it: its baselines stop at OPD's images
     C4  the closed-form KL learns faster than PPO-style (a = 0.7) held-out distance after the same images,
                                                                   and images to the same distance, ratio > 1
     C5  the ODE (a = 0) is more sample-efficient than a = 0.7     images to the same distance, ratio > 1

@@ -253,11 +253,12 @@ def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: d
     for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
         rows.append((f"C2 OPD beats {baseline} on the min-max average", "difference",
                      c.average_difference(table, "opd", baseline)))
+    # C3 compares the time each method needs to reach a quality; the baselines here stop at OPD's images,
+    # whatever quality they reach, so the minutes are reported and the claim is not tested
     for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
-        faster = times["opd (parallel teachers)"] < times[baseline]
         rows.append((f"C3 OPD (longest teacher + OPD) takes less time than {baseline}", "minutes OPD - baseline",
                      {"value": times["opd (parallel teachers)"] - times[baseline], "interval": None,
-                      "verdict": "reproduced" if faster else "not reproduced"}))
+                      "verdict": "not tested (baselines stop at OPD's images)"}))
     tasks = list(TASKS)
     rows.append((f"C4 closed form beats PPO-style at a = {cfg.fig6_noise:g} (final held-out distance)", "PPO - closed form",
                  c.final_distance_difference(fig6["ppo"], fig6["sde"], tasks)))

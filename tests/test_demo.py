@@ -101,8 +101,9 @@ def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_di
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     claims = (results / "claims.md").read_text()
     assert all(f"| C{i} " in claims for i in range(1, 7)) and claims.count("| C") == 3 + 3 + 3 + 4
-    assert all(v in ("reproduced", "not reproduced", "not distinguishable")
-               for v in (line.rsplit("|", 2)[1].strip() for line in claims.splitlines() if line.startswith("| C")))
+    verdicts = {line.split(" ", 2)[1]: line.rsplit("|", 2)[1].strip() for line in claims.splitlines() if line.startswith("| C")}
+    assert all(v in ("reproduced", "not reproduced", "not distinguishable") for c, v in verdicts.items() if c != "C3")
+    assert verdicts["C3"] == "not tested (baselines stop at OPD's images)"
     fig6 = [json.loads(line) for line in (out / "fig6" / "ode-s0" / "metrics.jsonl").read_text().splitlines()]
     assert all("eval/geneval/distance" in m for m in fig6)  # every round
     # the multi-task baseline evaluated every sub-task of its mixed prompt set
