@@ -25,7 +25,7 @@ tasks x P prompts): multi-task runs round(C / B) steps of B images, cascade T st
 round(C / (T B)) steps, SFT S_o rounds of T x P. The teachers' own compute is reported in the time
 column (the paper's convention: the longest teacher, trained in parallel, plus OPD) and as the total.
 
-Budget: 28 min on 2 CPU cores with the defaults (measured on a fresh clone: docs/study.md); `--quick` runs every
+Budget: 36 min on 2 CPU cores with the defaults (measured on a fresh clone: docs/study.md); `--quick` runs every
 stage with tiny sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
