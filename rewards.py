@@ -210,7 +210,7 @@ def _check_hpsv2(checkpoint=None):
 
 
 def _check_ocr(engine="auto", reader=None):
-    if reader is None and not any(_importable(m) for m in OCR_ENGINES if engine in ("auto", m)):
+    if reader is None and not _ocr_engines(engine):
         raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: {OCR_INSTALL}")
     return [f"OCR engine {engine}" if reader is None else "OCR reader given"]
 
@@ -565,11 +565,16 @@ OCR_ENGINES = ("paddleocr", "easyocr")  # "auto" takes the first installed: Padd
 OCR_INSTALL = "pip install -r requirements-rewards.txt (PaddleOCR, the paper's engine), or pip install easyocr"
 
 
+def _ocr_engines(engine: str) -> list[str]:
+    """The installed engines that `engine` ("auto" or a name) may use, in OCR_ENGINES' order."""
+    return [name for name in OCR_ENGINES if engine in ("auto", name) and _importable(name)]
+
+
 def _ocr_reader(engine, device):
     """A callable: (H, W, 3) uint8 RGB array -> all recognised text."""
     if engine not in ("auto", *OCR_ENGINES):
         raise ValueError(f"ocr engine must be auto, paddleocr or easyocr: {engine!r}")
-    available = [name for name in OCR_ENGINES if engine in ("auto", name) and _importable(name)]
+    available = _ocr_engines(engine)
     if not available:
         raise ImportError(f"ocr reward (engine={engine!r}) needs an OCR engine: {OCR_INSTALL}, "
                           "or pass reader=callable(image uint8 HxWx3) -> str")
