@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import (Phases, one_line_stops, parse_config, require, require_positive, step_seed,
-                     trained_steps, update_or_stop)
+from config import parse_config, require, require_positive
+from harness import Phases, one_line_stops, step_seed, trained_steps, update_or_stop
 from sample import rollout
 from stage1 import Stage1Config
 

@@ -59,9 +59,10 @@ import torch
 from tqdm import tqdm
 
 from evaluate import evaluate_student
-from harness import (Dist, Phases, StudentConfig, StudentTrainer, config_dict, fail, load_base, no_phase,
-                     one_line_stops, parse_config, peak_memory, print_main, step_seed, trained_steps,
-                     update_or_stop)
+from config import config_dict, parse_config
+from dist import Dist, print_main
+from harness import (Phases, StudentConfig, StudentTrainer, fail, load_base, no_phase, one_line_stops, peak_memory,
+                     step_seed, trained_steps, update_or_stop)
 from model import FlowModel, TextEmbeds
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from teachers import by_task, fetch_teacher, load_teachers, validate

@@ -31,9 +31,11 @@ import torch
 import memory
 from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
-from harness import (Dist, RunDir, StudentConfig, StudentTrainer, apply_recipe, apply_values, check_same_base,
-                     check_student_config, config_dict, describe_recipe, fail, given_keys, load_base,
-                     peak_memory, print_main, require, require_positive, step_seed)
+from config import apply_recipe, apply_values, config_dict, describe_recipe, given_keys, require, require_positive
+from dist import Dist, print_main
+from harness import (StudentConfig, StudentTrainer, check_same_base, check_student_config, fail, load_base,
+                     peak_memory, step_seed)
+from rundir import RunDir
 from model import (SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution, portable_path,
                    resolve_dtype)
 from rewards import check_spec, make_reward, reward_bytes

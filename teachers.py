@@ -29,8 +29,10 @@ import torch
 
 import memory
 from data import Task, check_prompts, load_prompts, load_task
-from harness import (Dist, RunDir, apply_recipe, check_same_base, check_student_config, describe_recipe, fail,
-                     given_keys, print_main, require, require_positive)
+from config import apply_recipe, describe_recipe, given_keys, require, require_positive
+from dist import Dist, print_main
+from harness import check_same_base, check_student_config, fail
+from rundir import RunDir
 from jsonfiles import read_json
 from model import (FlowModel, check_lora_folder, check_model_path, check_model_resolution, portable_path,
                    resolve_dtype)

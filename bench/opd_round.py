@@ -68,7 +68,9 @@ import memory
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Dist, Phases, StudentTrainer, apply_recipe, given_keys, parse_config, trained_steps
+from config import apply_recipe, given_keys, parse_config
+from dist import Dist
+from harness import Phases, StudentTrainer, trained_steps
 from model import LORA_TARGETS, STUDENT, FlowModel, weights_dtype
 from sample import rollout
 from teachers import by_task, load_teachers, resolve_teachers, validate
@@ -551,9 +553,9 @@ def evaluation(s: Setup, cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
 def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     """teacher_rl.main for warmup + grpo_steps + 1 steps (the last evaluates and is not timed);
     a step's wall time is the time between its metrics line and the previous one."""
-    import harness
+    import rundir
     import teacher_rl
-    stamps, log = [], harness.RunDir.log
+    stamps, log = [], rundir.RunDir.log
 
     def stamped(run, metrics, images=None):
         stamps.append((clock(dist.device), metrics, meter.take()))
@@ -572,12 +574,12 @@ def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
             batch=cfg.grpo_batch, group_size=cfg.grpo_group_size, num_steps=cfg.num_steps, height=cfg.height,
             width=cfg.width, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, device=cfg.device,
             eval_every=10**6, eval_prompts=dist.world, eval_steps=2, save_every=10**6, out=f"{tmp}/run").items()]
-        harness.RunDir.log = stamped
+        rundir.RunDir.log = stamped
         try:
             meter.watch_next_transformer()  # the one teacher_rl.main loads
             teacher_rl.main(argv)
         finally:
-            harness.RunDir.log = log
+            rundir.RunDir.log = log
     timed = range(cfg.warmup, cfg.warmup + cfg.grpo_steps)
     walls = [stamps[i][0] - stamps[i - 1][0] for i in timed]
     phases = {k.removeprefix("sec/"): sum(stamps[i][1][k] for i in timed) / len(timed)

@@ -29,7 +29,9 @@ import torch
 
 from data import load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
-from harness import Dist, check_same_base, parse_config
+from config import parse_config
+from dist import Dist
+from harness import check_same_base
 from model import FlowModel, check_model_path
 from rewards import make_reward
 from study.table import resolve_adapter, toy_dataset

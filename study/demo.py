@@ -50,7 +50,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import check_same_base, config_dict, parse_config
+from config import config_dict, parse_config
+from harness import check_same_base
 from jsonfiles import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here

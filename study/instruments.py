@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from harness import (Dist, StudentTrainer, fail, load_base, no_phase, one_line_stops, parse_config, print_main,
-                     trained_steps)
+from config import parse_config
+from dist import Dist, print_main
+from harness import StudentTrainer, fail, load_base, no_phase, one_line_stops, trained_steps
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid
 from teachers import by_task, load_teachers, validate

@@ -44,8 +44,9 @@ from pathlib import Path
 import memory
 from data import Task, check_prompts, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
-from harness import (Dist, apply_recipe, check_same_base, config_dict, describe_recipe, given_keys, parse_config,
-                     print_main)
+from config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config
+from dist import Dist, print_main
+from harness import check_same_base
 from jsonfiles import read_json
 from model import (DTYPES, FlowModel, check_lora_folder, check_model_path, check_model_resolution, repo_path,
                    resolve_dtype)

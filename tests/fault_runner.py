@@ -12,18 +12,18 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import harness  # noqa: E402
+import rundir  # noqa: E402
 import helpers  # noqa: E402,F401  (registers the test rewards)
 import teacher_rl  # noqa: E402
 
 fault, argv = sys.argv[1], sys.argv[2:]
 if fault != "none":
     kind, rank, at = fault.split(":")
-    real_log = harness.RunDir.log
+    real_log = rundir.RunDir.log
 
     def log(self, metrics, images=None):
         real_log(self, metrics, images)
         if metrics.get("step") == int(at) and int(os.environ.get("RANK", 0)) == int(rank):
             os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGSTOP)
-    harness.RunDir.log = log
+    rundir.RunDir.log = log
 teacher_rl.main(argv)

@@ -1,14 +1,14 @@
-"""tests/test_ranks.py's probe of harness.Dist.local_first, run by tests/ranks_runner.py on 2 ranks of one
+"""tests/test_ranks.py's probe of Dist.local_first (dist.py), run by tests/ranks_runner.py on 2 ranks of one
 node: each rank records when it entered and left the block (a stand-in for a first-use download)."""
 import json
 import time
 from pathlib import Path
 
-import harness
+from dist import Dist
 
 
 def main(argv):
-    dist = harness.Dist("cpu")
+    dist = Dist("cpu")
     with dist.local_first():
         enter = time.time()
         time.sleep(0.3)

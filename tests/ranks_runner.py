@@ -5,7 +5,7 @@ start-up for every 2-rank comparison instead of one each.
 
 JOBS.json: [{"name", "module", "argv"}]. Every all_reduce of each job is recorded (its numel), and rank r
 writes {name: [numel, ...]} to OUT.json.r. The process group is created once by the first job's
-harness.Dist and kept for all jobs (gloo cannot be created again after it is destroyed), so Dist.close
+dist.Dist and kept for all jobs (gloo cannot be created again after it is destroyed), so Dist.close
 is a no-op here until the end.
 """
 import importlib
@@ -17,10 +17,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import torch.distributed as tdist  # noqa: E402
 
-import harness  # noqa: E402
+import dist  # noqa: E402
 import helpers  # noqa: E402,F401  (registers the test rewards)
 
-harness.Dist.close = lambda self: None
+dist.Dist.close = lambda self: None
 calls, real_all_reduce = [], tdist.all_reduce
 
 

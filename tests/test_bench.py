@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import opd_round as bench
-from harness import Dist
+from dist import Dist
 from teachers import by_task
 from helpers import F32_REL
 from model import LORA_TARGETS, FlowModel

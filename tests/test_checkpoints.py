@@ -1,5 +1,5 @@
 """Runs that survive a kill at any instant of a checkpoint save, damaged checkpoints refused with one
-line, and non-finite losses that never reach the weights (harness.RunDir, harness.StudentTrainer)."""
+line, and non-finite losses that never reach the weights (rundir.RunDir, harness.StudentTrainer)."""
 import json
 import os
 import shutil
@@ -9,7 +9,9 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
+import dist
 import harness
+import rundir
 import opd
 import teacher_rl
 
@@ -36,7 +38,7 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing in the scripts catches it."""
 
 
-DISK_OPS = [(safetensors.torch, "save_file"), (harness, "save_file"), (torch, "save"), (os, "replace"),
+DISK_OPS = [(safetensors.torch, "save_file"), (rundir, "save_file"), (torch, "save"), (os, "replace"),
             (shutil, "rmtree")]
 
 
@@ -44,7 +46,7 @@ def _kill_at(monkeypatch, k: int, during_step: int):
     """Patch every disk operation of a checkpoint save; raise Killed before the k-th one of the save of
     `during_step` (k past the last: right after that save returns). Returns the op counter."""
     count = {"n": 0, "armed": False}
-    real_save = harness.RunDir.save
+    real_save = rundir.RunDir.save
 
     def save(self, step, *args, **kwargs):
         count["armed"] = step == during_step
@@ -63,7 +65,7 @@ def _kill_at(monkeypatch, k: int, during_step: int):
         return op
     for module, name in DISK_OPS:
         monkeypatch.setattr(module, name, wrap(getattr(module, name)))
-    monkeypatch.setattr(harness.RunDir, "save", save)
+    monkeypatch.setattr(rundir.RunDir, "save", save)
     return count
 
 
@@ -133,7 +135,7 @@ def test_update_skips_a_non_finite_gradient_without_touching_weights_moments_or_
     import dataclasses
     cfg = dataclasses.replace(opd.OPDConfig(), lora_rank=4, lora_alpha=8, ema_every=1, max_skipped_steps=3,
                               out=str(tmp_path / "r"))
-    trainer = harness.StudentTrainer(tiny_model, cfg, harness.Dist("cpu"), None)
+    trainer = harness.StudentTrainer(tiny_model, cfg, dist.Dist("cpu"), None)
     for p in trainer.params:
         p.grad = torch.ones_like(p)
     trainer.update(0, torch.ones(2))  # one good step: moments and EMA exist

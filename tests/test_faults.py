@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 import harness
+import rundir
 import teacher_rl
 from model import FlowModel
 from study import table as table_cli
@@ -96,7 +97,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
             "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
             "time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / harness.LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / rundir.LOCK)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -111,28 +112,28 @@ def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_first(second, 
     finally:
         holder.kill()
         holder.wait()
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [harness.LOCK]  # nothing of the second run
-    fd = os.open(tmp_path / "run" / harness.LOCK, os.O_RDWR)  # the lock died with its process
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [rundir.LOCK]  # nothing of the second run
+    fd = os.open(tmp_path / "run" / rundir.LOCK, os.O_RDWR)  # the lock died with its process
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
 
 def test_the_run_lock_is_held_for_the_whole_run_and_gone_with_it(tiny_pipe_dir, tmp_path, monkeypatch):
     seen = []
-    real = harness.RunDir.log
+    real = rundir.RunDir.log
 
     def log(self, metrics, images=None):  # during the run: another process finds the lock taken
         # exit 3: the lock exists and is held (a missing lock file is a traceback, exit 1)
         code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
                 "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
                 "except BlockingIOError:\n    sys.exit(3)")
-        seen.append(subprocess.run([sys.executable, "-c", code, str(self.path / harness.LOCK)],
+        seen.append(subprocess.run([sys.executable, "-c", code, str(self.path / rundir.LOCK)],
                                    stderr=subprocess.DEVNULL).returncode)
         return real(self, metrics, images)
-    monkeypatch.setattr(harness.RunDir, "log", log)
+    monkeypatch.setattr(rundir.RunDir, "log", log)
     teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "run", "--steps", "1"))
     assert seen == [3]
-    fd = os.open(tmp_path / "run" / harness.LOCK, os.O_RDWR)  # and free once the run has ended
+    fd = os.open(tmp_path / "run" / rundir.LOCK, os.O_RDWR)  # and free once the run has ended
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
@@ -153,19 +154,19 @@ def test_a_kill_during_resumes_metrics_rewrite_loses_no_history(point, tiny_pipe
         f.write(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
     kept = (run / "metrics.jsonl").read_text().splitlines()[0]
 
-    def killed_write(path, text):  # harness.write_atomic's steps, killed before step `point`
+    def killed_write(path, text):  # rundir.write_atomic's steps, killed before step `point`
         tmp = path.with_name(path.name + ".tmp")
-        steps = [lambda: tmp.write_text(text), lambda: harness._fsync(tmp), lambda: os.replace(tmp, path),
-                 lambda: harness._fsync(path.parent)]
+        steps = [lambda: tmp.write_text(text), lambda: rundir._fsync(tmp), lambda: os.replace(tmp, path),
+                 lambda: rundir._fsync(path.parent)]
         for k, do in enumerate(steps):
             if k == point:
                 raise Killed(f"before step {k} of the rewrite")
             do()
     with monkeypatch.context() as m:
-        m.setattr(harness, "write_atomic", killed_write)
+        m.setattr(rundir, "write_atomic", killed_write)
         with pytest.raises(Killed):
             teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
-        harness._CLAIMED[-1].release()  # what the killed process's exit would do
+        rundir._CLAIMED[-1].release()  # what the killed process's exit would do
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == kept  # the history survives every kill point
     teacher_rl.main(_args(tiny_pipe_dir, run, "--resume"))
@@ -224,7 +225,7 @@ def test_malformed_json_files_are_named_with_their_line(tiny_pipe_dir, a_teacher
 def test_a_damaged_run_config_or_manifest_is_named(tiny_pipe_dir, tmp_path):
     run = tmp_path / "run"
     teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1"))
-    manifest = run / "checkpoint" / harness.MANIFEST
+    manifest = run / "checkpoint" / rundir.MANIFEST
     saved = manifest.read_text()
     manifest.write_text(json.dumps({"step": 1}))  # no "files"
     _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, run, "--resume")), "lacks its 'files' or 'step' entry")
@@ -259,7 +260,7 @@ def test_bad_inputs_that_used_to_fail_after_loading_fail_before(tiny_pipe_dir, t
               "model nobody/no-such-model-here is not in the local hub cache and HF_HUB_OFFLINE is set")
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only "
-                        "file system")) if str(path).endswith(harness.LOCK) else real_open(path, *a, **k))
+                        "file system")) if str(path).endswith(rundir.LOCK) else real_open(path, *a, **k))
     _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "o5")),
               r"--out .*o5 cannot be created or written \(Read-only file system\)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]
@@ -267,13 +268,13 @@ def test_bad_inputs_that_used_to_fail_after_loading_fail_before(tiny_pipe_dir, t
 
 # ---------------------------------------------------------------------- Ctrl-C and a full disk
 def _stop_at_step(monkeypatch, step: int, error: BaseException, where=("harness", "RunDir.log")):
-    real = harness.RunDir.log
+    real = rundir.RunDir.log
 
     def log(self, metrics, images=None):
         if metrics["step"] == step:
             raise error
         return real(self, metrics, images)
-    monkeypatch.setattr(harness.RunDir, "log", log)
+    monkeypatch.setattr(rundir.RunDir, "log", log)
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume_and_the_resume_is_exact(tiny_pipe_dir, full_run, tmp_path,
@@ -303,7 +304,7 @@ def test_a_full_disk_during_a_save_says_what_was_kept_and_the_resume_is_exact(ti
             raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
         return real(tensors, path, *args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(harness, "save_file", full)
+        m.setattr(rundir, "save_file", full)
         with pytest.raises(SystemExit) as e:
             teacher_rl.main(_args(tiny_pipe_dir, run))
     assert e.value.code == 1
@@ -402,7 +403,7 @@ def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time_naming_it(tiny
     # rank 1 stopped as step 1 ended; rank 0 saved step 2 and waited for it at the save's barrier
     assert line.startswith("a collective timed out: rank 1 did not answer within --collective_timeout_s") and \
         "the checkpoint of step 2 in" in line and line.endswith("--resume"), line
-    assert harness.read_manifest(tmp_path / "run" / "checkpoint")[0] == 2
+    assert rundir.read_manifest(tmp_path / "run" / "checkpoint")[0] == 2
 
 
 # ---------------------------------------------------------------------- the printed remedies work
@@ -559,7 +560,7 @@ def test_a_full_disk_at_start_and_refusals_leave_nothing_in_folders_the_run_did_
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
     with monkeypatch.context() as m:
-        m.setattr(harness, "write_atomic", full)  # config.json, written atomically at the first start
+        m.setattr(rundir, "write_atomic", full)  # config.json, written atomically at the first start
         with pytest.raises(SystemExit) as e:
             teacher_rl.main(_args(tiny_pipe_dir, tmp_path / "a" / "run"))
     assert e.value.code == 1 and not (tmp_path / "a").exists()

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from harness import Dist, RunDir, parse_config
+from config import parse_config
+from dist import Dist
+from rundir import RunDir
 
 
 @dataclasses.dataclass

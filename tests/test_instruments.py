@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import opd
 from data import load_prompts
-from harness import Dist, parse_config
+from config import parse_config
+from dist import Dist
 from helpers import f32_atol
 from study import instruments
 from teachers import by_task, load_teachers, resolve_teachers

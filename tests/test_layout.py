@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("toy", "study", "bench")
 CORE = ("model.py", "sample.py", "rewards.py", "rules.py", "data.py", "teachers.py", "stage1.py", "teacher_rl.py",
-        "nft.py", "opd.py", "harness.py", "evaluate.py", "memory.py", "reporting.py", "jsonfiles.py")
+        "nft.py", "opd.py", "harness.py", "config.py", "dist.py", "rundir.py", "evaluate.py", "memory.py",
+        "reporting.py", "jsonfiles.py")
 
 
 def _modules() -> dict[str, Path]:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import opd
 from teachers import by_task, load_teachers, resolve_teachers, validate
 from helpers import f32_atol
-from harness import Dist
+from dist import Dist
 from sample import sde_step
 
 

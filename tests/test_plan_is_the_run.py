@@ -17,7 +17,8 @@ import nft
 import opd
 import stage1
 import teacher_rl
-from harness import Dist, RunDir
+from dist import Dist
+from rundir import RunDir
 from rewards import reward_bytes
 from study import table as table_cli
 from test_evaluate import _adapter
@@ -145,7 +146,7 @@ class _TwoRanks(Dist):
 def test_resume_stops_in_one_line_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    import harness
+    import rundir
 
     @dataclass
     class Cfg:
@@ -157,10 +158,10 @@ def test_resume_stops_in_one_line_when_the_ranks_see_different_checkpoints(tmp_p
     run.create()
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "w.txt").write_text("w")
-    harness.write_manifest(out / "checkpoint", 2)
+    rundir.write_manifest(out / "checkpoint", 2)
     run.release()
     same = RunDir(str(out), Cfg(resume=True), Dist("cpu"))
-    digest = int(harness._sha256(out / "checkpoint" / harness.MANIFEST)[:12], 16)
+    digest = int(rundir._sha256(out / "checkpoint" / rundir.MANIFEST)[:12], 16)
     same.release()
     RunDir(str(out), Cfg(resume=True), _TwoRanks([0.0, 2, digest])).release()  # the same view: resumes
     for peer, seen in (([0.0, 0, 0], "rank 1: step 0"), ([0.0, 2, digest + 1], "rank 1: step 2")):

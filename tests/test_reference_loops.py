@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import nft
 import opd
 import teacher_rl
-from harness import Dist, StudentTrainer, no_phase
+from dist import Dist
+from harness import StudentTrainer, no_phase
 from helpers import f32_atol
 from sample import rollout
 from teachers import by_task, load_teachers, resolve_teachers

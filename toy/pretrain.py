@@ -45,12 +45,13 @@ import torch
 from tqdm import tqdm
 
 from toy import world
-from harness import parse_config, publish_dir, write_atomic
+from config import parse_config
+from rundir import publish_dir, write_atomic
 from jsonfiles import read_jsonl
 from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 
-RECIPE = Path(__file__).with_name("recipe.json")  # the training scripts' toy-scale values (harness.apply_recipe)
+RECIPE = Path(__file__).with_name("recipe.json")  # the training scripts' toy-scale values (config.apply_recipe)
 
 
 @dataclass
