@@ -258,6 +258,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
         # ---- rollout -> teacher targets -> loss -> one update: a round of Algorithm 1
         metrics = opd_round(cfg, model, routes, trainer, step, dist, prompts_by_task, phase, gradient)
         metrics.update({f"sec/{k}": v for k, v in phase.sec.items()})
+        metrics["images"] = (step + 1) * cfg.prompts_per_batch * len(routes)  # student rollouts so far
         # ---- evaluate the EMA student on every task with the 40-step ODE
         if (step + 1) % cfg.eval_every == 0 or last:
             evaluated, images = evaluate_student(trainer, tasks, rewards, dist, cfg, step,

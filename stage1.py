@@ -204,6 +204,7 @@ def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, s
     """The end of a Stage-1 step: evaluate the EMA weights on the task's test prompts (evaluate.py, at
     the guidance the model samples with) every eval_every steps and at the end, log, checkpoint."""
     last, images = step + 1 == cfg.steps, {}
+    metrics["images"] = (step + 1) * cfg.batch  # training images so far (the x axis of study.plots' curves)
     if (step + 1) % cfg.eval_every == 0 or last:
         evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step,
                                              cfg.guidance, per_task_keys=False)

@@ -1,35 +1,44 @@
-"""The paper's study on the toy world in one command: Table 1 with intervals, Fig. 6 on a low-noise axis
-and a claims table with verdicts (paper sections 5, 8, 9).
+"""The paper's study on the toy world in one command: Table 1 with intervals at matched CFG, the
+premise (interference) and the cross-task matrix, Fig. 6 on a low-noise axis and a claims table with
+verdicts (paper sections 5, 8, 9).
 
 Stages, in order; each skips the work already done, so an interrupted demo continues where it stopped
 (an OUT holding runs of another base model is refused):
   1. teachers   the teachers to distil: --teachers (default ckpts/*, made by `make teachers`); their
-                training minutes come from their metrics.jsonl
+                training minutes and images come from their metrics.jsonl
   2. opd        DiffusionOPD from them: ODE (a = 0), closed form (opd.py's loop, run by
                 study/instruments.py to log the held-out distance)                        OUT/opd/
-  3. baselines  at OPD's compute (images x steps), each a documented command with its algorithm's
-                settings of the shipped teachers (Makefile TEACHER_*):
-                multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py --task mixed --ratio_norm
-                --lr 1e-3), multi-task NFT (nft.py --task mixed), cascade NFT (nft.py one task after
-                another, chained by --init_lora), SFT on teacher samples (study/instruments.py --baseline sft)
+  3. baselines  each a documented command with its algorithm's settings of the shipped teachers
+                (Makefile TEACHER_*): multi-task GRPO-Guard on the mixed prompt set (teacher_rl.py
+                --task mixed --ratio_norm --lr 1e-3), multi-task NFT (nft.py --task mixed), cascade NFT
+                (nft.py one task after another, chained by --init_lora); SFT on teacher samples
+                (study/instruments.py --baseline sft) and its control that fits the empty prompt too
+                (--sft_caption_dropout 0.1)
   4. fig6       OPD variants x seeds, the held-out distance to the teachers logged every round:
                 ODE closed form, SDE (a = 0.7) closed form, SDE PPO-style                 OUT/fig6/
   5. variance   the gradient-variance ratio PPO-style / closed form (study/instruments.py
                 --variance_rollouts)
-  6. results    study.table (Table 1 with bootstrap intervals, curves, samples), fig6.png and
-                claims.md (study/claims.py)                                               OUT/results/
+  6. results    study.table (every model at every CFG of --cfgs and at its own; bootstrap intervals,
+                curves, samples), fig6.png and claims.md (study/claims.py)            OUT/results/
 Every command run is appended to OUT/commands.txt; OUT/plan.json holds each run's steps and compute.
 
-Equal compute: every baseline sees as many images as OPD's student, C = S_o T P (S_o rounds of T
-tasks x P prompts): multi-task runs round(C / B) steps of B images, cascade T stages of
-round(C / (T B)) steps, SFT S_o rounds of T x P. The teachers' own compute is reported in the time
-column (the paper's convention: the longest teacher, trained in parallel, plus OPD) and as the total.
+Equal images (C2): every baseline sees as many training images as OPD's pipeline, the teachers'
+images included: C = sum of the teachers' images + S_o T P (S_o rounds of T tasks x P prompts);
+multi-task runs round(C / B) steps of B images, cascade T stages of round(C / (T B)). SFT sees OPD's
+S_o T P teacher samples (its teachers are OPD's). OPD, SFT and the baselines are evaluated
+--curve_points times on --eval_prompts test prompts per task (curves.png against images and
+minutes; C3 reads the time to a stated quality from these points).
 
-Budget: 36 min on 2 CPU cores with the defaults (measured on a fresh clone: docs/study.md); `--quick` runs every
-stage with tiny sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
+Matched CFG: every model gets a Table 1 row NAME@CFG at each CFG of --cfgs (4.5 and 1.0: the
+protocol's and the NFT runs') and at its own; the premise, the cross-task matrix and C2 and C6
+compare rows at one CFG; C1 compares each model at the CFG it is deployed with.
+
+Budget: measured on a fresh clone in docs/study.md (make demo); `--quick` runs every stage with tiny
+sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
-1. Tiny: toy teachers of minutes, baselines at the student's compute (the paper: tens of GPU-hours).
+1. Tiny: toy teachers of minutes, baselines at the student's pipeline's images (the paper: tens of
+   GPU-hours, baselines run until they match).
 2. The multi-task prompt set routes every prompt to its own task's reward (rewards.py per-sample
    routing by the metadata's "rewards"), tasks in equal shares.
 3. Times are training minutes on one machine; the paper adds GPU-hours of teachers trained in parallel.
@@ -49,6 +58,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from config import config_dict, parse_config
 from harness import check_same_base
@@ -82,7 +92,11 @@ class DemoConfig:
     distance_prompts: int = 12          # test prompts per task of the held-out distance
     distance_every: int = 2             # Fig. 6 rounds between two held-out distances (each costs ~5 s on 2 cores)
     variance_rollouts: int = 8          # R rollouts for the gradient-variance ratio
-    eval_prompts: int = 8               # test prompts per task at the runs' final evaluation (logs only)
+    eval_prompts: int = 16              # test prompts per task at each curve point of a run (curves.png, C3)
+    curve_points: int = 5               # evaluations of every OPD, SFT and baseline run, the last at its end
+    baseline_images: int = -1           # images of each baseline: -1 = the teachers' + OPD's (equal total images)
+    sft_caption_dropout: float = 0.1    # the SFT control's share of empty-prompt samples (pretraining's 0.1)
+    cfgs: list[float] = field(default_factory=lambda: [4.5, 1.0])  # every model gets a Table 1 row at each
     eval_steps: int = 40                # ODE steps of every evaluation (paper: 40)
     final_prompts: int = 128            # test prompts per task for Table 1
     grid_prompts: int = 8               # prompts per task in each model's sample grid
@@ -90,18 +104,21 @@ class DemoConfig:
 
 QUICK = dict(nproc=1, num_steps=3, opd_rounds=2, opd_prompts=2, baseline_batch=6, group_size=2, fig6_rounds=2,
              fig6_prompts=1, fig6_seeds=2, distance_prompts=2, distance_every=1, variance_rollouts=2, eval_prompts=3, eval_steps=3,
-             final_prompts=6, grid_prompts=3)
+             final_prompts=6, grid_prompts=3, curve_points=2, baseline_images=24)
 LONG = dict(opd_rounds=90, fig6_rounds=48, final_prompts=256)
 
 
 # ---------------------------------------------------------------------- plan
-def plan(cfg: DemoConfig) -> dict[str, dict]:
-    """Steps, images per step and compute (steps x images) of every training run: C = S_o T P for OPD;
-    the multi-task baselines round(C / B) steps of B images; cascade T x round(C / (T B)); SFT as OPD."""
+def plan(cfg: DemoConfig, teacher_images: int = 0) -> dict[str, dict]:
+    """Steps, images per step and compute (steps x images) of every training run: S_o T P for OPD and
+    both SFT runs; every baseline C = the teachers' images + OPD's (cfg.baseline_images when > 0):
+    the multi-task runs round(C / B) steps of B images, cascade T x round(C / (T B))."""
     T, B = len(TASKS), cfg.baseline_batch
     runs = {"opd": {"steps": cfg.opd_rounds, "images_per_step": T * cfg.opd_prompts}}
-    C = runs["opd"]["steps"] * runs["opd"]["images_per_step"]
+    C = cfg.baseline_images if cfg.baseline_images > 0 else \
+        teacher_images + runs["opd"]["steps"] * runs["opd"]["images_per_step"]
     runs["sft"] = dict(runs["opd"])
+    runs["sft-dropout"] = dict(runs["opd"])
     runs["multitask-guard"] = {"steps": max(1, round(C / B)), "images_per_step": B}
     runs["multitask-nft"] = {"steps": max(1, round(C / B)), "images_per_step": B}
     for k, t in enumerate(TASKS, 1):
@@ -192,14 +209,16 @@ def finished(run: Path, steps: int) -> bool:
     return saved.is_file() and read_json(saved, "run config").get("step", 0) >= steps
 
 
-def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) -> Path:
-    """Run `module` into OUT/name unless it is finished; --resume continues an interrupted run."""
+def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str], points: int = 1) -> Path:
+    """Run `module` into OUT/name unless it is finished, evaluated `points` times (evenly, the last at
+    its end); --resume continues an interrupted run."""
     run = Path(cfg.out) / name
     if finished(run, steps):
         print(f"[skip] {name}: {steps} steps done", flush=True)
         return run
+    every = max(1, steps // max(1, points))
     launch(cfg, module, [*args, "--model", cfg.model, "--recipe", cfg.recipe, "--steps", str(steps), "--num_steps",
-                         str(cfg.num_steps), "--eval_every", str(steps), "--save_every", str(steps),
+                         str(cfg.num_steps), "--eval_every", str(every), "--save_every", str(steps),
                          "--eval_prompts", str(cfg.eval_prompts), "--eval_steps", str(cfg.eval_steps),
                          "--out", str(run), "--resume"])
     if not finished(run, steps):
@@ -207,15 +226,28 @@ def train(cfg: DemoConfig, module: str, name: str, steps: int, args: list[str]) 
     return run
 
 
-def distil(cfg: DemoConfig, name: str, steps: int, prompts: int, *args: str) -> Path:
+def distil(cfg: DemoConfig, name: str, steps: int, prompts: int, *args: str, points: int = 1) -> Path:
     return train(cfg, "study.instruments", name, steps, ["--teachers", *cfg.teachers, "--prompts_per_batch",
                                                          str(prompts), "--distance_prompts", str(cfg.distance_prompts),
-                                                         *args])
+                                                         *args], points)
 
 
 def stage1(cfg: DemoConfig, module: str, name: str, steps: int, *args: str) -> Path:
     return train(cfg, module, name, steps, [*args, "--batch", str(cfg.baseline_batch), "--group_size",
-                                            str(cfg.group_size)])
+                                            str(cfg.group_size)], cfg.curve_points)
+
+
+def teacher_images(cfg: DemoConfig) -> int:
+    """The teachers' training images, summed: each one's last metrics "images", else its steps x batch."""
+    from study.plots import read_metrics
+    total = 0
+    for teacher in cfg.teachers:
+        records = read_metrics(teacher)
+        if records and "images" in records[-1]:
+            total += records[-1]["images"]
+        else:
+            total += len(records) * read_json(Path(teacher) / "config.json", "the teacher's config")["batch"]
+    return total
 
 
 def gradient_variance(cfg: DemoConfig) -> dict:
@@ -246,32 +278,79 @@ def gradient_variance(cfg: DemoConfig) -> dict:
 
 
 # ---------------------------------------------------------------------- results
-def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: dict, times: dict) -> str:
-    """claims.md: one row per claim of the paper (study/claims.py)."""
+def row(name: str, g: float) -> str:
+    """The Table 1 row of model `name` sampled at CFG g."""
+    return f"{name}@{g:g}"
+
+
+def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: dict, times: dict, own: dict,
+           chains: dict, images: dict, joint_of: dict) -> str:
+    """claims.md: the premise, the cross-task matrix and one row per claim of the paper (study/claims.py),
+    each naming the CFG and the images it compares at. `own`: each model's deployed CFG; `chains`:
+    each model's runs (study.plots curves); `images`: each model's training images (teachers' included);
+    `joint_of`: per task, the multi-task baseline of its teacher's algorithm."""
     from study import claims as c
-    rows = [(f"C1 OPD reaches the {t} teacher (>= 95%)", "student / teacher", c.ratio_to_teacher(table, "opd", f"teacher-{t}", t))
-            for t in TASKS]
+    from study.plots import minutes_to_reach
+    tasks, teachers = list(TASKS), {t: f"teacher-{t}" for t in TASKS}
+    rows = []
+    # the premise: a joint run of the teacher's algorithm and recipe, with at least the teacher's images of
+    # the task, gains less on it than the single-task teacher (same CFG)
+    for t in tasks:
+        joint, g = joint_of[t], own[teachers[t]]
+        rows.append((f"P interference on {t}: the single-task teacher beats the joint {joint} run "
+                     f"({images[joint] // len(tasks)} vs {images[teachers[t]]} images of the task, CFG {g:g})",
+                     "teacher - joint", c.difference(table, row(teachers[t], g), row(joint, g), t)))
+    for t in tasks:
+        rows.append((f"C1 OPD reaches the {t} teacher (>= 95%; each at its deployed CFG: OPD "
+                     f"{own['opd']:g}, teacher {own[teachers[t]]:g})", "student / teacher",
+                     c.ratio_to_teacher(table, row("opd", own["opd"]), row(teachers[t], own[teachers[t]]), t)))
+    total = images["opd"]
+    for g in cfg.cfgs:
+        at_g = [m["name"] for m in table["models"] if m["name"].endswith(f"@{g:g}")]
+        for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
+            rows.append((f"C2 OPD beats {baseline} on the min-max average (CFG {g:g}; {total} vs {images[baseline]} "
+                         "images, teachers' included)", "difference",
+                         c.average_difference(table, row("opd", g), row(baseline, g), among=at_g)))
+    # C3: training minutes to reach 90% of the teachers' mean reward on their own tasks (the curves)
+    scores = {m["name"]: m["scores"] for m in table["models"]}
+    target = 0.9 * sum(scores[row(teachers[t], own[teachers[t]])][t]["reward"] for t in tasks) / len(tasks)
+    reach = {name: minutes_to_reach(chains[name], tasks, target) for name in ("opd", "multitask-guard", "multitask-nft")}
+    cascade = scores[row("cascade-nft", own["cascade-nft"])]  # its stages evaluate their own task: the end only
+    reach["cascade-nft"] = times["cascade-nft"] if sum(cascade[t]["reward"] for t in tasks) / len(tasks) >= target else None
     for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
-        rows.append((f"C2 OPD beats {baseline} on the min-max average", "difference",
-                     c.average_difference(table, "opd", baseline)))
-    # C3 compares the time each method needs to reach a quality; the baselines here stop at OPD's images,
-    # whatever quality they reach, so the minutes are reported and the claim is not tested
-    for baseline in ("multitask-guard", "multitask-nft", "cascade-nft"):
-        rows.append((f"C3 OPD (longest teacher + OPD) takes less time than {baseline}", "minutes OPD - baseline",
-                     {"value": times["opd (parallel teachers)"] - times[baseline], "interval": None,
-                      "verdict": "not tested (baselines stop at OPD's images)"}))
-    tasks = list(TASKS)
+        mine, theirs = reach["opd"], reach[baseline]
+        if mine is None and theirs is None:
+            result = {"value": None, "interval": None, "verdict": "not tested (neither reached it)"}
+        elif theirs is None:
+            result = {"value": mine, "interval": None,
+                      "verdict": f"reproduced ({baseline} did not reach it in {times[baseline]:.1f} min)"}
+        elif mine is None:
+            result = {"value": theirs, "interval": None, "verdict": "not reproduced (OPD did not reach it)"}
+        else:
+            result = {"value": mine - theirs, "interval": None,
+                      "verdict": "reproduced" if mine < theirs else "not reproduced"}
+        rows.append((f"C3 OPD (longest teacher + OPD) reaches 90% of the teachers' mean reward ({target:.3f}) "
+                     f"in less training time than {baseline}", "minutes OPD - baseline"
+                     if mine is not None and theirs is not None else "minutes", result))
     rows.append((f"C4 closed form beats PPO-style at a = {cfg.fig6_noise:g} (final held-out distance)", "PPO - closed form",
                  c.final_distance_difference(fig6["ppo"], fig6["sde"], tasks)))
     rows.append((f"C4 closed form more sample-efficient than PPO-style at a = {cfg.fig6_noise:g}", "images ratio PPO / closed form",
                  c.efficiency_ratio(fig6["sde"], fig6["ppo"], tasks)))
     rows.append((f"C5 ODE (a = 0) more sample-efficient than a = {cfg.fig6_noise:g} (paper: up to ~5x)", "images ratio SDE / ODE",
                  c.efficiency_ratio(fig6["ode"], fig6["sde"], tasks)))
-    rows.append(("C6 OPD beats SFT on teacher samples on the min-max average", "difference",
-                 c.average_difference(table, "opd", "sft")))
+    g = own["opd"]
+    at_g = [m["name"] for m in table["models"] if m["name"].endswith(f"@{g:g}")]
+    for sft in ("sft", "sft-dropout"):
+        rows.append((f"C6 OPD beats {sft} on teacher samples on the min-max average (CFG {g:g}; equal images)",
+                     "difference", c.average_difference(table, row("opd", g), row(sft, g), among=at_g)))
     text = c.format_claims(rows)
+    matrix = c.cross_task_matrix(table, {f"{teachers[t]} ({own[teachers[t]]:g})": (row(teachers[t], own[teachers[t]]),
+                                                                                   row("base", own[teachers[t]]))
+                                         for t in tasks}, tasks)
     ratio = variance["ratio"]
-    return (text + f"\nGradient variance of the PPO-style estimator / the closed form's at a = {variance['noise_level']}: "
+    return (text + "\nCross-task effects: each teacher minus the base at the teacher's CFG, on every task "
+            "[95% paired bootstrap interval]:\n\n" + matrix +
+            f"\nGradient variance of the PPO-style estimator / the closed form's at a = {variance['noise_level']}: "
             f"{ratio:.1f}x ({variance['rollouts']} rollouts; cosine of their mean gradients {variance['cos_mean_grads']:.2f}).\n")
 
 
@@ -291,14 +370,18 @@ def main(argv=None) -> dict:
     check_runs_share_the_base(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(cfg)
-    (out / "plan.json").write_text(json.dumps({"config": config_dict(cfg), "runs": runs}, indent=2))
+    teachers_seen = teacher_images(cfg) if cfg.baseline_images <= 0 else 0
+    runs = plan(cfg, teachers_seen)
+    (out / "plan.json").write_text(json.dumps({"config": config_dict(cfg), "runs": runs,
+                                               "teacher_images": teachers_seen}, indent=2))
     print("plan (steps x images per step = compute):\n" + "\n".join(
         f"  {name:24s} {r['steps']:5d} x {r['images_per_step']:3d} = {r['compute']}" for name, r in runs.items()))
 
-    # ---- 2. OPD, 3. baselines at OPD's compute
-    opd_run = distil(cfg, "opd", cfg.opd_rounds, cfg.opd_prompts)
-    sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft")
+    # ---- 2. OPD, 3. SFT (and its control) at OPD's images, the baselines at the teachers' + OPD's
+    opd_run = distil(cfg, "opd", cfg.opd_rounds, cfg.opd_prompts, points=cfg.curve_points)
+    sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft", points=cfg.curve_points)
+    sft_dropout = distil(cfg, "sft-dropout", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft",
+                         "--sft_caption_dropout", str(cfg.sft_caption_dropout), points=cfg.curve_points)
     guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], "--task", "mixed",
                    "--ratio_norm", "--lr", "1e-3")
     nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed")
@@ -316,37 +399,51 @@ def main(argv=None) -> dict:
             for v, args in variants.items()}
     variance = gradient_variance(cfg)
 
-    # ---- 6. Table 1 with intervals, curves, samples; Fig. 6; claims
+    # ---- 6. Table 1: every model at every CFG of cfg.cfgs, with intervals; curves, samples; Fig. 6; claims
+    from study.plots import plot_distance, read_metrics, run_seconds
+    from study.table import ModelSpec, model_guidance, resolve_adapter
     results = out / "results"
     tmin = teacher_minutes(cfg)
     models = {"base": cfg.model, **{f"teacher-{t}": f"{cfg.model}+{p}" for t, p in zip(TASKS, cfg.teachers)},
-              "opd": f"{cfg.model}+{opd_run}", "sft": f"{cfg.model}+{sft}",
+              "opd": f"{cfg.model}+{opd_run}", "sft": f"{cfg.model}+{sft}", "sft-dropout": f"{cfg.model}+{sft_dropout}",
               "multitask-guard": f"{cfg.model}+{guard}", "multitask-nft": f"{cfg.model}+{nft_mt}",
               "cascade-nft": f"{cfg.model}+{cascade[-1]}"}
+    own_rule = SimpleNamespace(guidance=cfg.cfgs[0], own_guidance=True)  # the fields model_guidance reads
+    own = {name: model_guidance(ModelSpec(name, cfg.model, resolve_adapter(ref.split("+", 1)[1]) if "+" in ref else None),
+                                own_rule) for name, ref in models.items()}
+    cfgs = list(dict.fromkeys([*cfg.cfgs, *own.values()]))
     longest = max(cfg.teachers, key=lambda t: tmin[Path(t).name])
     chains = {**{f"teacher-{t}": [p] for t, p in zip(TASKS, cfg.teachers)}, "opd": [longest, str(opd_run)],
-              "sft": [longest, str(sft)], "multitask-guard": [str(guard)], "multitask-nft": [str(nft_mt)],
-              "cascade-nft": [str(r) for r in cascade]}
-    launch(cfg, "study.table", ["--models", *[f"{k}={v}" for k, v in models.items()],
-                                "--time", *[f"{k}={'+'.join(v)}" for k, v in chains.items()],
+              "sft": [longest, str(sft)], "sft-dropout": [longest, str(sft_dropout)], "multitask-guard": [str(guard)],
+              "multitask-nft": [str(nft_mt)], "cascade-nft": [str(r) for r in cascade]}
+    launch(cfg, "study.table", ["--models", *[f"{row(k, g)}={v}@{g:g}" for k, v in models.items() for g in cfgs],
+                                "--time", *[f"{row(k, g)}={'+'.join(v)}" for k, v in chains.items() for g in cfgs],
+                                "--curves", *[f"{k}={'+'.join(v)}" for k, v in chains.items()],
                                 "--tasks", *TASKS, "--recipe", cfg.recipe, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
     table = read_json(results / "table.json", "table")
-    from study.plots import plot_distance, run_seconds
     plot_distance([("closed form vs PPO-style (a = %g)" % cfg.fig6_noise, {"closed form": fig6["sde"], "PPO-style": fig6["ppo"]}),
                    ("ODE vs SDE (closed form)", {"ODE (a = 0)": fig6["ode"], f"SDE (a = {cfg.fig6_noise:g})": fig6["sde"]})],
                   list(TASKS), str(results / "fig6.png"))
-    times = {m["name"]: m["train_minutes"] for m in table["models"] if m["train_minutes"] is not None}
-    times["opd (parallel teachers)"] = times["opd"]
+    times = {name: sum(run_seconds(r) for r in chain) / 60 for name, chain in chains.items()}
     times["opd (total compute)"] = sum(tmin.values()) + run_seconds(str(opd_run)) / 60
-    text = claims(cfg, table, fig6, variance, times)
+    images = {name: sum(read_metrics(r)[-1].get("images", 0) for r in chain) for name, chain in chains.items()}
+    images["opd"] = sum(read_metrics(t)[-1].get("images", 0) for t in cfg.teachers) + images["opd"] - \
+        read_metrics(longest)[-1].get("images", 0)  # all teachers' images, not only the longest one's
+    joint_of = {t: "multitask-nft" if read_json(Path(resolve_adapter(p)) / "run_config.json", "the teacher's run "
+                                                "config").get("algorithm") == "nft" else "multitask-guard"
+                for t, p in zip(TASKS, cfg.teachers)}
+    text = claims(cfg, table, fig6, variance, times, own, chains, images, joint_of)
+    header = (f"Claims of the paper on the toy world ({cfg.final_prompts} test prompts per task, {cfg.fig6_seeds} "
+              "seeds per Fig. 6 variant; intervals: 95% bootstrap over prompts, or over seeds for C4-C5; rows "
+              "NAME@CFG are sampled at that CFG; deployed CFGs: " + ", ".join(f"{k} {v:g}" for k, v in own.items()) + ").")
     (results / "claims.md").write_text(
-        f"Claims of the paper on the toy world ({cfg.final_prompts} test prompts per task, {cfg.fig6_seeds} seeds "
-        f"per Fig. 6 variant; intervals: 95% bootstrap over prompts, or over seeds for C4-C5).\n\n{text}\n"
-        f"Times (min): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "\n")
+        f"{header}\n\n{text}\n"
+        "Times (training min, a chain's runs summed): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "\n"
+        "Images (training, a chain's runs summed; OPD's with every teacher's): " +
+        ", ".join(f"{k} {v}" for k, v in images.items()) + "\n")
     print("\n" + text + f"\nwrote {results}/table.md, table.json, claims.md, fig6.png, curves.png, samples/*.png")
     return {"results": str(results), "variance": variance, "plan": runs, "config": dataclasses.asdict(cfg)}
-
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,12 @@ against, and what it measures, built on opd.py's functions and loop (nothing of 
   conditional velocity is fitted by flow matching at the grid times OPD trains, with fresh noise per
   (sample, step):  x_t = (1 - t) x0 + t eps,  L = ||v_S(x_t, t) - (eps - x0)||^2.  Same prompts,
   seeds, rounds, optimizer and loss scale (mean over dims, steps, samples) as OPD (`sft_gradient`).
+  It fits the conditional branch only; `--sft_caption_dropout p` fits a share p of the samples with
+  the empty prompt instead (the unconditional branch, which CFG extrapolates from, learns the
+  teachers' samples too), the control of the deployed-sampler explanation (docs/toy-world.md, G4).
 - The held-out distance to the teachers (`--distance_prompts P`, every `--distance_every` rounds and
-  at evaluations): a low-noise progress measure for Fig. 6. The student's ODE rollouts of the first P
+  at evaluations): a low-noise progress measure for Fig. 6, of the trained weights (not the EMA,
+  which moves only every --ema_every rounds). The student's ODE rollouts of the first P
   test prompts (prompt i seeded i) and at every state the release-scale mean-matching loss
   mean_dims 1/2 (mu_S - mu_T)^2 of the ODE step, averaged over steps, prompts and ranks
   (`distance_to_teacher`), logged as eval/<task>/distance.
@@ -47,6 +51,7 @@ from teachers import by_task, load_teachers, validate
 # prime offsets of a sample's seed: the SFT noise and the variance rollouts draw from other streams than
 # the rollouts of training (whose seeds are harness.step_seed(seed, round, index) for rounds < 10**6)
 SFT_NOISE_STREAM = 104729
+SFT_DROPOUT_STREAM = 130363
 VARIANCE_ROUNDS = 10**6
 
 
@@ -55,6 +60,8 @@ class InstrumentsConfig(opd.OPDConfig):
     """DiffusionOPD with the study's instruments: the SFT baseline, the held-out distance, the
     gradient variance (module docstring). Every other field is opd.py's."""
     baseline: str = ""                  # "sft": the off-policy baseline instead of OPD's gradient
+    sft_caption_dropout: float = 0.0    # SFT: share of samples fitted with the empty prompt (trains the
+                                        # unconditional branch too, as pretraining's 0.1 did)
     distance_prompts: int = 16          # test prompts per task of the held-out distance (0: none)
     distance_every: int = 0             # also log the distance every this many rounds (0: with evaluations)
     variance_rollouts: int = 0          # > 0: measure both estimators' gradient variance, then exit
@@ -75,6 +82,13 @@ def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[in
                      cfg.width or None, adapter=teacher.adapter, decode=False).latents[:, -1].to(model.device)
     with phase("train"):
         embeds = model.encode_prompts(prompts)
+        if cfg.sft_caption_dropout > 0:  # caption dropout: sample i fits the empty prompt, a draw of its seed
+            drop = torch.tensor([torch.rand((), generator=torch.Generator().manual_seed(int(s) + SFT_DROPOUT_STREAM))
+                                 .item() < cfg.sft_caption_dropout for s in seeds], device=model.device)
+            if drop.any():
+                empty = model.encode_prompts([""] * len(prompts))
+                embeds = TextEmbeds(torch.where(drop.view(-1, 1, 1), empty.seq, embeds.seq),
+                                    torch.where(drop.view(-1, 1), empty.pooled, embeds.pooled))
         grid = time_grid(model.pipe.scheduler, cfg.num_steps)
         B, K, d = len(seeds), len(steps), x0[0].numel()
         eps = torch.stack([torch.randn((K, *x0.shape[1:]),
@@ -117,17 +131,18 @@ def distance_to_teacher(cfg, model: FlowModel, teacher, dist: Dist) -> float:
 
 def log_distances(cfg):
     """opd.train's after_round hook: the held-out distance to every teacher every cfg.distance_every
-    rounds (0: at the evaluations) and at the last round, under the EMA weights."""
+    rounds (0: at the evaluations) and at the last round, under the trained weights: the EMA moves
+    only every ema_every optimizer steps (the paper's 8), so a 16-round curve under it would have two
+    steps, whatever the estimator."""
     def after_round(step, last, metrics, model, teachers, trainer, dist):
         every = cfg.distance_every or cfg.eval_every
         if not cfg.distance_prompts or not ((step + 1) % every == 0 or last):
             return
         t0 = time.perf_counter()
-        with trainer.ema_weights():
-            for teachers_of_task in by_task(teachers):
-                for k, teacher in enumerate(teachers_of_task):  # a task's second teacher and on: /1, /2...
-                    key = f"eval/{teacher.task.name}/distance" + (f"/{k}" if k else "")
-                    metrics[key] = distance_to_teacher(cfg, model, teacher, dist)
+        for teachers_of_task in by_task(teachers):
+            for k, teacher in enumerate(teachers_of_task):  # a task's second teacher and on: /1, /2...
+                key = f"eval/{teacher.task.name}/distance" + (f"/{k}" if k else "")
+                metrics[key] = distance_to_teacher(cfg, model, teacher, dist)
         metrics["sec/eval"] = metrics.get("sec/eval", 0.0) + time.perf_counter() - t0
     return after_round
 
@@ -175,6 +190,8 @@ def main(argv=None):
     cfg = parse_config(InstrumentsConfig, argv)
     checks = [(cfg.baseline in ("", "sft"), f"--baseline must be sft or empty, got {cfg.baseline!r}"),
               (cfg.distance_prompts >= 0 and cfg.distance_every >= 0, "--distance_prompts/--distance_every must be >= 0"),
+              (0 <= cfg.sft_caption_dropout < 1, f"--sft_caption_dropout must be in [0, 1), got {cfg.sft_caption_dropout}"),
+              (cfg.baseline == "sft" or not cfg.sft_caption_dropout, "--sft_caption_dropout needs --baseline sft"),
               (cfg.variance_rollouts >= 0, "--variance_rollouts must be >= 0"),
               (not (cfg.variance_rollouts and cfg.noise_level <= 0),
                "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7) with --variance_rollouts")]

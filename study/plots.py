@@ -1,13 +1,14 @@
-"""Figures of the study, drawn from run logs: reward against training wall-clock (paper Fig. 3), the
-OPD ablations against optimizer steps (paper Fig. 6), and sample grids.
+"""Figures of the study, drawn from run logs: reward against training images and wall-clock (paper
+Fig. 3), the OPD ablations against optimizer steps (paper Fig. 6), and sample grids.
 
 What a run directory (teacher_rl.py, opd.py) logs in metrics.jsonl, one JSON line per step:
     sec/<phase>          seconds of each phase of the step; training time = their sum without sec/eval
+    images               training images so far (Stage 1: steps x batch; OPD: rounds x prompts x tasks)
     reward_mean          GRPO training reward of the step's SDE rollouts (teacher_rl.py)
     eval/<key>           teacher_rl.py: its own task's ODE evaluation (eval/reward, eval/strict)
     eval/<task>/<key>    opd.py, and teacher_rl.py on a mixed task (evaluate.py): each task's evaluation
-A chain of runs (a cascade; OPD after its teachers) shares one time axis: each run starts where the
-previous one ended. Curves plot `reward` (GenEval: partial credit), the quantity every run logs.
+A chain of runs (a cascade; OPD after its teachers) shares its axes: each run starts where the
+previous one ended, in minutes and in images. Curves plot `reward` (GenEval: partial credit), the quantity every run logs.
 
 Departures from the paper
 1. Time is wall-clock *training* minutes on this machine, summed over a chain's runs (the paper:
@@ -85,16 +86,16 @@ def _label_once(label, seen):
 
 
 def plot_curves(chains: dict[str, list[str]], tasks: list[str], path: str) -> None:
-    """One panel per task (evaluation reward) plus one of the GRPO training reward, against the
-    cumulative training minutes of each chain. The earlier runs of a chain are drawn dashed, except
-    a run that is a chain of its own (OPD's teachers): it is drawn there and only shifts the time here."""
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.6), squeeze=False)
-    axes = axes[0]
+    """One column per task of evaluation reward (evaluate.py's ODE, each run at its own CFG), against
+    the chain's training images (top row; a record's "images") and its cumulative training minutes
+    (bottom row). The earlier runs of a chain are drawn dashed, except a run that is a chain of its
+    own (OPD's teachers): it is drawn there and only shifts the axes here."""
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    seen = [set() for _ in axes]
+    seen = [[set() for _ in row] for row in axes]
     alone = {runs[0] for runs in chains.values() if len(runs) == 1}
     for c, (name, runs) in enumerate(chains.items()):
-        color, offset = colors[c % len(colors)], 0.0
+        color, offset, images_offset = colors[c % len(colors)], 0.0, 0
         for r, run in enumerate(runs):
             last = r == len(runs) - 1
             records = read_metrics(run)
@@ -102,26 +103,28 @@ def plot_curves(chains: dict[str, list[str]], tasks: list[str], path: str) -> No
             for record in records:
                 elapsed += train_seconds(record) / 60
                 minutes.append(elapsed)
-            offset = elapsed
+            images = [images_offset + rec["images"] if "images" in rec else None for rec in records]
+            offset, images_offset = elapsed, images[-1] if records and images[-1] is not None else images_offset
             if not last and run in alone:
                 continue
             own = run_task(run)
-            panels = [[eval_reward(rec, t, own) for rec in records] for t in tasks]
-            panels.append([rec.get("reward_mean") for rec in records])
-            for ax, ys, labels in zip(axes, panels, seen):
-                points = [(x, y) for x, y in zip(minutes, ys) if y is not None]
-                if points:
-                    ax.plot(*zip(*points), marker="o", ms=3, color=color, ls="-" if last else "--",
-                            alpha=1.0 if last else 0.6, label=_label_once(name, labels))
-    for ax, task in zip(axes, tasks):
-        ax.set_title(f"{task}: evaluation reward (ODE)")
-    axes[-1].set_title("GRPO training reward (SDE rollouts)")
-    for ax in axes:
-        ax.set_xlabel("training wall-clock (min)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    axes[0].set_ylabel("reward")
+            for t, task in enumerate(tasks):
+                ys = [eval_reward(rec, task, own) for rec in records]
+                for row, xs in enumerate((images, minutes)):
+                    points = [(x, y) for x, y in zip(xs, ys) if y is not None and x is not None]
+                    if points:
+                        axes[row][t].plot(*zip(*points), marker="o", ms=3, color=color, ls="-" if last else "--",
+                                          alpha=1.0 if last else 0.6, label=_label_once(name, seen[row][t]))
+    for t, task in enumerate(tasks):
+        for row, xlabel in enumerate(("training images (a chain's runs summed)", "training wall-clock (min)")):
+            ax = axes[row][t]
+            ax.set_title(f"{task}: evaluation reward\n(ODE, each run's CFG, its test prompts)", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        axes[0][t].set_ylabel("reward")
+        axes[1][t].set_ylabel("reward")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,6 +134,20 @@ def mean_eval_reward(record: dict, tasks: list[str]) -> float | None:
     """Mean over tasks of eval/<task>/reward (an opd.py evaluation step), None if a task is missing."""
     values = [record.get(f"eval/{t}/reward") for t in tasks]
     return None if None in values else sum(values) / len(values)
+
+
+def minutes_to_reach(chain: list[str], tasks: list[str], threshold: float) -> float | None:
+    """Training minutes of a chain (its earlier runs' in full, then its last run's up to the step) at the
+    first evaluation of its last run whose mean reward over `tasks` is >= threshold; None if none is
+    (or the last run does not evaluate every task)."""
+    offset = sum(run_seconds(run) for run in chain[:-1]) / 60
+    elapsed = offset
+    for record in read_metrics(chain[-1]):
+        elapsed += train_seconds(record) / 60
+        mean = mean_eval_reward(record, tasks)
+        if mean is not None and mean >= threshold:
+            return elapsed
+    return None
 
 
 def plot_ablation(panels: list[tuple[str, dict[str, str]]], tasks: list[str], path: str,

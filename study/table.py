@@ -68,19 +68,22 @@ def minmax_average(table: list[list[float]]) -> list[float | None]:
 
 
 def format_table(names: list[str], metrics: list[str], values: list[list[float]], minutes: list[float | None],
-                 averages: list[float | None], intervals: list[list[tuple]] | None = None) -> str:
-    """Markdown rows shaped like the paper's Table 1: model | time | one column per task | avg; each
-    value with its interval [lo, hi] when given."""
+                 averages: list[float | None], intervals: list[list[tuple]] | None = None,
+                 guidance: list[float] | None = None) -> str:
+    """Markdown rows shaped like the paper's Table 1: model | [CFG |] time | one column per task | avg;
+    each value with its interval [lo, hi] when given, the CFG each row was sampled at when given."""
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     def cell(v, ci):
         return num(v, ".3f") + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     intervals = intervals or [[None] * len(metrics) for _ in names]
-    lines = ["| model | time (min) | " + " | ".join(metrics) + " | avg (min-max norm.) |",
-             "|---|---:|" + "---:|" * len(metrics) + "---:|"]
-    for name, row, cis, minute, avg in zip(names, values, intervals, minutes, averages):
-        lines.append(f"| {name} | {num(minute, '.3g')} | " + " | ".join(cell(v, ci) for v, ci in zip(row, cis))
+    cfg_head, cfg_rule = ("CFG | ", "---:|") if guidance else ("", "")
+    lines = [f"| model | {cfg_head}time (min) | " + " | ".join(metrics) + " | avg (min-max norm.) |",
+             f"|---|{cfg_rule}---:|" + "---:|" * len(metrics) + "---:|"]
+    for k, (name, row, cis, minute, avg) in enumerate(zip(names, values, intervals, minutes, averages)):
+        cfg_cell = f"{guidance[k]:g} | " if guidance else ""
+        lines.append(f"| {name} | {cfg_cell}{num(minute, '.3g')} | " + " | ".join(cell(v, ci) for v, ci in zip(row, cis))
                      + f" | {num(avg, '.3f')} |")
     return "\n".join(lines) + "\n"
 
@@ -104,6 +107,7 @@ class ModelSpec:
     name: str
     base: str                   # diffusers pipeline folder or hub id
     adapter: str | None         # PEFT LoRA folder (a run directory resolves to its checkpoint/)
+    guidance: float | None = None  # CFG of this row (@CFG); None: model_guidance's rule
 
 
 def resolve_adapter(path: str) -> str:
@@ -117,16 +121,28 @@ def resolve_adapter(path: str) -> str:
 
 
 def parse_models(items: list[str]) -> list[ModelSpec]:
-    """["NAME=BASE[+ADAPTER]", ...] -> specs; adapters resolved, names unique."""
+    """["NAME=BASE[+ADAPTER][@CFG]", ...] -> specs; adapters resolved, names unique. @CFG samples the
+    row at that CFG (one model at several CFGs: one row each, e.g. base@1=models/toy-sd3@1)."""
     specs = []
     for item in items:
         name, eq, value = item.partition("=")
+        head, at, tail = value.rpartition("@")
+        guidance = None
+        if at:
+            try:
+                guidance = float(tail)
+            except ValueError:
+                raise ValueError(f"--models {item!r}: @{tail} is not a CFG scale; expected NAME=BASE[+ADAPTER][@CFG], "
+                                 "e.g. base1=models/toy-sd3@1.0") from None
+            if guidance <= 0:
+                raise ValueError(f"--models {item!r}: CFG must be > 0, got {guidance}")
+            value = head
         base, _, adapter = value.partition("+")
         if not eq or not name or not base:
-            raise ValueError(f"--models expects NAME=BASE[+ADAPTER], got {item!r}")
+            raise ValueError(f"--models expects NAME=BASE[+ADAPTER][@CFG], got {item!r}")
         if any(s.name == name for s in specs):
             raise ValueError(f"--models: name {name!r} given twice")
-        specs.append(ModelSpec(name, base, resolve_adapter(adapter) if adapter else None))
+        specs.append(ModelSpec(name, base, resolve_adapter(adapter) if adapter else None, guidance))
     return specs
 
 
@@ -135,8 +151,10 @@ def _sha256(path: Path) -> str:
 
 
 def model_guidance(spec: ModelSpec, cfg) -> float:
-    """The CFG a model is sampled with: a teacher's own (its run_config "guidance"; the paper's GenEval
-    NFT teacher: 1.0) with --own_guidance, else --guidance (the protocol's 4.5)."""
+    """The CFG a model is sampled with: the row's @CFG when given; else a teacher's own (its run_config
+    "guidance"; the paper's GenEval NFT teacher: 1.0) with --own_guidance; else --guidance (4.5)."""
+    if spec.guidance is not None:
+        return spec.guidance
     run_config = Path(spec.adapter or "") / "run_config.json"
     if cfg.own_guidance and spec.adapter and run_config.is_file():
         saved = read_json(run_config, "run config")
@@ -157,7 +175,7 @@ def cache_key(spec: ModelSpec, cfg) -> dict:
 @dataclass
 class EvalConfig:
     """Evaluate models on tasks: Table 1 (Markdown + JSON), reward curves and sample grids."""
-    models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER]; ADAPTER: PEFT folder or run dir
+    models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER][@CFG]; ADAPTER: PEFT folder or run dir
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
     datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> if it exists
     rewards: list[str] = field(default_factory=list)    # TASK=SPEC: another reward than the dataset's task.json
@@ -204,7 +222,7 @@ def validate(cfg: EvalConfig, argv=None):
             raise ValueError(f"--out {cfg.out} is a file, not a directory")
         models = parse_models(cfg.models)
         if not models:
-            raise ValueError("no models given (--models NAME=BASE[+ADAPTER] ...)")
+            raise ValueError("no models given (--models NAME=BASE[+ADAPTER][@CFG] ...)")
         datasets = {k: v[0] for k, v in parse_named(cfg.datasets, "--datasets").items()}
         rewards = dict(item.split("=", 1) for item in cfg.rewards if "=" in item)
         if len(rewards) != len(cfg.rewards):
@@ -374,9 +392,11 @@ def main(argv=None) -> dict:
                    for m, row, ci, avg, minute in zip(models, values, intervals, averages, minutes)],
     }
     if dist.is_main:
-        md = format_table([m.name for m in models], metrics, values, minutes, averages, intervals)
+        md = format_table([m.name for m in models], metrics, values, minutes, averages, intervals,
+                          [results[m.name][tasks[0].name]["guidance"] for m in models])
         (out / "table.md").write_text(
-            f"Evaluation: ODE {cfg.steps} steps, CFG {cfg.guidance} (teachers: their own guidance), first "
+            f"Evaluation: ODE {cfg.steps} steps at each row's CFG (default {cfg.guidance}; teachers: their own "
+            f"guidance; NAME=...@CFG: that CFG), first "
             f"{cfg.prompts} test prompts per task, prompt i seeded {cfg.seed} + i; [95% bootstrap interval over "
             f"prompts].\n\n{md}\n"
             "time: training wall-clock in minutes from the runs' metrics.jsonl (sec/* without sec/eval), "

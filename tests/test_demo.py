@@ -15,17 +15,19 @@ from study import demo
 from test_opd import _teacher
 
 
-def test_plan_gives_each_baseline_the_compute_of_opd():
-    for cfg in (demo.DemoConfig(), demo.DemoConfig(**demo.QUICK), demo.DemoConfig(**demo.LONG)):
-        runs = demo.plan(cfg)
-        ours = runs["opd"]["compute"]
+def test_plan_gives_each_baseline_the_images_of_the_teachers_and_opd():
+    for cfg in (demo.DemoConfig(), demo.DemoConfig(**demo.LONG)):
+        runs = demo.plan(cfg, teacher_images=3840)
+        ours = 3840 + runs["opd"]["compute"]
         cascade = sum(r["compute"] for name, r in runs.items() if name.startswith("cascade-"))
         tolerance = cfg.baseline_batch * len(demo.TASKS) / 2  # rounding to whole steps
         for name in ("multitask-guard", "multitask-nft"):
             assert abs(runs[name]["compute"] - ours) <= tolerance, name
-        assert abs(cascade - ours) <= tolerance and runs["sft"] == runs["opd"]
+        assert abs(cascade - ours) <= tolerance and runs["sft"] == runs["opd"] == runs["sft-dropout"]
         assert sum(name.startswith("fig6/") for name in runs) == 3 * cfg.fig6_seeds
     assert demo.plan(demo.DemoConfig())["opd"]["compute"] == 720
+    quick = demo.plan(demo.DemoConfig(**demo.QUICK), teacher_images=3840)  # --baseline_images overrides
+    assert quick["multitask-nft"]["compute"] == demo.QUICK["baseline_images"]
 
 
 def test_mixed_prompt_set_interleaves_tasks_and_routes_each_prompt_to_its_own_reward(tmp_path):
@@ -86,24 +88,30 @@ def test_quick_demo_runs_every_stage_and_resumes_with_nothing_to_do(tiny_pipe_di
     args = ["--quick", "--model", tiny_pipe_dir, "--teachers", *reversed(tiny_teachers), "--out", str(out)]
     result = demo.main(args)
     table_cmd = next(line for line in (out / "commands.txt").read_text().splitlines() if "study.table" in line)
-    assert all(f"teacher-{t}={tiny_pipe_dir}+{p} " in table_cmd for t, p in zip(demo.TASKS, tiny_teachers))
+    assert all(f"teacher-{t}@{g}={tiny_pipe_dir}+{p}@{g} " in table_cmd for t, p in zip(demo.TASKS, tiny_teachers)
+               for g in ("4.5", "1"))
     for name, planned in result["plan"].items():
         saved = json.loads((out / name / "checkpoint" / "run_config.json").read_text())
         assert saved["step"] == planned["steps"], name
     results = out / "results"
     table = json.loads((results / "table.json").read_text())
-    names = ["base", "teacher-geneval", "teacher-ocr", "teacher-aesthetic", "opd", "sft", "multitask-guard",
-             "multitask-nft", "cascade-nft"]
-    assert [m["name"] for m in table["models"]] == names
-    assert all(m["train_minutes"] > 0 for m in table["models"][1:])
+    names = ["base", "teacher-geneval", "teacher-ocr", "teacher-aesthetic", "opd", "sft", "sft-dropout",
+             "multitask-guard", "multitask-nft", "cascade-nft"]
+    rows = [f"{n}@{g}" for n in names for g in ("4.5", "1")]  # every model at every CFG
+    assert [m["name"] for m in table["models"]] == rows
+    assert all(m["guidance"]["ocr"] == float(m["name"].split("@")[1]) for m in table["models"])
+    assert all(m["train_minutes"] > 0 for m in table["models"][2:])
     assert all(lo <= m["columns"][t] <= hi for m in table["models"] for t, (lo, hi) in m["intervals"].items())
-    for png in ["curves.png", "fig6.png", *[f"samples/{n}.png" for n in names]]:
+    for png in ["curves.png", "fig6.png", *[f"samples/{n}.png" for n in rows]]:
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     claims = (results / "claims.md").read_text()
-    assert all(f"| C{i} " in claims for i in range(1, 7)) and claims.count("| C") == 3 + 3 + 3 + 4
-    verdicts = {line.split(" ", 2)[1]: line.rsplit("|", 2)[1].strip() for line in claims.splitlines() if line.startswith("| C")}
-    assert all(v in ("reproduced", "not reproduced", "not distinguishable") for c, v in verdicts.items() if c != "C3")
-    assert verdicts["C3"] == "not tested (baselines stop at OPD's images)"
+    lines = [line for line in claims.splitlines() if line.startswith(("| C", "| P"))]
+    counts = {k: sum(line.startswith(f"| {k}") for line in lines) for k in ("P", "C1", "C2", "C3", "C4", "C5", "C6")}
+    assert counts == {"P": 3, "C1": 3, "C2": 6, "C3": 3, "C4": 2, "C5": 1, "C6": 2}, counts
+    verdicts = [(line.split(" ", 2)[1], line.rsplit("|", 2)[1].strip()) for line in lines]
+    assert all(v in ("reproduced", "not reproduced", "not distinguishable") for c, v in verdicts if c != "C3")
+    assert all(v.startswith(("reproduced", "not reproduced", "not tested")) for c, v in verdicts if c == "C3")
+    assert "Cross-task effects" in claims and claims.count("| teacher-") == 3
     fig6 = [json.loads(line) for line in (out / "fig6" / "ode-s0" / "metrics.jsonl").read_text().splitlines()]
     assert all("eval/geneval/distance" in m for m in fig6)  # every round
     # the multi-task baseline evaluated every sub-task of its mixed prompt set

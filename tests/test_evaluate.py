@@ -56,10 +56,14 @@ def test_table_format():
 def test_parse_models_resolves_run_directories_and_rejects_bad_specs(tmp_path):
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint" / "adapter_config.json").write_text("{}")
-    spec = table_cli.parse_models([f"s=base+{tmp_path / 'run'}", "b=base"])
+    spec = table_cli.parse_models([f"s=base+{tmp_path / 'run'}", "b=base", f"c=base+{tmp_path / 'run'}@1.5"])
     assert spec[0].adapter == str(tmp_path / "run" / "checkpoint") and spec[1].adapter is None
+    assert (spec[0].guidance, spec[2].guidance, spec[2].adapter) == (None, 1.5, spec[0].adapter)
+    cfg = table_cli.EvalConfig()  # @CFG wins over --guidance and over a teacher's own guidance
+    assert (table_cli.model_guidance(spec[1], cfg), table_cli.model_guidance(spec[2], cfg)) == (4.5, 1.5)
     for bad, message in [(["nobase"], "NAME=BASE"), (["x=base", "x=base"], "twice"),
-                         ([f"x=base+{tmp_path}"], "neither a PEFT")]:
+                         ([f"x=base+{tmp_path}"], "neither a PEFT"), (["x=base@high"], "not a CFG scale"),
+                         (["x=base@0"], "CFG must be > 0")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             table_cli.parse_models(bad)
 
@@ -201,8 +205,8 @@ def test_cli_writes_table_json_curves_and_grids_and_reuses_its_cache(tiny_pipe_d
     values = [[m["columns"]["geneval"], m["columns"]["aesthetic"]] for m in table["models"]]
     assert [m["avg_minmax"] for m in table["models"]] == table_cli.minmax_average(values)
     md = (tmp_path / "table.md").read_text()
-    assert "| model | time (min) | geneval strict | aesthetic reward | avg (min-max norm.) |" in md
-    assert "| tuned | 2 |" in md and "| base | - |" in md
+    assert "| model | CFG | time (min) | geneval strict | aesthetic reward | avg (min-max norm.) |" in md
+    assert "| tuned | 4.5 | 2 |" in md and "| base | 4.5 | - |" in md
     assert json.loads((tmp_path / "table.json").read_text()) == json.loads(json.dumps(table))
     assert all(_is_png(tmp_path / f) for f in ("curves.png", "samples/base.png", "samples/tuned.png"))
 
@@ -386,3 +390,25 @@ def test_geneval_through_a_reward_server_reports_the_key_asked_for(tiny_pipe_dir
     model = table["models"][0]
     assert table["tasks"][0]["metric"] == "rewards" and model["columns"]["geneval"] == pytest.approx(expected)
     assert model["scores"]["geneval"]["reward"] == pytest.approx(0.5)
+
+
+def test_minutes_to_reach_reads_the_first_evaluation_at_the_quality(tmp_path):
+    """study.plots.minutes_to_reach: the earlier runs of a chain in full, then the last run's training
+    minutes (sec/eval left out) up to its first evaluation whose task mean reaches the threshold."""
+    from study.plots import minutes_to_reach, plot_curves
+    first, last = tmp_path / "teacher", tmp_path / "opd"
+    for run in (first, last):
+        run.mkdir()
+    (first / "metrics.jsonl").write_text(json.dumps({"step": 0, "sec/train": 120.0, "images": 32}) + "\n")
+    rows = [{"step": 0, "sec/train": 60.0, "images": 24, "eval/a/reward": 0.2, "eval/b/reward": 0.4, "sec/eval": 600.0},
+            {"step": 1, "sec/train": 30.0, "images": 48},
+            {"step": 2, "sec/train": 30.0, "images": 72, "eval/a/reward": 0.9, "eval/b/reward": 0.5},
+            {"step": 3, "sec/train": 30.0, "images": 96, "eval/a/reward": 1.0, "eval/b/reward": 1.0}]
+    (last / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chain = [str(first), str(last)]
+    assert minutes_to_reach(chain, ["a", "b"], 0.3) == pytest.approx(2 + 1)        # step 0: mean 0.3
+    assert minutes_to_reach(chain, ["a", "b"], 0.7) == pytest.approx(2 + 2)        # step 2: mean 0.7
+    assert minutes_to_reach(chain, ["a", "b"], 1.01) is None
+    assert minutes_to_reach([str(last)], ["a", "c"], 0.0) is None                  # a task never evaluated
+    plot_curves({"opd": chain}, ["a", "b"], str(tmp_path / "curves.png"))
+    assert _is_png(tmp_path / "curves.png")

@@ -96,3 +96,44 @@ def test_sft_fits_the_teachers_own_samples_by_flow_matching(tiny_pipe_dir, teach
     assert metrics[-1]["loss"] > 0 and "eval/ocr/distance" in metrics[-1]
 
 
+
+
+def test_sft_caption_dropout_fits_the_empty_prompt_for_the_drawn_samples(tiny_pipe_dir, teachers):
+    """--sft_caption_dropout p: sample i is fitted with the empty prompt when a draw of its seed's own
+    stream is < p (the teacher still samples it from its prompt); the others as without dropout."""
+    from model import FlowModel
+    cfg = parse_config(instruments.InstrumentsConfig, _args(teachers, "unused", "--baseline", "sft",
+                                                            "--sft_caption_dropout", "0.5"))
+    base, specs = resolve_teachers(cfg)
+    model = FlowModel.load(base)
+    loaded = load_teachers(model, specs, Dist("cpu"))
+    model.add_student_lora(rank=4, alpha=8)
+    (teacher,), prompts, seeds = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
+        s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}))
+    import dataclasses
+    draws = sorted(torch.rand((), generator=torch.Generator().manual_seed(int(s) + instruments.SFT_DROPOUT_STREAM)).item()
+                   for s in seeds)
+    p = (draws[len(draws) // 2 - 1] + draws[len(draws) // 2]) / 2  # half the batch drawn under p
+    cfg = dataclasses.replace(cfg, sft_caption_dropout=p)
+    drop = [torch.rand((), generator=torch.Generator().manual_seed(int(s) + instruments.SFT_DROPOUT_STREAM)).item() < p
+            for s in seeds]
+    assert any(drop) and not all(drop), drop  # the batch has both kinds
+    with_dropout = instruments.sft_gradient(cfg, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    # independent: the same loss without dropout, with the dropped samples' text encoded as ""
+    plain = dataclasses.replace(cfg, sft_caption_dropout=0.0)
+    real_encode = model.encode_prompts
+    calls = []
+
+    def encode(texts):  # the teacher's encoding (first call) keeps the prompts; the student's sees ""
+        calls.append(texts)
+        return real_encode(texts if len(calls) == 1 else ["" if d else t for t, d in zip(texts, drop)])
+    model.encode_prompts = encode
+    try:
+        reference = instruments.sft_gradient(plain, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    finally:
+        model.encode_prompts = real_encode
+    torch.testing.assert_close(with_dropout, reference, atol=f32_atol(reference), rtol=0)
+    without = instruments.sft_gradient(plain, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    assert not torch.allclose(with_dropout[torch.tensor(drop)], without[torch.tensor(drop)])
+    with pytest.raises(SystemExit, match="--sft_caption_dropout needs --baseline sft"):
+        instruments.main(_args(teachers, "unused", "--sft_caption_dropout", "0.1"))

@@ -201,3 +201,5 @@ def test_guard_resume_matches_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
     assert all(torch.equal(one[k], cut[k]) for k in one)
     metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["ratio_dev"] < 1e-5 and metrics[0]["grad_norm"] > 0
+    batch = json.loads((tmp_path / "one" / "config.json").read_text())["batch"]
+    assert [m["images"] for m in metrics] == [batch, 2 * batch]  # training images so far, all ranks

@@ -151,6 +151,9 @@ def test_resume_reproduces_the_uninterrupted_run(teachers, tmp_path):
     full = load_file(tmp_path / "full" / "checkpoint" / "raw_weights.safetensors")
     cut = load_file(tmp_path / "cut" / "checkpoint" / "raw_weights.safetensors")
     assert all(torch.equal(full[k], cut[k]) for k in full)
+    config = json.loads((tmp_path / "full" / "config.json").read_text())  # student rollouts so far, all tasks
+    metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["images"] for m in metrics] == [(k + 1) * config["prompts_per_batch"] * len(teachers) for k in range(3)]
 
 
 def test_bad_inputs(tiny_pipe_dir, teachers, tmp_path):

@@ -29,6 +29,11 @@ Run (CPU; the measured time is in docs/toy-world.md; it checkpoints and `--resum
     python -m toy.pretrain --init models/toy-sd3 --task_weights ocr=1 --steps 500 --out /tmp/toy-ocr
     python -m toy.pretrain --vae models/toy-sd3 --out runs/toy-sd3   # the shipped base's command: its VAE
                                                                       # (phase A of an earlier world) kept
+    python -m toy.pretrain --world toy.framed --init models/toy-sd3 --steps 2000 --out runs/toy3-sd3a
+                                            # the candidate world's base A (docs/toy-world.md); base B adds
+                                            # --init runs/toy3-sd3a --zoom_weights 1.0=2,1.6=1,2.0=1
+`--world` names the world's module (toy.world, or the candidate toy.framed, whose framings
+`--zoom_weights` weights); the base's recipe.json names that world's prompt sets.
 """
 from __future__ import annotations
 
@@ -75,7 +80,8 @@ class PretrainConfig:
     latent_channels: int = 8
     save_every: int = 500
     task_weights: str = "geneval=3,ocr=4,aesthetic=2"   # integer shares of the toy tasks in each batch
-    defect_rate: float = -1.0      # share of each task's renders drawn with its defect (-1: world.DEFECT_RATE)
+    world: str = "toy.world"       # the world's module: toy.world (shipped) or toy.framed (the candidate)
+    zoom_weights: str = ""         # toy.framed: integer shares of its framings, e.g. "1.0=2,1.6=1,2.0=1" ("": uniform)
     sd35: bool = True              # SD3.5-M's blocks: dual attention in the first half, RMS qk-norm
     init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
     vae: str = ""                  # take this pipeline folder's VAE (phase A skipped), train the rest anew
@@ -109,12 +115,48 @@ def task_shares(spec: str) -> tuple[str, ...]:
     return tuple(shares)
 
 
+def world_module(name: str):
+    """The world's module (--world): toy.world or a candidate with the same sample_batch/held_out_prompts."""
+    import importlib
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise SystemExit(f"error: --world {name}: {e}; expected toy.world or toy.framed") from None
+    if not all(hasattr(module, f) for f in ("sample_batch", "held_out_prompts", "DATA")):
+        raise SystemExit(f"error: --world {name} is not a toy world (no sample_batch/held_out_prompts/DATA)")
+    return module
+
+
+def zoom_shares(spec: str, module=world):
+    """"1.0=2,1.6=1" -> (1.0, 1.0, 1.6): the world's sample_batch draws framings uniformly from it;
+    "" -> its ZOOMS (None for a world without framings)."""
+    zooms = getattr(module, "ZOOMS", None)
+    if not spec:
+        return zooms
+    if zooms is None:
+        raise SystemExit(f"error: --zoom_weights needs a world with framings (--world toy.framed), not {module.__name__}")
+    shares = []
+    for item in spec.split(","):
+        zoom, _, weight = item.partition("=")
+        try:
+            z = float(zoom)
+        except ValueError:
+            z = None
+        if z not in zooms or not weight.isdigit():
+            raise SystemExit(f"error: --zoom_weights {spec!r}: expected zoom=integer with zooms in {zooms}")
+        shares += [z] * int(weight)
+    if not shares:
+        raise SystemExit(f"error: --zoom_weights {spec!r} gives every framing weight 0")
+    return tuple(shares)
+
+
 def batch_at(cfg, step: int, exclude: set[str]):
     """The training batch of `step`, a pure function of (seed, step) so resume is exact."""
     rng = np.random.default_rng([cfg.seed, step])
-    defects = {} if cfg.defect_rate < 0 else {"defect_rate": cfg.defect_rate}
-    images, prompts, _ = world.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights),
-                                            exclude_prompts=exclude, **defects)
+    module = world_module(cfg.world)
+    zooms = zoom_shares(cfg.zoom_weights, module)
+    images, prompts, _ = module.sample_batch(cfg.batch, rng, tasks=task_shares(cfg.task_weights),
+                                             exclude_prompts=exclude, **({"zooms": zooms} if zooms else {}))
     drop = rng.random(cfg.batch) < cfg.caption_dropout
     return images, ["" if d else p for p, d in zip(prompts, drop)], rng
 
@@ -149,9 +191,9 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out.with_name(out.name + ".ckpt")  # training state, outside the shipped model folder
-    if not -1 <= cfg.defect_rate <= 1:
-        raise SystemExit(f"error: --defect_rate {cfg.defect_rate}: a share in [0, 1] (or -1: the world's own)")
-    exclude = world.held_out_prompts()
+    module = world_module(cfg.world)
+    zoom_shares(cfg.zoom_weights, module)  # bad framings fail before any compute
+    exclude = module.held_out_prompts()
     dual = tuple(range(cfg.layers // 2)) if cfg.sd35 else ()  # SD3.5-M: layers 0-12 of 24
     tiny = TinySD3Config(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.head_dim, text_dim=cfg.text_dim,
                          clip_dim=cfg.text_dim // 2, clip_max_len=24, t5_max_len=24,
@@ -273,7 +315,9 @@ def main(argv=None):
     command = "python -m toy.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
     (tmp / "PRETRAIN.json").write_text(json.dumps({"config": vars(cfg), "command": command}, indent=2))
     shutil.copy(metrics, tmp / "pretrain_metrics.jsonl")  # loss and seconds of every flow step
-    shutil.copy(RECIPE, tmp / RECIPE.name)  # the toy world's recipe travels with its base
+    recipe = json.loads(RECIPE.read_text())  # the toy world's recipe travels with its base, naming its prompt sets
+    recipe["datasets"]["value"] = {name: f"{module.DATA}/{name}" for name in recipe["datasets"]["value"]}
+    write_atomic(tmp / RECIPE.name, json.dumps(recipe, indent=1) + "\n")
     publish_dir(tmp, out)
     print(f"saved {out}")
 

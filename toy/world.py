@@ -31,10 +31,12 @@ headroom is a removable, prompt-independent defect drawn in DEFECT_RATE of the p
             or colour scores 0, so no teacher can trade shape for size). Defect: an amateur picture,
             a 12-px object in a corner slot on a grey ramp. `render_ideal_aesthetic` draws what the
             judge likes most (~1.0) and only tests the judge.
-The tasks conflict over layout, as in the paper: the judge scores at most 1/2 when there are two
-equal objects, so ground-truth GenEval scenes of 2-4 objects score low, while its favourite (one big
-centred object) fails the two_object, counting and position prompts. One model can still satisfy
-all three, because each task's prompts are its own.
+The rewards disagree about layout (the judge scores at most 1/2 when there are two equal objects,
+its favourite, one big centred object, fails GenEval's multi-object prompts), but the tasks do not
+conflict in training: each prompt is its own task's, each reward wants only the absence of its own
+defect, and no teacher's change can cost another task. Measured at matched CFG, every cross-task
+effect of this world's teachers is >= 0 (docs/toy-world.md, "The third design"); toy/framed.py is
+the candidate world whose tasks do conflict.
 
 Splits: every T5 token of every test prompt occurs in a training prompt (tests/test_toy.py).
 GenEval's small tags (fewer than SMALL_TAG prompts: single object, two objects, counting, colours,
@@ -70,8 +72,8 @@ reader or preference model, or a CPU-sized model:
     large, reliable across seeds and independent of the prompt, which a CPU-sized model does not
     get from learning a skill. The OCR blot spoils the reading only because the template reader
     crops the ink's extent; a real OCR model would often read past it. The defects are drawn
-    independently per render, yet the base couples them across tasks (a teacher of one task also
-    removes other tasks' defects: docs/toy-world.md), which the paper's tasks need not do.
+    independently per render, and the base draws them nearly independently too (at one seed the
+    tasks' defect flags correlate at +0.12, +0.11, -0.05 over 60 prompts, SE ~0.13).
 
 Run (CPU, seconds):
   python -m toy.world --write-datasets        # regenerate data/toy/<task>/ (prompts, metadata, task.json)
@@ -223,7 +225,7 @@ def geneval_space():
 GENEVAL_SPACE = geneval_space()
 
 
-def _random_color(rng):
+def random_color(rng):
     return COLORS[rng.integers(len(COLORS))]
 
 
@@ -233,7 +235,7 @@ def _random_text(rng):
 
 def ocr_metadata(text, rng):
     """{"prompt", "text", "color" (only when the random template names the text colour)}."""
-    template, color = OCR_TEMPLATES[rng.integers(len(OCR_TEMPLATES))], _random_color(rng)
+    template, color = OCR_TEMPLATES[rng.integers(len(OCR_TEMPLATES))], random_color(rng)
     meta = {"prompt": template.format(t=text, c=color), "text": text}
     return dict(meta, color=color) if "{c}" in template else meta
 
@@ -248,7 +250,7 @@ def sample_scene(task, rng):
     else:
         if task != "aesthetic":
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-        c, s = _random_color(rng), SHAPES[rng.integers(len(SHAPES))]
+        c, s = random_color(rng), SHAPES[rng.integers(len(SHAPES))]
         meta = {"prompt": AESTHETIC_TEMPLATES[rng.integers(len(AESTHETIC_TEMPLATES))].format(c=c, s=s),
                 "color": c, "shape": s}
     return meta["prompt"], meta
@@ -280,6 +282,24 @@ def geneval_layout(metadata):
     return list(COUNT_SLOTS[n])
 
 
+def ocr_scene(text, color):
+    """uint8 (32, 32, 3) image of `text` (OCR_LENGTH glyphs of CHARSET) in `color` at OCR_SCALE px per
+    font pixel, centred, on the black background."""
+    if not (len(text) == OCR_LENGTH and set(text) <= set(CHARSET)):
+        raise ValueError(f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}")
+    width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
+    x0, y0 = (IMAGE_SIZE - width) // 2, (IMAGE_SIZE - height) // 2
+    return draw_text(draw_scene([]), text, color, x0, y0, OCR_SCALE)
+
+
+def geneval_objects(metadata, rng):
+    """[(shape, colour, box)] of a GenEval scene: its include clauses expanded by count, a random
+    colour where a clause names none, in geneval_layout's boxes."""
+    objects = [(clause["class"], clause.get("color") or random_color(rng))
+               for clause in metadata["include"] for _ in range(clause["count"])]
+    return [(shape, color, box) for (shape, color), box in zip(objects, geneval_layout(metadata))]
+
+
 def render(task, metadata, rng, defect_rate=DEFECT_RATE):
     """uint8 (32, 32, 3) pretraining render of `metadata`, with the task's defect in `defect_rate`
     of the renders (module docstring)."""
@@ -295,23 +315,16 @@ def render(task, metadata, rng, defect_rate=DEFECT_RATE):
         image[y0:y1, x0:x1][shape_mask(shape, x1 - x0, y1 - y0)] = PALETTE[color]
         return image
     if task == "ocr":
-        text = metadata["text"]
-        if not (len(text) == OCR_LENGTH and set(text) <= set(CHARSET)):
-            raise ValueError(f"text {text!r}: {OCR_LENGTH} chars of {CHARSET}")
-        width, height = 6 * OCR_SCALE * len(text) - OCR_SCALE, 7 * OCR_SCALE  # 22 x 14 px
-        x0, y0 = (IMAGE_SIZE - width) // 2, (IMAGE_SIZE - height) // 2
-        color = metadata.get("color") or _random_color(rng)
-        image = draw_text(draw_scene([]), text, color, x0, y0, OCR_SCALE)
+        color = metadata.get("color") or random_color(rng)
+        image = ocr_scene(metadata["text"], color)
         if defective:  # a blot of the text's ink in the corner: the glyphs themselves stay intact
             bx0, by0, bx1, by1 = BLOT
             image[by0:by1, bx0:bx1] = PALETTE[color]
         return image
     if task != "geneval":
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    objects = [(clause["class"], clause.get("color") or _random_color(rng))
-               for clause in metadata["include"] for _ in range(clause["count"])]
     image = draw_scene([])
-    for (shape, color), (x0, y0, x1, y1) in zip(objects, geneval_layout(metadata)):
+    for shape, color, (x0, y0, x1, y1) in geneval_objects(metadata, rng):
         mask = shape_mask(shape, x1 - x0, y1 - y0)
         image[y0:y1, x0:x1][crack(mask) if defective else mask] = PALETTE[color]
     return image
@@ -330,6 +343,13 @@ def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), defect_rate=D
     """Pretraining batch: (images (n, 3, 32, 32) float in [0, 1], prompts, metadatas), tasks uniform
     from `tasks`, never a prompt in `exclude_prompts` (pass the held-out prompts), each task's defect
     in `defect_rate` of the renders."""
+    return draw_batch(n, rng, tasks, exclude_prompts, lambda task, meta: render(task, meta, rng, defect_rate))
+
+
+def draw_batch(n, rng, tasks, exclude_prompts, draw):
+    """(images (n, 3, 32, 32) float in [0, 1], prompts, metadatas): tasks uniform from `tasks`, a
+    scene of the task (sample_scene) not in `exclude_prompts`, drawn by draw(task, metadata) -> uint8
+    (32, 32, 3); a world's sample_batch with its own way of drawing."""
     images, prompts, metadatas = [], [], []
     for _ in range(n):
         task = tasks[rng.integers(len(tasks))]
@@ -338,7 +358,7 @@ def sample_batch(n, rng, tasks=TASKS, exclude_prompts=frozenset(), defect_rate=D
             if prompt not in exclude_prompts:
                 break
         assert prompt not in exclude_prompts, f"task {task!r}: 1000 samples all in exclude_prompts"
-        images.append(render(task, meta, rng, defect_rate))
+        images.append(draw(task, meta))
         prompts.append(prompt)
         metadatas.append(meta)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, prompts, metadatas
@@ -422,7 +442,7 @@ def detect_objects(image):
     return sorted(detections, key=lambda d: -d["score"])
 
 
-def _check_batch(images, prompts, metadata):
+def check_batch(images, prompts, metadata):
     if not (images.ndim == 4 and images.shape[1] == 3):
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     if not (len(prompts) == len(metadata) == len(images)):
@@ -432,7 +452,7 @@ def _check_batch(images, prompts, metadata):
 def geneval_reward(images, prompts, metadata):
     """scores = Flow-GRPO's partial credit, info["strict"] = GenEval accuracy (0/1), both (B,), from
     rules.geneval_score on detect_objects' detections."""
-    _check_batch(images, prompts, metadata)
+    check_batch(images, prompts, metadata)
     for meta in metadata:
         if "include" not in meta:
             raise ValueError(f"geneval_reward needs GenEval metadata with 'include', got {meta}")
@@ -487,7 +507,7 @@ def ocr_reward(images, prompts, metadata):
     read_text against the prompt's quoted text (B,); info (B,) each: "exact" = recognised == target,
     "char_accuracy" = share of the target's glyphs read right in their own slot, "copies" = 1 where
     the second glyph is read as the first although the target's differ."""
-    _check_batch(images, prompts, metadata)
+    check_batch(images, prompts, metadata)
     targets, read = [quoted_target(p) for p in prompts], [read_text(img) for img in images]
     scores = [ocr_score(r, t) for t, r in zip(targets, read)]
     info = {"exact": [t.lower().replace(" ", "") == r.lower() for t, r in zip(targets, read)],
@@ -507,10 +527,13 @@ def _named(prompt, vocabulary):
 
 
 AESTHETIC_TERMS = ("score", "single", "size", "centre", "clean", "contrast", "align")
+SIZE_RAMP = (0.15, 0.45, 0.95, 0.1)  # the size term: rises from side 0.15 over 0.45, falls to 0 at 0.95 over 0.1
 
 
-def aesthetic_terms(image, prompt):
-    """Dict of the aesthetic judge's terms in [0, 1] for one image (see aesthetic_reward)."""
+def aesthetic_terms(image, prompt, size_ramp=SIZE_RAMP, bare_rms=1.0):
+    """Dict of the aesthetic judge's terms in [0, 1] for one image (see aesthetic_reward). `size_ramp`
+    (start, rise, end, fall) shapes the size term; `bare_rms` is the clutter assumed when no background
+    pixel lies far from the objects (toy/framed.py's close-up judge: 0)."""
     hwc = to_hwc(image)
     labels, background = label_pixels(hwc)
     detections = detect_objects(image)
@@ -520,17 +543,18 @@ def aesthetic_terms(image, prompt):
     height, width = labels.shape
     # single = main object's pixels / all non-background pixels (two equal objects: 1/2)
     single = main["area"] / (labels != 0).sum()
-    # size: side = sqrt(box area) / W; 0 at side 0.15, 1 from 0.6 (~19 px at 32) to 0.85, 0 at 0.95
+    # size: side = sqrt(box area) / W; with SIZE_RAMP 0 at side 0.15, 1 from 0.6 (~19 px at 32) to 0.85, 0 at 0.95
     x0, y0, x1, y1 = main["box"]
     side = np.sqrt((x1 - x0) * (y1 - y0)) / width
-    size = float(np.clip((side - 0.15) / 0.45, 0, 1) * np.clip((0.95 - side) / 0.1, 0, 1))
+    start, rise, end, fall = size_ramp
+    size = float(np.clip((side - start) / rise, 0, 1) * np.clip((end - side) / fall, 0, 1))
     # centre: box centre 1 within 2 px of the image centre, 0 at 0.3 W further
     dist = np.hypot((x0 + x1 - width) / 2, (y0 + y1 - height) / 2)
     centre = 1 - float(np.clip((dist - 2) / (0.3 * width), 0, 1))
     # clean: RMS deviation from the background colour of the 3x3-smoothed image, >= 3 px from objects
     near_object = window_reduce(labels != 0, 3, np.max)
     deviation = np.linalg.norm(window_reduce(hwc, 1, np.mean) - background, axis=-1)[~near_object]
-    rms = float(np.sqrt(np.mean(deviation ** 2))) if deviation.size else 1.0
+    rms = float(np.sqrt(np.mean(deviation ** 2))) if deviation.size else bare_rms
     clean = 1 - float(np.clip((rms - 0.03) / 0.15, 0, 1))
     # contrast: |object colour - background| / 0.75 (RGB distance in [0, sqrt 3]; green on black: 0.76)
     in_box = labels[y0:y1, x0:x1] == COLORS.index(main["color"]) + 1
@@ -548,7 +572,7 @@ def aesthetic_terms(image, prompt):
 def aesthetic_reward(images, prompts, metadata):
     """scores = the toy aesthetic preference, align * single * (0.7 size * centre + 0.15 clean + 0.15
     contrast) (B,); info = its other terms, (B,) each (aesthetic_terms; departure 5)."""
-    _check_batch(images, prompts, metadata)
+    check_batch(images, prompts, metadata)
     terms = [aesthetic_terms(img, prompt) for img, prompt in zip(images, prompts)]
     info = {k: torch.tensor([t[k] for t in terms], dtype=torch.float32) for k in AESTHETIC_TERMS}
     return info.pop("score"), info
@@ -688,7 +712,7 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- the rewards in the registry
 
-def _register(name, fn):
+def register_reward(name, fn):
     """REWARDS[name]: a pure function with the registry's signature, no device and no options."""
     @register(name)
     def factory(device, dtype, **options):
@@ -701,7 +725,7 @@ def _register(name, fn):
 # data/toy/<task>/task.json names this module as its "reward_module": loading a toy task registers these
 for _name, _fn in (("toy_geneval", geneval_reward), ("toy_ocr", ocr_reward), ("toy_aesthetic", aesthetic_reward)):
     if _name not in REWARDS:  # once, also when this file runs as `python -m toy.world` and is imported too
-        _register(_name, _fn)
+        register_reward(_name, _fn)
 
 if __name__ == "__main__":
     main()
