@@ -428,8 +428,8 @@ def main(argv=None) -> dict:
     times = {name: sum(run_seconds(r) for r in chain) / 60 for name, chain in chains.items()}
     times["opd (total compute)"] = sum(tmin.values()) + run_seconds(str(opd_run)) / 60
     images = {name: sum(read_metrics(r)[-1].get("images", 0) for r in chain) for name, chain in chains.items()}
-    images["opd"] = sum(read_metrics(t)[-1].get("images", 0) for t in cfg.teachers) + images["opd"] - \
-        read_metrics(longest)[-1].get("images", 0)  # all teachers' images, not only the longest one's
+    # OPD's pipeline: every teacher's images (its chain holds only the longest teacher's time) + its own
+    images["opd"] = sum(images[f"teacher-{t}"] for t in TASKS) + read_metrics(str(opd_run))[-1].get("images", 0)
     joint_of = {t: "multitask-nft" if read_json(Path(resolve_adapter(p)) / "run_config.json", "the teacher's run "
                                                 "config").get("algorithm") == "nft" else "multitask-guard"
                 for t, p in zip(TASKS, cfg.teachers)}
