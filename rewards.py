@@ -21,8 +21,9 @@ Rewards (section 10; s = scores):
                    (the number the paper reports)
   http             scores from an external reward server (Flow-GRPO reward-server wire format, below)
   jpeg_incompressibility / jpeg_compressibility   s = +/- JPEG size in kB at quality 95 (DDPO)
-  hpsv2, imagereward   optional packages (pip install hpsv2 / image-reward)
-The OCR engine and other reward extras: requirements-rewards.txt, pinned to install beside requirements.txt
+  hpsv2            s = cos(text, image), HPSv2.1 on open_clip ViT-H-14 (departure 9)
+  imagereward      ImageReward-v1.0 (optional package: pip install image-reward)
+The OCR engine, open_clip (HPSv2.1) and other reward extras: requirements-rewards.txt, pinned to install beside requirements.txt
 without moving any of its pins (`make check-extras` asks pip's resolver).
 Other modules register their own rewards with `register` (a dataset's task.json names the module that
 registers its reward as "reward_module": data.load_task imports it), e.g. the embedded world's.
@@ -39,7 +40,8 @@ Options and environment variables (an option wins over its variable, which wins 
               clip_model (CLIP_MODEL), threshold 0.3, counting_threshold 0.9, max_objects 16,
               position_margin 0.1
   http        url (REWARD_SERVER_URL), timeout_s 60, retries 3, backoff_s 1, wire "pickle" | "json"
-  hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub cache)
+  hpsv2       checkpoint (HPSV2_CHECKPOINT, else xswu/HPSv2 HPS_v2.1_compressed.pt from the hub cache),
+              model_name (open_clip's architecture, ViT-H-14); pip install -r requirements-rewards.txt
 With HF_HUB_OFFLINE set, weights not in the cache fail with one line naming what to download and where.
 `check_spec` says whether every reward of a spec can be built here (its weights cached or downloadable,
 its package installed, its server reachable) and, in the scripts' --dry_run, builds each one on the CPU
@@ -77,6 +79,12 @@ Departures from the paper / reference code, with reasons:
     same API); EasyOCR is accepted where PaddleOCR is not installed, and its scores are not the paper's.
  7. CLIPScore is the plain cosine of the paper's table (Flow-GRPO trains on 100 * cos / 30).
  8. JPEG rewards are DDPO's (kB, negated); Flow-GRPO divides the compressibility by 500.
+ 9. HPSv2.1 is built from open_clip_torch's ViT-H-14 (which ships the tokenizer's vocabulary) with the
+    HPS_v2.1 weights loaded into it, where Flow-GRPO calls the hpsv2 package's copy of open_clip: the
+    hpsv2 1.2.0 wheel lacks that vocabulary, pins pytest and protobuf below this project's, and first
+    downloads the LAION ViT-H weights that HPSv2.1's replace. HPSv2's own evaluation transform (resize
+    on the tensor, pad to a square; open_clip_torch's resizes the PIL image and crops), the same
+    architecture, weights and score: bench/hpsv2_same.py compares the two builds on one set of weights.
  (Not a departure: every image reward quantises images to uint8 first, as the reference scorers do.)
 
 Run (CPU; 1 GPU; with N GPUs every rank builds its own rewards on its own device, e.g. f"cuda:{rank}"):
@@ -121,6 +129,7 @@ AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-p
 # the published file (3,714,759 bytes; the same bytes as Flow-GRPO's flow_grpo/assets copy at ac4c86e)
 AESTHETIC_MLP_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 HPSV2_REPO, HPSV2_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
+HPSV2_INSTALL = "pip install -r requirements-rewards.txt (open_clip_torch and torchvision)"
 
 
 def register(name):
@@ -202,9 +211,9 @@ def _check_aesthetic(clip_model=None, mlp_path=None):
     return [mlp, *_check_clip(clip_model)]
 
 
-def _check_hpsv2(checkpoint=None):
-    if not _importable("hpsv2"):
-        raise ImportError("the hpsv2 reward (HPSv2.1) needs its package: pip install hpsv2")
+def _check_hpsv2(checkpoint=None, model_name="ViT-H-14"):
+    if not _importable("open_clip"):
+        raise ImportError(f"the hpsv2 reward (HPSv2.1) needs open_clip: {HPSV2_INSTALL}")
     path = hpsv2_checkpoint(checkpoint, download=False)
     return [f"HPSv2.1 checkpoint {path or HPSV2_REPO + '/' + HPSV2_FILE + ' (downloaded on first use)'}"]
 
@@ -804,27 +813,47 @@ def hpsv2_checkpoint(checkpoint=None, download: bool = True) -> str:
                                 "or set HPSV2_CHECKPOINT to its path") from None
 
 
+def hps_pixels(images, prompts, metadata, size: int, mean, std) -> torch.Tensor:
+    """HPSv2's evaluation transform (its copy of open_clip, transform.py: ResizeMaxSize, as
+    create_model_and_transforms(light_augmentation=True) builds preprocess_val): the uint8 image as
+    floats in [0, 1], its longer side resized to `size` on the tensor (bicubic, antialiased: torchvision's
+    tensor resize), zero-padded to a centred square, normalised. (B, 3, H, W) -> (B, 3, size, size)."""
+    x = torch.from_numpy(_uint8_images(images, prompts, metadata)).permute(0, 3, 1, 2).float() / 255
+    height, width = x.shape[-2:]
+    scale = size / max(height, width)
+    if scale != 1.0:
+        new_h, new_w = round(height * scale), round(width * scale)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - new_h, size - new_w
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 @register("hpsv2")
-def _hpsv2(device, dtype, checkpoint=None):
+def _hpsv2(device, dtype, checkpoint=None, model_name="ViT-H-14"):
+    """HPSv2.1: open_clip's ViT-H-14 with the HPS_v2.1 weights, scored as Flow-GRPO's hpsv2_scorer.py
+    (94e23ee): HPSv2's evaluation transform, s = <image_features, text_features>, both unit norm, one
+    prompt per image; float32 weights, autocast on CUDA (its precision="amp"). Built from open_clip_torch,
+    not the hpsv2 package (departure 9); `model_name` is open_clip's architecture (a tiny one in tests)."""
     try:
-        from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
+        import open_clip
     except ImportError as error:
-        raise ImportError("the hpsv2 reward (HPSv2.1) needs its package: pip install hpsv2") from error
+        raise ImportError(f"the hpsv2 reward (HPSv2.1) needs open_clip: {HPSV2_INSTALL}") from error
     checkpoint = hpsv2_checkpoint(checkpoint)
-    # the model construction of Flow-GRPO's hpsv2_scorer.py, then the HPSv2.1 weights
-    model, _, preprocess = create_model_and_transforms(
-        "ViT-H-14", "laion2B-s32B-b79K", precision="amp", device=device, jit=False, force_quick_gelu=False,
-        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-        with_score_predictor=False, with_region_predictor=False)
+    # the architecture without its LAION weights (the hpsv2 package downloads 3.9 GB of them, then
+    # overwrites every tensor with HPSv2.1's), then HPSv2.1's weights, every key checked
+    model = open_clip.create_model(model_name, pretrained=None, output_dict=True)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(state.get("state_dict", state))
     model = model.to(device).eval().requires_grad_(False)
-    tokenizer = get_tokenizer("ViT-H-14")
+    tokenizer = open_clip.get_tokenizer(model_name)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]  # square, as every open_clip ViT-H-14 is
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
     @torch.no_grad()
     def hpsv2(images, prompts, metadata):
-        pixels = torch.stack([preprocess(pil) for pil in _pil_images(images, prompts, metadata)]).to(device)
+        pixels = hps_pixels(images, prompts, metadata, size, mean, std).to(device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             outputs = model(pixels, tokenizer(list(prompts)).to(device))
         # s = <image_features, text_features> (both unit norm), one prompt per image

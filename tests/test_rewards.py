@@ -412,9 +412,10 @@ def test_ocr_engine_is_paddleocr_with_flow_grpos_calls_when_both_are_installed(m
                      {"cls": False, "shape": (8, 12, 3)}, {"cls": False, "shape": (8, 12, 3)}]
 
 
-@pytest.mark.parametrize("name, message", [("hpsv2", "pip install hpsv2"), ("imagereward", "pip install image-reward")])
+@pytest.mark.parametrize("name, message", [("hpsv2", "pip install -r requirements-rewards.txt"),
+                                           ("imagereward", "pip install image-reward")])
 def test_optional_rewards_say_how_to_install(name, message):
-    if rewards._importable({"hpsv2": "hpsv2", "imagereward": "ImageReward"}[name]):
+    if rewards._importable({"hpsv2": "open_clip", "imagereward": "ImageReward"}[name]):
         pytest.skip(f"{name} is installed")
     with pytest.raises(ImportError, match=message):
         rewards.load_reward(name)
