@@ -7,10 +7,10 @@ A task is a prompt folder plus the reward that judges it:
                                                  "reward_module"}
 task.json is this project's addition: it lets `--task geneval` pick the dataset's reward, the teacher's
 guidance and the metric to report without flags, and names the Python module that registers the
-reward when it is not one of rewards.py's ("reward_module", imported before the reward is built).
+reward when it is not one of rewards/'s ("reward_module", imported before the reward is built).
 Real Flow-GRPO datasets work without it (pass --reward). A task's dataset defaults to dataset/<task>,
 where Flow-GRPO's own prompt sets land (`python -m data fetch flowgrpo --out dataset`). A dataset
-path inside the repository is stored relative to it (model.portable_path), so saved runs and
+path inside the repository is stored relative to it (plumbing.model_files.portable_path), so saved runs and
 teachers work in any clone.
 
 Every metadata line a GenEval reward reads is type-checked when its file is loaded
@@ -26,9 +26,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonfiles import read_json, read_jsonl
-from model import portable_path, repo_path
-from rules import check_geneval_metadata
+from rewards.rules import check_geneval_metadata
+from plumbing.jsonfiles import read_json, read_jsonl
+from plumbing.model_files import portable_path, repo_path
 
 DATASETS = "dataset"  # where a task's prompt folder is looked for by default: dataset/<task>
 
@@ -45,7 +45,7 @@ class Task:
 def load_task(name: str, dataset: str = "", reward: str = "", guidance: float | None = None) -> Task:
     """Resolve a task: its dataset (default dataset/<name>), reward and guidance (default task.json);
     imports the task.json's reward_module, if any. Task.dataset holds the folder as it is stored
-    (model.portable_path); load_prompts resolves it."""
+    (plumbing.model_files.portable_path); load_prompts resolves it."""
     dataset = dataset or f"{DATASETS}/{name}"
     folder = Path(repo_path(dataset))
     if not folder.is_dir():
@@ -169,7 +169,7 @@ def fetch_flowgrpo(out: str, base_url: str = "", ref: str = FLOWGRPO_REF, verify
     Returns the folders written."""
     import os
     import shutil
-    from rules import quoted_target
+    from rewards.rules import quoted_target
     base = base_url or FLOWGRPO_URL.format(repo=FLOWGRPO_REPO, ref=ref)
     base = base if base.endswith("/") else base + "/"
     written = []

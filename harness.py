@@ -1,11 +1,8 @@
 """The training-run harness shared by teacher_rl.py, nft.py, opd.py and toy/pretrain.py.
 
-What every training script needs and none of them is about, by concept: the config from the command
-line and the recipe in force (config.py), the distributed helper (dist.py), the run folder with its
-checkpoints, lock and exact resume (rundir.py), and here what ties them into training: the trained
-student (a LoRA or full weights, AdamW, the EMA of paper section 7, the update that never lets a
-non-finite loss or gradient reach the weights), the phases timed per step, and the one-line stops
-(bad input, SIGTERM, a full disk, a rank that stopped answering).
+What ties plumbing/ (the config, the distributed helper, the run folder, the one-line stops) into
+training: the trained student (a LoRA or full weights, AdamW, the EMA of paper section 7, the update
+that never lets a non-finite loss or gradient reach the weights) and the phases timed per step.
 
 Departures from the reference code
 1. Gradients of the trainable weights are averaged across ranks with one all-reduce after the
@@ -26,7 +23,7 @@ Departures from the reference code
 6. A resume keeps the run's value of every key the command line does not set (a recipe or a default
    that changed since) and accepts new values of what does not change the training (RESUMABLE) and
    of the remedies (lr, grad_clip); each is printed. An adapter or a run records its base's stored
-   weights (model.weights_digest: every component), checked before any model loads.
+   weights (plumbing.model_files.weights_digest: every component), checked before any model loads.
 
 Run: a library. `python teacher_rl.py --help` lists a script's config.
 """
@@ -34,27 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import errno
-import functools
-import os
-import re
-import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from safetensors import SafetensorError
 
-from config import _with_flags, require, require_positive
-from dist import _DIAGNOSIS, Dist, print_main
 from evaluate import EVAL_STEPS
-from jsonfiles import read_json
 from model import DTYPES
-from reporting import parse_report_to, push_to_hub
-from rundir import _CLAIMED, RunDir
+from plumbing.config import _with_flags, require, require_positive
+from plumbing.dist import Dist, print_main
+from plumbing.jsonfiles import read_json
+from plumbing.reporting import parse_report_to, push_to_hub
+from plumbing.rundir import RunDir
+from plumbing.stops import Terminated, fail, sigterm_received
 
 
 def trained_steps(cfg) -> list[int]:
@@ -311,7 +301,7 @@ class StudentTrainer:
         rank stops at the same step), save the steps done unless this step just saved them, then raise
         Terminated (one_line_stops ends the run with the resume command, exit 143). Bounded by the rest of
         the step plus one save."""
-        flag = torch.tensor([float(_SIGTERM["received"])], device=self.dist.device)
+        flag = torch.tensor([float(sigterm_received())], device=self.dist.device)
         if self.dist.sum(flag).item() == 0:
             return
         if self.run.saved_step != step + 1:
@@ -361,7 +351,7 @@ def check_same_base(adapter_dir: str, model) -> None:
     """An adapter this project saved records its base (the digest of every component's stored weights, and
     the transformer's fingerprint); refuse it on another base. `model`: a loaded FlowModel, or the path of
     a base not yet loaded (then only the stored weights are compared, when both are here)."""
-    from model import base_weights_differ, weights_digest
+    from plumbing.model_files import base_weights_differ, weights_digest
     cfg_file = Path(adapter_dir) / "run_config.json"
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist")
@@ -376,105 +366,3 @@ def check_same_base(adapter_dir: str, model) -> None:
     if not isinstance(model, str) and saved.get("base_fingerprint") and saved["base_fingerprint"] != model.fingerprint():
         raise ValueError(f"adapter {adapter_dir} was trained on another base model "
                          f"(fingerprint {saved['base_fingerprint']}, this base {model.fingerprint()})")
-
-
-def _disk_full(error: BaseException) -> bool:
-    """A full disk, however the writer reports it: ENOSPC, its message, or torch.save's RuntimeError
-    ("PytorchStreamWriter failed writing file ...: file write failed"), which carries no errno."""
-    text = str(error)
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or \
-        (isinstance(error, RuntimeError) and "PytorchStreamWriter failed writing" in text)
-
-
-class Terminated(Exception):
-    """SIGTERM arrived and the run saved the steps done (StudentTrainer.stop_if_terminated)."""
-
-
-_SIGTERM = {"received": False}  # set by the handler one_line_stops installs; read at the end of each step
-
-
-def one_line_stops(main):
-    """Decorator of a script's main(): Ctrl-C, SIGTERM (a scheduler's preemption notice), a full disk during a
-    save, or a rank that stops answering end the run with one line that says what was kept and the
-    command that resumes (exit 130 after Ctrl-C, 143 after SIGTERM, 1 otherwise). SIGTERM lets the step it
-    arrives in finish, saves it, then stops: no step done is lost. The newest complete checkpoint is never
-    touched (RunDir.save, publish_dir)."""
-    @functools.wraps(main)
-    def wrapped(*args, **kwargs):
-        import signal
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.update(received=True)) \
-            if threading_main() else None
-        try:
-            return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            _stop("interrupted", 130)
-        except Terminated:
-            _stop("terminated (SIGTERM) at the end of a step", 143)
-        except (OSError, SafetensorError, RuntimeError) as e:
-            if _disk_full(e):
-                _stop("the disk is full", 1, "free some space, then ")
-            if _timed_out(e):
-                _stop(f"a collective timed out: {_stuck_ranks()} did not answer within --collective_timeout_s "
-                      f"(stopped, hung or killed)", 1)
-            raise
-        finally:
-            _SIGTERM["received"] = False
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    return wrapped
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def _timed_out(error: BaseException) -> bool:
-    """A collective's timeout, as gloo and NCCL (blocking wait) report it."""
-    text = str(error).lower()
-    return tdist.is_initialized() and ("timed out" in text or "timeout" in text)
-
-
-def _stuck_ranks() -> str:
-    """Which ranks stopped answering: gloo's monitored barrier on the side group Dist made for this, which
-    names the ranks that do not arrive (every live rank reaches it after its own timeout)."""
-    group = _DIAGNOSIS.get("group")
-    if group is None:
-        return "another rank"
-    try:
-        tdist.monitored_barrier(group, timeout=datetime.timedelta(seconds=_DIAGNOSIS["timeout_s"]),
-                                wait_all_ranks=True)
-    except RuntimeError as e:
-        found = re.findall(r"[Rr]anks? ([\d, ]+) failed", str(e))
-        if found:
-            return "rank " + found[0].strip().rstrip(",")
-    return "another rank"
-
-
-
-
-def _stop(what: str, code: int, then: str = "") -> typing.NoReturn:
-    run = next((r for r in reversed(_CLAIMED) if r.command), None)
-    if run is None:
-        line = f"{what}; nothing was written"
-    elif run.saved_step:
-        lost = "(it holds every step done)" if code == 143 else "is intact (steps after it are lost)"
-        line = (f"{what}: the checkpoint of step {run.saved_step} in {run.checkpoint} {lost}; "
-                f"{then}resume with: {_with_flags(run.command)} --resume")
-    else:
-        line = f"{what} before the first checkpoint; {then}start again with: {_with_flags(run.command)}"
-    for r in list(_CLAIMED):
-        r.release(remove_if_unused=True)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(line, file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def fail(error: Exception) -> typing.NoReturn:
-    """End the process with a one-line error (the scripts' bad-input path): printed by rank 0 only (every
-    rank fails with it), and a run folder this process created for nothing is removed."""
-    for run in list(_CLAIMED):
-        run.release(remove_if_unused=True)
-    if int(os.environ.get("RANK", 0)) != 0:
-        raise SystemExit(1)
-    raise SystemExit(f"error: {error}") from None

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import weakref
@@ -56,7 +55,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model import DTYPES, LORA_TARGETS, TEXT_ENCODERS, config_folder, t5_length
+from model import DTYPES, LORA_TARGETS, TEXT_ENCODERS
+from plumbing.model_files import config_folder, t5_length
 
 GiB = 2**30
 CUDA_RESERVED = int(1.5 * GiB)   # CUDA context (~0.5 GiB), cuBLAS/cuDNN and NCCL workspaces
@@ -470,7 +470,7 @@ def plan_run(script: str, cfg, dist, fixed: set[str], reward_bytes: int, adapter
     budget = budget or float("inf")
     height, width, model = cfg.height, cfg.width, model or cfg.model
     try:
-        from model import resolution_rule
+        from plumbing.model_files import resolution_rule
         rule = resolution_rule(model)
         if rule is None:
             raise FileNotFoundError(f"the configs of {model} are not found")

@@ -60,10 +60,11 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from config import parse_config, require, require_positive
-from harness import Phases, one_line_stops, step_seed, trained_steps, update_or_stop
+from harness import Phases, step_seed, trained_steps, update_or_stop
 from sample import rollout
 from stage1 import Stage1Config
+from plumbing.config import parse_config, require, require_positive
+from plumbing.stops import one_line_stops
 
 OLD = "old"  # the old policy's adapter name
 

@@ -59,13 +59,14 @@ import torch
 from tqdm import tqdm
 
 from evaluate import evaluate_student
-from config import config_dict, parse_config
-from dist import Dist, print_main
-from harness import (Phases, StudentConfig, StudentTrainer, fail, load_base, no_phase, one_line_stops, peak_memory,
-                     step_seed, trained_steps, update_or_stop)
+from harness import (Phases, StudentConfig, StudentTrainer, load_base, no_phase, peak_memory, step_seed,
+                     trained_steps, update_or_stop)
 from model import FlowModel, TextEmbeds
 from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
 from teachers import by_task, fetch_teacher, load_teachers, validate
+from plumbing.config import config_dict, parse_config
+from plumbing.dist import Dist, print_main
+from plumbing.stops import fail, one_line_stops
 
 
 

@@ -206,8 +206,8 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    from model import (DTYPES, SD35_MEDIUM, FlowModel, check_lora_folder, check_model_path, check_model_resolution,
-                       resolve_dtype)
+    from model import DTYPES, FlowModel, resolve_dtype
+    from plumbing.model_files import SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
     ap.add_argument("--model", default=SD35_MEDIUM,
                     help="pipeline folder or hub id (default: the paper's SD3.5-M)")

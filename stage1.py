@@ -31,14 +31,17 @@ import torch
 import memory
 from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
-from config import apply_recipe, apply_values, config_dict, describe_recipe, given_keys, require, require_positive
-from dist import Dist, print_main
-from harness import (StudentConfig, StudentTrainer, check_same_base, check_student_config, fail, load_base,
-                     peak_memory, step_seed)
-from rundir import RunDir
-from model import (SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution, portable_path,
-                   resolve_dtype)
+from harness import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
+                     step_seed)
+from model import resolve_dtype
 from rewards import check_spec, make_reward, reward_bytes
+from plumbing.config import (apply_recipe, apply_values, config_dict, describe_recipe, given_keys, require,
+                             require_positive)
+from plumbing.dist import Dist, print_main
+from plumbing.stops import fail
+from plumbing.rundir import RunDir
+from plumbing.model_files import (SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution,
+                                  portable_path)
 
 
 @dataclass

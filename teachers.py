@@ -29,14 +29,15 @@ import torch
 
 import memory
 from data import Task, check_prompts, load_prompts, load_task
-from config import apply_recipe, describe_recipe, given_keys, require, require_positive
-from dist import Dist, print_main
-from harness import check_same_base, check_student_config, fail
-from rundir import RunDir
-from jsonfiles import read_json
-from model import (FlowModel, check_lora_folder, check_model_path, check_model_resolution, portable_path,
-                   resolve_dtype)
+from harness import check_same_base, check_student_config
+from model import FlowModel, resolve_dtype
 from rewards import check_spec, make_reward, reward_bytes
+from plumbing.config import apply_recipe, describe_recipe, given_keys, require, require_positive
+from plumbing.dist import Dist, print_main
+from plumbing.stops import fail
+from plumbing.rundir import RunDir
+from plumbing.jsonfiles import read_json
+from plumbing.model_files import check_lora_folder, check_model_path, check_model_resolution, portable_path
 
 
 @dataclass

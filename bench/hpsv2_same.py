@@ -1,11 +1,11 @@
-"""HPSv2.1 as rewards.py builds it (open_clip_torch's ViT-H-14, departure 9) against the hpsv2 package's
+"""HPSv2.1 as rewards/preference.py builds it (open_clip_torch's ViT-H-14, its departure) against the hpsv2 package's
 own copy of open_clip (Flow-GRPO's hpsv2_scorer.py route), on one set of ViT-H-14 weights.
 
 HPSv2.1's real weights cannot be downloaded on the machine this was written on; random weights of the
 real architecture stand in, the same tensors in both builds. Equal scores then mean the same
 architecture, weight names, image preprocessing, tokenizer and score, so the real file scores the same
 through either build. Prints the weights, the largest difference of the preprocessed pixels (HPSv2's
-transform as rewards.py writes it, and open_clip_torch's default transform, which differs), of the
+transform as rewards/preference.py writes it, and open_clip_torch's default transform, which differs), of the
 tokens and of the scores.
 
 Needs a venv with both packages, not the project's (hpsv2 pins pytest and protobuf below requirements.txt):
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards  # noqa: E402
+from rewards import preference  # noqa: E402
 
 
 def mend_hpsv2_vocabulary() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
     prompts = ["a photo of a cat", "two red cars on a street", 'a sign that says "hello world"',
                "an astronaut riding a horse, oil painting"]
     ours, _ = reward(images, prompts, [{}] * len(prompts))
-    pils = rewards._pil_images(images, prompts, [{}] * len(prompts))
+    pils = rewards.registry.pil_images(images, prompts, [{}] * len(prompts))
     tokenizer = get_tokenizer("ViT-H-14")
     with torch.no_grad():
         outputs = fork(torch.stack([fork_preprocess(p) for p in pils]), tokenizer(prompts))
@@ -67,18 +68,18 @@ def main() -> None:
 
     import open_clip
     fork_pixels = torch.stack([fork_preprocess(p) for p in pils])
-    ours_pixels = rewards.hps_pixels(images, prompts, [{}] * len(prompts), 224, open_clip.OPENAI_DATASET_MEAN,
+    ours_pixels = preference.hps_pixels(images, prompts, [{}] * len(prompts), 224, open_clip.OPENAI_DATASET_MEAN,
                                      open_clip.OPENAI_DATASET_STD)
     _, _, open_clip_preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
     default = torch.stack([open_clip_preprocess(p) for p in pils])
     tokens = (open_clip.get_tokenizer("ViT-H-14")(prompts) != tokenizer(prompts)).sum().item()
     print(f"weights: {len(weights)} tensors, {sum(t.numel() for t in weights.values()) / 1e6:.1f} M parameters "
           "(loaded into open_clip_torch's ViT-H-14 with every key checked)")
-    print(f"preprocessing (normalised pixels), largest difference to hpsv2's: rewards.hps_pixels "
+    print(f"preprocessing (normalised pixels), largest difference to hpsv2's: preference.hps_pixels "
           f"{(ours_pixels - fork_pixels).abs().max().item():.2e}, open_clip_torch's own transform "
           f"{(default - fork_pixels).abs().max().item():.2e}; tokens differing {tokens}")
     print(f"scores hpsv2 package: {[round(v, 6) for v in theirs.tolist()]}")
-    print(f"scores rewards.py:    {[round(v, 6) for v in ours.tolist()]}")
+    print(f"scores rewards/:      {[round(v, 6) for v in ours.tolist()]}")
     print(f"largest score difference {(ours - theirs).abs().max().item():.2e}")
 
 

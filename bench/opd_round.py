@@ -68,13 +68,13 @@ import memory
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from config import apply_recipe, given_keys, parse_config
-from dist import Dist
 from harness import Phases, StudentTrainer, trained_steps
 from model import LORA_TARGETS, STUDENT, FlowModel, weights_dtype
 from sample import rollout
 from teachers import by_task, load_teachers, resolve_teachers, validate
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
+from plumbing.config import apply_recipe, given_keys, parse_config
+from plumbing.dist import Dist
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -553,7 +553,7 @@ def evaluation(s: Setup, cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
 def grpo(cfg: BenchConfig, dist: Dist, meter: NetMeter) -> dict:
     """teacher_rl.main for warmup + grpo_steps + 1 steps (the last evaluates and is not timed);
     a step's wall time is the time between its metrics line and the previous one."""
-    import rundir
+    from plumbing import rundir
     import teacher_rl
     stamps, log = [], rundir.RunDir.log
 

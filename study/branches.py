@@ -29,12 +29,13 @@ import torch
 
 from data import load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
-from config import parse_config
-from dist import Dist
 from harness import check_same_base
-from model import FlowModel, check_model_path
+from model import FlowModel
 from rewards import make_reward
 from study.table import resolve_adapter, toy_dataset
+from plumbing.config import parse_config
+from plumbing.dist import Dist
+from plumbing.model_files import check_model_path
 
 
 class SplitGuidance:

@@ -39,7 +39,7 @@ sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger stu
 Departures from the paper
 1. Tiny: toy teachers of minutes, baselines at the student's pipeline's images (the paper: tens of
    GPU-hours, baselines run until they match).
-2. The multi-task prompt set routes every prompt to its own task's reward (rewards.py per-sample
+2. The multi-task prompt set routes every prompt to its own task's reward (rewards/registry.py's per-sample
    routing by the metadata's "rewards"), tasks in equal shares.
 3. Times are training minutes on one machine; the paper adds GPU-hours of teachers trained in parallel.
 
@@ -60,9 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from config import config_dict, parse_config
 from harness import check_same_base
-from jsonfiles import read_json
+from plumbing.config import config_dict, parse_config
+from plumbing.jsonfiles import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
 TASKS = ("geneval", "ocr", "aesthetic")      # the cascade's order too

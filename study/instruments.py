@@ -41,12 +41,13 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from config import parse_config
-from dist import Dist, print_main
-from harness import StudentTrainer, fail, load_base, no_phase, one_line_stops, trained_steps
+from harness import StudentTrainer, load_base, no_phase, trained_steps
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid
 from teachers import by_task, load_teachers, validate
+from plumbing.config import parse_config
+from plumbing.dist import Dist, print_main
+from plumbing.stops import fail, one_line_stops
 
 # prime offsets of a sample's seed: the SFT noise and the variance rollouts draw from other streams than
 # the rollouts of training (whose seeds are harness.step_seed(seed, round, index) for rounds < 10**6)

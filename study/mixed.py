@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 
 from data import Task, load_prompts, load_task
-from jsonfiles import read_json
-from model import repo_path
 from rewards import parse_spec
+from plumbing.jsonfiles import read_json
+from plumbing.model_files import repo_path
 
 
 def write_mixed_dataset(tasks: list[Task], folder: Path) -> Task:

@@ -35,7 +35,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jsonfiles import read_json, read_jsonl  # noqa: E402
+from plumbing.jsonfiles import read_json, read_jsonl  # noqa: E402
 
 
 # ---------------------------------------------------------------------- reading run logs

@@ -44,13 +44,13 @@ from pathlib import Path
 import memory
 from data import Task, check_prompts, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
-from config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config
-from dist import Dist, print_main
 from harness import check_same_base
-from jsonfiles import read_json
-from model import (DTYPES, FlowModel, check_lora_folder, check_model_path, check_model_resolution, repo_path,
-                   resolve_dtype)
+from model import DTYPES, FlowModel, resolve_dtype
 from rewards import check_spec, make_reward, reward_bytes
+from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config
+from plumbing.dist import Dist, print_main
+from plumbing.jsonfiles import read_json
+from plumbing.model_files import check_lora_folder, check_model_path, check_model_resolution, repo_path
 
 
 # ---------------------------------------------------------------------- Table 1

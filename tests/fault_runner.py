@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import rundir  # noqa: E402
 import helpers  # noqa: E402,F401  (registers the test rewards)
 import teacher_rl  # noqa: E402
+from plumbing import rundir  # noqa: E402
 
 fault, argv = sys.argv[1], sys.argv[2:]
 if fault != "none":

@@ -17,8 +17,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import torch.distributed as tdist  # noqa: E402
 
-import dist  # noqa: E402
 import helpers  # noqa: E402,F401  (registers the test rewards)
+from plumbing import dist  # noqa: E402
 
 dist.Dist.close = lambda self: None
 calls, real_all_reduce = [], tdist.all_reduce

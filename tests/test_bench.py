@@ -10,10 +10,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import opd_round as bench
-from dist import Dist
 from teachers import by_task
 from helpers import F32_REL
 from model import LORA_TARGETS, FlowModel
+from plumbing.dist import Dist
 
 
 def test_mmdit_flops_equals_flop_counter_forward_and_lora_backward():

@@ -9,11 +9,11 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-import dist
 import harness
-import rundir
 import opd
 import teacher_rl
+from plumbing import dist
+from plumbing import rundir
 
 
 def _grpo_args(model, out, *extra):

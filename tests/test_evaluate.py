@@ -103,7 +103,7 @@ def _adapter(tiny_pipe_dir, path, seed=3):
 
 def test_evaluation_is_deterministic_and_seeded_per_prompt(tiny_pipe_dir, tmp_path):
     from data import load_task
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     from rewards import make_reward
     one, two = FlowModel.load(tiny_pipe_dir), FlowModel.load(tiny_pipe_dir)
@@ -124,7 +124,7 @@ def test_evaluation_is_deterministic_and_seeded_per_prompt(tiny_pipe_dir, tmp_pa
 
 
 def test_mixed_prompt_set_reports_each_subtask_over_its_own_prompts(tiny_pipe_dir, tmp_path):
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
     (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
@@ -143,7 +143,7 @@ def test_mixed_prompt_set_reports_each_subtask_over_its_own_prompts(tiny_pipe_di
 
 def test_tagged_eval_key_is_the_mean_of_per_tag_means(tiny_pipe_dir, tmp_path):
     """GenEval's overall score: tags a (3 prompts) and b (1 prompt) weigh the same, whatever their counts."""
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     prompts = ["a", "bb", "ccc", "dddd"]
     (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
@@ -161,7 +161,7 @@ def test_tagged_eval_key_is_the_mean_of_per_tag_means(tiny_pipe_dir, tmp_path):
 
 def test_reward_terms_are_reported_as_their_means(tiny_pipe_dir, tmp_path):
     """Each info term is averaged over the same prompts as the reward; the score's own copy is dropped."""
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
     (tmp_path / "test.txt").write_text("\n".join(prompts) + "\n")
@@ -245,7 +245,7 @@ def test_reported_number_and_its_bootstrap_interval():
 
 
 def test_evaluate_task_hands_out_the_per_prompt_values_it_reports(tiny_pipe_dir, tmp_path):
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     lines = [json.dumps({"prompt": f"p{i}", "tag": "single_object" if i % 3 else "two_object",
                           "include": [{"class": "cat", "count": 1}]})
@@ -288,7 +288,7 @@ def test_split_guidance_takes_each_half_of_cfg_from_its_adapter(tiny_pipe_dir, t
     (one batched forward of both halves); w = 1 leaves B's conditional half, w = 0 A's unconditional one;
     and the command's A/A and B/B samplers score what evaluate_task scores for A and for B."""
     from data import load_task
-    from dist import Dist
+    from plumbing.dist import Dist
     from model import FlowModel
     from rewards import make_reward
     from study import branches

@@ -35,11 +35,10 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-import harness
-import rundir
 import teacher_rl
 from model import FlowModel
 from study import table as table_cli
+from plumbing import rundir
 
 DATA = "data/toy/geneval"
 
@@ -267,7 +266,7 @@ def test_bad_inputs_that_used_to_fail_after_loading_fail_before(tiny_pipe_dir, t
 
 
 # ---------------------------------------------------------------------- Ctrl-C and a full disk
-def _stop_at_step(monkeypatch, step: int, error: BaseException, where=("harness", "RunDir.log")):
+def _stop_at_step(monkeypatch, step: int, error: BaseException):
     real = rundir.RunDir.log
 
     def log(self, metrics, images=None):

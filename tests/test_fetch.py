@@ -12,6 +12,7 @@ import torch
 
 import data
 import rewards
+from rewards import clip, preference
 from test_rewards import aesthetic_state
 from test_sd35_commands import _flowgrpo_files
 
@@ -87,22 +88,22 @@ def test_the_aesthetic_mlp_downloads_itself_once_checked_and_says_what_to_do_off
     root, url = server
     torch.save(aesthetic_state(8), root / "mlp.pth")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(rewards, "AESTHETIC_MLP_URL", url + "mlp.pth")
-    monkeypatch.setattr(rewards, "AESTHETIC_MLP_SHA256", "0" * 64)
+    monkeypatch.setattr(clip, "AESTHETIC_MLP_URL", url + "mlp.pth")
+    monkeypatch.setattr(clip, "AESTHETIC_MLP_SHA256", "0" * 64)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(FileNotFoundError, match="has sha256 .*, not the pinned 000000000000"):
-        rewards.aesthetic_mlp_path()
-    monkeypatch.setattr(rewards, "AESTHETIC_MLP_SHA256", hashlib.sha256((root / "mlp.pth").read_bytes()).hexdigest())
-    path = rewards.aesthetic_mlp_path()
-    assert path == str(tmp_path / "hub" / "diffusion-opd" / rewards.AESTHETIC_MLP_NAME)
-    mlp = rewards.load_aesthetic_mlp(path)
+        clip.aesthetic_mlp_path()
+    monkeypatch.setattr(clip, "AESTHETIC_MLP_SHA256", hashlib.sha256((root / "mlp.pth").read_bytes()).hexdigest())
+    path = clip.aesthetic_mlp_path()
+    assert path == str(tmp_path / "hub" / "diffusion-opd" / clip.AESTHETIC_MLP_NAME)
+    mlp = clip.load_aesthetic_mlp(path)
     assert mlp.layers[0].in_features == 8
     (root / "mlp.pth").unlink()  # once cached, never fetched again
-    assert rewards.aesthetic_mlp_path() == path
+    assert clip.aesthetic_mlp_path() == path
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE is set: download .*mlp.pth to .*empty/diffusion-opd"):
-        rewards.aesthetic_mlp_path()
+        clip.aesthetic_mlp_path()
 
 
 def test_hpsv2_missing_offline_is_one_line_naming_what_to_download(tmp_path, monkeypatch):
@@ -111,5 +112,5 @@ def test_hpsv2_missing_offline_is_one_line_naming_what_to_download(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HPSV2_CHECKPOINT", raising=False)
     with pytest.raises(FileNotFoundError) as e:
-        rewards.hpsv2_checkpoint()
+        preference.hpsv2_checkpoint()
     assert "huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt" in str(e.value) and "\n" not in str(e.value)

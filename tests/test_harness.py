@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from config import parse_config
-from dist import Dist
-from rundir import RunDir
+from plumbing.config import parse_config
+from plumbing.dist import Dist
+from plumbing.rundir import RunDir
 
 
 @dataclasses.dataclass

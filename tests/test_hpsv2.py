@@ -1,4 +1,4 @@
-"""HPSv2.1 (rewards.py departure 9): open_clip's architecture with the HPSv2.1 weights loaded into it.
+"""HPSv2.1 (rewards/preference.py's departure): open_clip's architecture with the HPSv2.1 weights loaded into it.
 
 Two levels, because open_clip needs a torchvision that does not import beside this project's CPU torch
 2.13.0 file (it does with torch 2.14.1 + torchvision 0.29.1, or on a CUDA machine with torchvision 0.28.0):
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import rewards
+from rewards import preference
 
 
 def _standin(monkeypatch, calls):
@@ -52,8 +53,8 @@ def _standin(monkeypatch, calls):
     module.get_tokenizer = lambda name: lambda texts: torch.tensor([[len(t), t.count(" ")] for t in texts])
     module.OPENAI_DATASET_MEAN, module.OPENAI_DATASET_STD = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
     monkeypatch.setitem(sys.modules, "open_clip", module)
-    importable = rewards._importable
-    monkeypatch.setattr(rewards, "_importable", lambda name: name == "open_clip" or importable(name))
+    importable = rewards.importable
+    monkeypatch.setattr(preference, "importable", lambda name: name == "open_clip" or importable(name))
     return Model
 
 
@@ -63,7 +64,7 @@ def test_hpsv2_asks_open_clip_for_the_architecture_then_loads_hpsv21_weights(tmp
     torch.manual_seed(0)
     weights = Model().state_dict()
     torch.save({"state_dict": weights, "epoch": 3}, tmp_path / "HPS_v2.1_compressed.pt")
-    reward = rewards._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"))
+    reward = preference._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"))
     assert calls[0] == ("create", "ViT-H-14", None, {"output_dict": True})  # no LAION weights downloaded
     assert calls[1] == ("load_state_dict", sorted(weights), True)          # every key, strict
     images = torch.rand(2, 3, 14, 14)
@@ -71,7 +72,7 @@ def test_hpsv2_asks_open_clip_for_the_architecture_then_loads_hpsv21_weights(tmp
     scores, info = reward(images, prompts, [{}, {}])
     _, pixels, tokens = calls[-1]
     # what the model was given: HPSv2's transform at the model's size with the constants open_clip names
-    torch.testing.assert_close(pixels, rewards.hps_pixels(images, prompts, [{}, {}], 7, (0.5, 0.25, 0.0),
+    torch.testing.assert_close(pixels, preference.hps_pixels(images, prompts, [{}, {}], 7, (0.5, 0.25, 0.0),
                                                           (0.5, 0.25, 2.0)), atol=0, rtol=0)
     assert tokens.tolist() == [[5, 1], [12, 2]]
     # the reference, computed here from the same weights: cosine of the two features of each pair
@@ -92,7 +93,7 @@ def test_hps_pixels_is_hpsv2s_evaluation_transform(height, width):
     torch.manual_seed(0)
     images = torch.rand(1, 3, height, width)
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    got = rewards.hps_pixels(images, ["p"], [{}], 224, mean, std)[0]
+    got = preference.hps_pixels(images, ["p"], [{}], 224, mean, std)[0]
     quantised = (images[0] * 255).round() / 255
     scale = 224 / max(height, width)
     new_h, new_w = round(height * scale), round(width * scale)
@@ -113,13 +114,13 @@ def test_hpsv2_refuses_a_checkpoint_that_misses_a_weight(tmp_path, monkeypatch):
     weights.pop("text.bias")
     torch.save({"state_dict": weights}, tmp_path / "partial.pt")
     with pytest.raises(RuntimeError, match="text.bias"):
-        rewards._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "partial.pt"))
+        preference._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "partial.pt"))
 
 
 def test_hpsv2_without_open_clip_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
-    monkeypatch.setattr(rewards, "_importable", lambda name: False)
-    for build in (lambda: rewards._hpsv2(torch.device("cpu"), torch.float32),
+    monkeypatch.setattr(preference, "importable", lambda name: False)
+    for build in (lambda: preference._hpsv2(torch.device("cpu"), torch.float32),
                   lambda: rewards.CHECKS["hpsv2"]()):
         with pytest.raises(ImportError, match="pip install -r requirements-rewards.txt"):
             build()
@@ -137,7 +138,7 @@ def test_hpsv2_on_a_tiny_real_open_clip_equals_open_clips_own_encoders(tmp_path)
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-hps", pretrained=None)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "hps.pt")
-    reward = rewards._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "hps.pt"),
+    reward = preference._hpsv2(torch.device("cpu"), torch.float32, checkpoint=str(tmp_path / "hps.pt"),
                             model_name="tiny-hps")
     torch.manual_seed(1)
     images = torch.rand(3, 3, 40, 40)

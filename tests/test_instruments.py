@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 
 import opd
 from data import load_prompts
-from config import parse_config
-from dist import Dist
 from helpers import f32_atol
 from study import instruments
 from teachers import by_task, load_teachers, resolve_teachers
 from test_opd import _args, _teacher
+from plumbing.config import parse_config
+from plumbing.dist import Dist
 
 
 @pytest.fixture(scope="module")

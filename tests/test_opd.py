@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 import opd
 from teachers import by_task, load_teachers, resolve_teachers, validate
 from helpers import f32_atol
-from dist import Dist
 from sample import sde_step
+from plumbing.dist import Dist
 
 
 

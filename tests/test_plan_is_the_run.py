@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ import nft
 import opd
 import stage1
 import teacher_rl
-from dist import Dist
-from rundir import RunDir
 from rewards import reward_bytes
 from study import table as table_cli
 from test_evaluate import _adapter
@@ -26,6 +23,8 @@ from test_nft import _nft_args
 from test_opd import _args as opd_args
 from test_opd import _teacher
 from test_teacher_rl import _args as grpo_args
+from plumbing.dist import Dist
+from plumbing.rundir import RunDir
 
 KIND = {"teacher_rl": "grpo", "nft": "nft", "opd": "opd", "table": "table"}
 
@@ -146,7 +145,7 @@ class _TwoRanks(Dist):
 def test_resume_stops_in_one_line_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    import rundir
+    from plumbing import rundir
 
     @dataclass
     class Cfg:

@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 import nft
 import opd
 import teacher_rl
-from dist import Dist
 from harness import StudentTrainer, no_phase
 from helpers import f32_atol
 from sample import rollout
@@ -32,6 +31,7 @@ from teachers import by_task, load_teachers, resolve_teachers
 from test_nft import _nft_args
 from test_opd import _args as opd_args
 from test_opd import _teacher
+from plumbing.dist import Dist
 
 
 # ---------------------------------------------------------------------- the EMA

@@ -1,4 +1,4 @@
-"""reporting.py: TensorBoard and W&B (offline) mirrors of a run read back with their own readers, resumed
+"""plumbing/reporting.py: TensorBoard and W&B (offline) mirrors of a run read back with their own readers, resumed
 runs continuing the same tracker run, model cards that keep the folder loadable, the Hub upload call,
 and a console without library chatter."""
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import reporting
 import teacher_rl
 from test_opd import _args as opd_args
 from test_opd import _teacher
+from plumbing import reporting
 
 
 

@@ -1,4 +1,4 @@
-"""Tests of rewards.py on CPU with tiny random-weight models built offline (no download).
+"""Tests of rewards/ on CPU with tiny random-weight models built offline (no download).
 
     python -m pytest tests/test_rewards.py -q
 """
@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards  # noqa: E402
-import rules  # noqa: E402
+from rewards import clip, geneval, ocr, rules  # noqa: E402
 from helpers import f32_atol  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def save_tiny_detector(directory):
         backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
         encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=32, num_queries=5,
         id2label=dict(enumerate(DETECTOR_CLASSES)), label2id={n: i for i, n in enumerate(DETECTOR_CLASSES)})
-    with rewards._without_scipy_check():
+    with geneval._without_scipy_check():
         model = Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():  # every query says "mouse" with probability ~1, so objects are found above 0.3
         model.class_predictor.bias.zero_()
@@ -190,7 +190,7 @@ def test_aesthetic_mlp_loads_published_layout(tmp_path, suffix):
     state = aesthetic_state(768)
     path = str(tmp_path / f"sac+logos+ava1-l14-linearMSE{suffix}")
     torch.save(state, path) if suffix == ".pth" else save_file(state, path)
-    mlp = rewards.load_aesthetic_mlp(path)
+    mlp = clip.load_aesthetic_mlp(path)
     x = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
     assert not mlp.training
     ref = hand_mlp(state, x)  # float64
@@ -301,7 +301,7 @@ def test_object_crop_puts_object_on_grey():
     image = Image.fromarray(np.full((6, 8, 3), 200, np.uint8))
     mask = torch.zeros(6, 8, dtype=torch.bool)
     mask[2:4, 3:6] = True
-    crop = np.asarray(rewards._object_crop(image, (2, 1, 7, 5), mask))
+    crop = np.asarray(geneval._object_crop(image, (2, 1, 7, 5), mask))
     assert crop.shape == (4, 5, 3)
     expected = np.full((4, 5), 153)  # "#999"
     expected[1:3, 1:4] = 200
@@ -309,11 +309,11 @@ def test_object_crop_puts_object_on_grey():
 
 
 def test_color_classifier_averages_prompt_templates(tiny):
-    model, processor = rewards._load_clip(tiny["clip"], torch.device("cpu"), torch.float32)
+    model, processor = clip.load_clip(tiny["clip"], torch.device("cpu"), torch.float32)
     crops = [Image.fromarray(a) for a in (torch.rand(4, 20, 30, 3) * 255).to(torch.uint8).numpy()]
-    got = rewards._classify_colors(model, processor, crops, "tv remote", {})
+    got = geneval._classify_colors(model, processor, crops, "tv remote", {})
     # independent reference: GenEval's three prompts per colour, unit embeddings averaged, renormalised
-    texts = [p for c in rewards.COLORS for p in
+    texts = [p for c in rules.COLORS for p in
              (f"a photo of a {c} tv remote", f"a photo of a {c}-colored tv remote", f"a photo of a {c} object")]
     tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -322,7 +322,7 @@ def test_color_classifier_averages_prompt_templates(tiny):
     text = (text / text.norm(dim=-1, keepdim=True)).view(10, 3, -1).mean(1)
     classifier = text / text.norm(dim=-1, keepdim=True)
     logits = image.double() / image.double().norm(dim=-1, keepdim=True) @ classifier.T
-    assert got == [rewards.COLORS[i] for i in logits.argmax(-1).tolist()]
+    assert got == [rules.COLORS[i] for i in logits.argmax(-1).tolist()]
 
 
 def test_geneval_end_to_end(tiny):
@@ -385,7 +385,7 @@ def test_ocr_reward_with_known_reader():
     assert seen == [(8, 12, 3), (8, 12, 3)]
 
 
-@pytest.mark.skipif(rewards._importable("easyocr") or rewards._importable("paddleocr"), reason="an engine is here")
+@pytest.mark.skipif(rewards.importable("easyocr") or rewards.importable("paddleocr"), reason="an engine is here")
 def test_ocr_without_engine_says_how_to_install():
     with pytest.raises(ImportError, match=r"pip install -r requirements-rewards.txt \(PaddleOCR, the paper's engine\), "
                                           "or pip install easyocr"):
@@ -404,7 +404,7 @@ def test_ocr_engine_is_paddleocr_with_flow_grpos_calls_when_both_are_installed(m
             return [[(None, ("HEL", 0.9)), (None, ("LO", 0.8))]] if image[0, 0, 0] else [None]
     monkeypatch.setitem(sys.modules, "paddleocr", type(sys)("paddleocr"))
     sys.modules["paddleocr"].PaddleOCR = PaddleOCR
-    monkeypatch.setattr(rewards, "_importable", lambda module: module in ("paddleocr", "easyocr"))
+    monkeypatch.setattr(ocr, "importable", lambda module: module in ("paddleocr", "easyocr"))
     images = torch.stack([torch.ones(3, 8, 12), torch.zeros(3, 8, 12)])
     scores, _ = rewards.load_reward("ocr", engine="auto")(images, ['a sign "hello"', 'a sign "hello"'], [{}, {}])
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))  # "HELLO" contains the target; nothing read
@@ -415,7 +415,7 @@ def test_ocr_engine_is_paddleocr_with_flow_grpos_calls_when_both_are_installed(m
 @pytest.mark.parametrize("name, message", [("hpsv2", "pip install -r requirements-rewards.txt"),
                                            ("imagereward", "pip install image-reward")])
 def test_optional_rewards_say_how_to_install(name, message):
-    if rewards._importable({"hpsv2": "open_clip", "imagereward": "ImageReward"}[name]):
+    if rewards.importable({"hpsv2": "open_clip", "imagereward": "ImageReward"}[name]):
         pytest.skip(f"{name} is installed")
     with pytest.raises(ImportError, match=message):
         rewards.load_reward(name)
@@ -554,7 +554,7 @@ def test_rewards(monkeypatch):
         return fn
     monkeypatch.setitem(rewards.REWARDS, "lengths", lengths)
     monkeypatch.setitem(rewards.REWARDS, "gated", gated)
-    monkeypatch.setattr(rewards, "_LOADED", {})  # no fn cached by another test (with another gate)
+    monkeypatch.setattr(rewards.registry, "_LOADED", {})  # no fn cached by another test (with another gate)
     return gate, built
 
 
@@ -574,7 +574,8 @@ def test_composition_is_weighted_sum(test_rewards):
 
 def test_composition_spec_errors_before_loading(test_rewards):
     _, built = test_rewards
-    with pytest.raises(ValueError, match=r"unknown reward 'nonexistent'.*known rewards:.*geneval.*pickscore"):
+    with pytest.raises(ValueError, match=r"unknown reward .nonexistent.*known rewards:.*geneval.*pickscore.*"
+                                         r"its task.json names as \"reward_module\", with rewards.register"):
         rewards.make_reward("lengths=1,nonexistent=1")
     with pytest.raises(ValueError, match="must be a float"):
         rewards.make_reward("lengths=1,jpeg_compressibility=heavy")
@@ -604,13 +605,13 @@ def test_submit_equals_call_and_copies_images(test_rewards):
 
 def test_composition_rejects_bad_component_output(monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "listy", lambda device, dtype: lambda i, p, m: ([1.0] * len(p), {}))
-    monkeypatch.setattr(rewards, "_LOADED", {})
+    monkeypatch.setattr(rewards.registry, "_LOADED", {})
     with pytest.raises(TypeError, match="'listy' must return float32 CPU tensors"):
         rewards.make_reward("listy=1")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
 
 
 def test_registry_has_every_reward_and_imports_nothing_heavy():
-    """rewards.py's own rewards, and the embedded world's once a toy task is loaded (its task.json names
+    """rewards/' own rewards, and the embedded world's once a toy task is loaded (its task.json names
     the module that registers them); importing rewards loads no model library."""
     assert {"pickscore", "clipscore", "aesthetic", "ocr", "geneval", "http", "jpeg_compressibility",
             "jpeg_incompressibility", "hpsv2", "imagereward"} <= set(rewards.REWARDS)
@@ -620,13 +621,14 @@ def test_registry_has_every_reward_and_imports_nothing_heavy():
     import subprocess
     code = "import sys, rewards; print('transformers' in sys.modules, any(m.startswith('toy') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(rewards.__file__).parent))
+                         cwd=str(Path(rewards.__file__).parents[1]))
     assert out.stdout.strip() == "False False"
 
 
 def test_a_built_reward_is_not_reused_after_its_environment_setting_changes(monkeypatch):
     import re
-    read = set(re.findall(r'_setting\([^,()]+, "([A-Z0-9_]+)"', open(rewards.__file__).read()))
+    sources = "".join(p.read_text() for p in Path(rewards.__file__).parent.glob("*.py"))
+    read = set(re.findall(r'(?<![\w.])setting\([^,()]+, "([A-Z0-9_]+)"', sources))
     missing = read - set(rewards.SETTINGS_ENV)
     assert read and not missing, f"settings missing from SETTINGS_ENV: {missing}"
     with socket.socket() as listener:  # a reachable server, named by the environment only
@@ -681,7 +683,7 @@ def test_dry_run_names_a_reward_that_fails_to_build_for_another_reason(monkeypat
 def test_the_dry_run_build_downloads_nothing(monkeypatch):
     seen = []
     monkeypatch.setitem(rewards.REWARDS, "jpeg_compressibility",
-                        lambda device, dtype: seen.append(rewards._hub_kwargs()))
+                        lambda device, dtype: seen.append(rewards.registry.hub_kwargs()))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert rewards.check_spec("jpeg_compressibility=1", build=True)[-1].endswith("built on the CPU from the files here")
     assert seen == [{"local_files_only": True}] and "HF_HUB_OFFLINE" not in os.environ

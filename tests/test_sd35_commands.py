@@ -116,9 +116,9 @@ def stand_in(tmp_path_factory):
         mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub"))
         mp.setattr(data, "FLOWGRPO_FILES", {f: {n: data.git_blob_id(t.encode()) for n, t in named.items()}
                                             for f, named in files.items()})
-        mp.setitem(rewards.REWARDS, "ocr", lambda device, dtype, **o: rewards._ocr(device, dtype, reader=lambda a: "Open"))
+        mp.setitem(rewards.REWARDS, "ocr", lambda device, dtype, **o: rewards.ocr._ocr(device, dtype, reader=lambda a: "Open"))
         mp.setitem(rewards.REWARDS, "hpsv2", lambda device, dtype, **o: rewards.REWARDS["clipscore"](device, dtype))
-        mp.setattr(rewards, "_LOADED", {})
+        mp.setattr(rewards.registry, "_LOADED", {})
         yield {"root": root, "url": f"http://127.0.0.1:{server.server_address[1]}/dataset/"}
     server.shutdown()
 

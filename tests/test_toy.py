@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import rewards
+from rewards import rules
 from toy import world as toy
 from data import load_prompts, load_task
 from toy.pipeline import make_t5_tokenizer
@@ -24,7 +24,7 @@ GENEVAL_BY_PROMPT = {m["prompt"]: m for metas in GENEVAL_SPACE.values() for m in
 
 def geneval_rules(detections, metadata):
     """(partial, strict) of GenEval's rules as geneval_reward applies them (thresholds in detect_objects)."""
-    return rewards.geneval_score(detections, metadata, threshold=0.0, counting_threshold=0.0)
+    return rules.geneval_score(detections, metadata, threshold=0.0, counting_threshold=0.0)
 
 
 def to_batch(images):

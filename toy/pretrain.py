@@ -50,11 +50,11 @@ import torch
 from tqdm import tqdm
 
 from toy import world
-from config import parse_config
-from rundir import publish_dir, write_atomic
-from jsonfiles import read_jsonl
-from reporting import Trackers, parse_report_to
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
+from plumbing.config import parse_config
+from plumbing.rundir import publish_dir, write_atomic
+from plumbing.jsonfiles import read_jsonl
+from plumbing.reporting import Trackers, parse_report_to
 
 RECIPE = Path(__file__).with_name("recipe.json")  # the training scripts' toy-scale values (config.apply_recipe)
 

@@ -94,7 +94,7 @@ import numpy as np
 import torch
 
 from rewards import REWARDS, register
-from rules import COLORS as GENEVAL_COLORS, GENEVAL_TAGS, RELATIONS, geneval_score, ocr_score, quoted_target
+from rewards.rules import COLORS as GENEVAL_COLORS, GENEVAL_TAGS, RELATIONS, geneval_score, ocr_score, quoted_target
 
 IMAGE_SIZE = 32
 TASKS = ("geneval", "ocr", "aesthetic")

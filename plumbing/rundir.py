@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from config import _flag, config_dict, given_keys
-from dist import Dist, print_main
-from jsonfiles import read_json, read_jsonl
-from reporting import Trackers, command_line, model_card, parse_report_to
+from plumbing.config import _flag, config_dict, given_keys
+from plumbing.dist import Dist, print_main
+from plumbing.jsonfiles import read_json, read_jsonl
+from plumbing.reporting import Trackers, command_line, model_card, parse_report_to
 
 
 # ---------------------------------------------------------------------- checkpoints on disk

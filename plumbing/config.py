@@ -14,8 +14,8 @@ import types
 import typing
 from pathlib import Path
 
-from jsonfiles import read_json
-from model import portable_path, repo_path
+from plumbing.jsonfiles import read_json
+from plumbing.model_files import portable_path, repo_path
 
 
 # ---------------------------------------------------------------------- config from the CLI

@@ -1,5 +1,5 @@
 """The scoring rules of the paper's rule-based rewards (section 10), shared by the real rewards
-(rewards.py: Mask2Former + CLIP for GenEval, an OCR engine for OCR) and the toy world's pixel readers
+(rewards/geneval.py: Mask2Former + CLIP; rewards/ocr.py: an OCR engine) and the toy world's pixel readers
 (toy/world.py).
 
 GenEval (github.com/djghosh13/geneval, evaluation/evaluate_images.py): `geneval_score(detections,
@@ -12,7 +12,7 @@ OCR (Flow-GRPO's ocr.py): the target is the prompt's first double-quoted span (`
 strings lower-cased with spaces removed; distance 0 if the target is a substring of the recognised text,
 else their Levenshtein distance capped at the target's length; `ocr_score` = 1 - distance / length.
 
-Departures: see rewards.py (4-6), which applies these rules.
+Departures: see rewards/geneval.py (4, 5) and rewards/ocr.py, which apply these rules.
 """
 import re
 

@@ -14,7 +14,7 @@
 
 Run: a library, used by harness.py; and, to (re)write the model card of a saved adapter folder from
 the files saved with it (config.json, run_config.json, metrics.jsonl):
-    python -m reporting --card ckpts/toy-geneval
+    python -m plumbing.reporting --card ckpts/toy-geneval
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from jsonfiles import read_json, read_jsonl
-from model import MAX_SEQUENCE_LENGTH, t5_length
+from plumbing.jsonfiles import read_json, read_jsonl
+from plumbing.model_files import MAX_SEQUENCE_LENGTH, t5_length
 
 TRACKERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
