@@ -25,6 +25,17 @@ check-extras: .venv/extras-checked  ## requirements-rewards.txt resolves beside 
 	$(PY) -m pip install --dry-run -q -r requirements-rewards.txt -c requirements.txt
 	touch .venv/extras-checked
 
+check-extras-install:  ## install requirements.txt + requirements-rewards.txt into a fresh .venv-extras: no pin moved, PaddleOCR imports (~3 min)
+	rm -rf .venv-extras && python3 -m venv .venv-extras
+	.venv-extras/bin/pip install -q -r requirements.txt
+	.venv-extras/bin/pip freeze > .venv-extras/before.txt
+	.venv-extras/bin/pip install -q -r requirements-rewards.txt -c requirements.txt
+	.venv-extras/bin/pip freeze | diff .venv-extras/before.txt - | grep '^<' && exit 1 || true
+	.venv-extras/bin/pip check
+	.venv-extras/bin/python -c "import paddleocr; from paddleocr import PaddleOCR; print('paddleocr', paddleocr.__version__, 'imports')"
+	.venv-extras/bin/python -c "import open_clip; print('open_clip', open_clip.__version__, 'imports')" 2>/dev/null || \
+	  echo "open_clip does not import here: PyPI's torchvision needs PyPI's torch (a CPU torch file from elsewhere will not do)"
+
 opd: .venv/done  ## Stage 2 on the toy world: distil ckpts/* into one student (2 CPU processes)
 	$(TORCHRUN) opd.py --teachers ckpts/* --out runs/opd
 
@@ -59,4 +70,4 @@ samples: .venv/done  ## a grid from the embedded base
 bench-gpu: .venv/done  ## docs/bench.md's GPU checks: toy smokes, real-size SD3.5-M (random weights) smokes and rounds, 1 GPU, no download (~6 min)
 	OUT=runs/bench-gpu PY=$(PY) bash bench/gpu_check.sh
 
-.PHONY: venv test check-extras opd teachers demo pretrain samples bench-gpu
+.PHONY: venv test check-extras check-extras-install opd teachers demo pretrain samples bench-gpu
