@@ -76,8 +76,8 @@ def clip_text_embeddings(model, processor, texts):
 
 
 @torch.no_grad()
-def clip_image_embeddings(model, processor, pil_images):
-    pixels = processor.image_processor(images=pil_images, return_tensors="pt").pixel_values
+def clip_image_embeddings(model, processor, pils):
+    pixels = processor.image_processor(images=pils, return_tensors="pt").pixel_values
     features = model.get_image_features(pixel_values=pixels.to(model.device, model.dtype)).pooler_output
     return F.normalize(features.float(), dim=-1)  # (N, D)
 

@@ -49,7 +49,14 @@ def read_metrics(run: str) -> list[dict]:
         if not isinstance(record, dict) or "step" not in record:
             raise ValueError(f"{path}: record {number} has no 'step': {str(record)[:200]}")
         by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
+    records = [by_step[s] for s in sorted(by_step)]
+    # a Stage-1 run logged before records carried "images" (the shipped teachers): (step + 1) x batch
+    config = Path(run) / "config.json"
+    if any("images" not in r for r in records) and config.is_file():
+        batch = read_json(config, "the run's config").get("batch")
+        if isinstance(batch, int):
+            records = [{**r, "images": (r["step"] + 1) * batch} if "images" not in r else r for r in records]
+    return records
 
 
 def train_seconds(record: dict) -> float:

@@ -44,6 +44,17 @@ def test_training_time_sums_sec_fields_without_eval_and_chains(tmp_path):
     assert [r["step"] for r in plots.read_metrics(a)] == [0, 1]
 
 
+def test_training_images_of_a_stage1_run_logged_before_records_carried_them(tmp_path):
+    """The shipped teachers' metrics have no "images": (step + 1) x batch from config.json; a logged value
+    wins; a run without a batch (OPD) is left as it is."""
+    old = tmp_path / "old"
+    _write_run(old, [{"step": 0}, {"step": 1}, {"step": 2, "images": 7}])
+    (old / "config.json").write_text(json.dumps({"task": "ocr", "batch": 32}))
+    assert [r["images"] for r in plots.read_metrics(str(old))] == [32, 64, 7]
+    opd = _write_run(tmp_path / "opd", [{"step": 0}])
+    assert "images" not in plots.read_metrics(opd)[0]
+
+
 def test_table_format():
     md = table_cli.format_table(["base", "opd"], ["geneval strict", "ocr reward"], [[0.5, 0.25], [0.75, 0.125]],
                                [None, 12.25], [0.5, None])
