@@ -424,8 +424,10 @@ def main(argv=None) -> dict:
     times = {name: sum(run_seconds(r) for r in chain) / 60 for name, chain in chains.items()}
     times["opd (total compute)"] = sum(tmin.values()) + run_seconds(str(opd_run)) / 60
     images = {name: sum(read_metrics(r)[-1].get("images", 0) for r in chain) for name, chain in chains.items()}
-    # OPD's pipeline: every teacher's images (its chain holds only the longest teacher's time) + its own
-    images["opd"] = sum(images[f"teacher-{t}"] for t in TASKS) + read_metrics(str(opd_run))[-1].get("images", 0)
+    # OPD's pipeline (and SFT's, whose teachers are OPD's): every teacher's images (its chain holds only the
+    # longest teacher's time) + its own
+    for name, run in (("opd", opd_run), ("sft", sft), ("sft-dropout", sft_dropout)):
+        images[name] = sum(images[f"teacher-{t}"] for t in TASKS) + read_metrics(str(run))[-1].get("images", 0)
     joint_of = {t: "multitask-nft" if read_json(Path(resolve_adapter(p)) / "run_config.json", "the teacher's run "
                                                 "config").get("algorithm") == "nft" else "multitask-guard"
                 for t, p in zip(TASKS, cfg.teachers)}
@@ -436,7 +438,7 @@ def main(argv=None) -> dict:
     (results / "claims.md").write_text(
         f"{header}\n\n{text}\n"
         "Times (training min, a chain's runs summed): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "\n"
-        "Images (training, a chain's runs summed; OPD's with every teacher's): " +
+        "Images (training, a chain's runs summed; OPD's and SFT's with every teacher's): " +
         ", ".join(f"{k} {v}" for k, v in images.items()) + "\n")
     print("\n" + text + f"\nwrote {results}/table.md, table.json, claims.md, fig6.png, curves.png, samples/*.png")
     return {"results": str(results), "variance": variance, "plan": runs, "config": dataclasses.asdict(cfg)}
