@@ -57,7 +57,7 @@ teachers: .venv/done  ## Stage 1 on the toy world: the commands of the three shi
 	    runs/teacher-$$t/config.json ckpts/toy-$$t/ || exit 1; \
 	done
 
-demo: .venv/done  ## the toy study from the shipped teachers: OPD, baselines, Fig. 6 seeds, Table 1, claims (~1 h)
+demo: .venv/done  ## the toy study from the shipped teachers: OPD, baselines at equal images, Fig. 6 seeds, Table 1 at two CFGs, claims (~1.5 h)
 	$(PY) -m study.demo
 
 pretrain: .venv/done  ## the embedded base model, from scratch (measured time: docs/toy-world.md)
