@@ -11,7 +11,7 @@ if swapping v_u does, it lives in the shared unconditional field.
 Why a student would need it: OPD trains the student's guided velocity, both halves. A CFG-free
 teacher (guidance 1) and CFG-4.5 teachers supervise one shared v_u, so one task could reach another
 through it; or the tasks' prompts could be too alike for the student's v_c to tell apart.
-The toy study of 2026-11-30 used it to tell the two apart on the world before issue 27 (docs/stage1.md
+The toy study of 2026-11-30 used it to tell the two apart on the first toy world, v1 (docs/stage1.md
 at commit 6f80e1b).
 
 Departures: none from the paper's protocol; the mixed sampler is an instrument, not a method.

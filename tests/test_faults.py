@@ -1,4 +1,4 @@
-"""What a user does to a run never loses its history (issue: run locks, crash-safe logs, every bad
+"""What a user does to a run never loses its history (run locks, crash-safe logs, every bad
 input named). Each case is a tiny run; the kinds of faults:
 
 - two processes on one --out: the second fails at once, naming the first one's PID (an OS lock on
