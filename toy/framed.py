@@ -36,7 +36,6 @@ Run (CPU, seconds):
   python -m toy.pretrain --world toy.framed --init models/toy-sd3 --steps 2000 --out runs/toy3-sd3
   python -m pytest tests/test_toy_framed.py -q
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -159,20 +158,11 @@ def write_grid(path, per_row=8, seed=0):
 
 def main(argv=None):
     """--write-datasets, --grid (module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
-    parser.add_argument("--root", default=DATA, help="dataset folder for --write-datasets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", help="write a PNG grid of pretraining renders (each task at each framing)")
+    parser = world.world_parser(__doc__, DATA, "write a PNG grid of pretraining renders (each task at each framing)")
     args = parser.parse_args(argv)
     if not (args.write_datasets or args.grid):
         parser.error("nothing to do: pass --write-datasets and/or --grid PATH")
-    if args.write_datasets:
-        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
-            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
-    if args.grid:
-        write_grid(args.grid, seed=args.seed)
-        print(f"wrote {args.grid}")
+    world.write_files(args, write_datasets, write_grid)
 
 
 # data/toy3/aesthetic/task.json names this module as its "reward_module": loading the task registers it

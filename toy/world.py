@@ -678,13 +678,29 @@ def colour_check(model, template="a photo of a {c} {s}", per_shape=4, steps=20, 
     return table
 
 
+def world_parser(doc: str, data: Path, grid_help: str) -> argparse.ArgumentParser:
+    """The command line every toy world shares: --write-datasets (into --root), --seed, --grid PATH."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
+    parser.add_argument("--root", default=data, help="dataset folder for --write-datasets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", help=grid_help)
+    return parser
+
+
+def write_files(args, write_datasets, write_grid) -> None:
+    """What world_parser's flags ask for: the prompt files and/or the grid, each said in one line."""
+    if args.write_datasets:
+        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
+            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
+    if args.grid:
+        write_grid(args.grid, seed=args.seed)
+        print(f"wrote {args.grid}")
+
+
 def main(argv=None):
     """--write-datasets, --grid, --colour-check (module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write-datasets", action="store_true", help="regenerate the prompt files")
-    parser.add_argument("--root", default=DATA, help="dataset folder for --write-datasets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", help="write a PNG grid of pretraining renders (without and with defects)")
+    parser = world_parser(__doc__, DATA, "write a PNG grid of pretraining renders (without and with defects)")
     parser.add_argument("--colour-check", metavar="MODEL",
                         help="which colour this pipeline folder draws for each colour word (colour_check)")
     parser.add_argument("--template", default="a photo of a {c} {s}", help="prompt of --colour-check")
@@ -696,12 +712,7 @@ def main(argv=None):
             parser.error(f"--colour-check {args.colour_check}: not a pipeline folder (no model_index.json)")
         if not {"{c}", "{s}"} <= set(re.findall(r"\{\w\}", args.template)):
             parser.error(f"--template {args.template!r}: needs {{c}} (colour) and {{s}} (shape)")
-    if args.write_datasets:
-        for task, (n_train, n_test) in write_datasets(args.root, args.seed).items():
-            print(f"{args.root}/{task}: {n_train} train, {n_test} test prompts")
-    if args.grid:
-        write_grid(args.grid, seed=args.seed)
-        print(f"wrote {args.grid}")
+    write_files(args, write_datasets, write_grid)
     if args.colour_check:
         table = colour_check(args.colour_check, args.template, seed=args.seed)
         right = sum(row.get(c, 0) for c, row in table.items()) / sum(sum(r.values()) for r in table.values())
