@@ -20,8 +20,9 @@ def _modules() -> dict[str, Path]:
     out = {p.stem: p for p in ROOT.glob("*.py")}
     for pkg in PACKAGES:
         out.update({f"{pkg}.{p.stem}": p for p in (ROOT / pkg).glob("*.py") if p.stem != "__init__"})
-        if (ROOT / pkg / "__init__.py").read_text().count("\n") > 10:  # a package with code of its own
-            out[pkg] = ROOT / pkg / "__init__.py"
+        init = ast.parse((ROOT / pkg / "__init__.py").read_text()).body
+        if any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in init):
+            out[pkg] = ROOT / pkg / "__init__.py"  # a package with code of its own (rewards/: the registry)
     return out
 
 
