@@ -38,22 +38,13 @@ import torch
 import torch.distributed as tdist
 
 from evaluate import EVAL_STEPS
-from model import DTYPES
 from plumbing.config import _with_flags, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.jsonfiles import read_json
+from plumbing.model_files import DTYPES
 from plumbing.reporting import parse_report_to, push_to_hub
 from plumbing.rundir import RunDir
 from plumbing.stops import Terminated, fail, sigterm_received
-
-
-def trained_steps(cfg) -> list[int]:
-    """The sampling steps j whose transitions are trained, one meaning for every script: cfg.train_steps
-    when the script has that field and it is set, else Flow-GRPO's and the release's first
-    K = int(N x timestep_fraction) steps 0 .. K-1 (paper: 0..8 of 10; the last step is never trained)."""
-    if getattr(cfg, "train_steps", None):
-        return list(cfg.train_steps)
-    return list(range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
 
 
 class Phases:
@@ -80,7 +71,7 @@ class Phases:
 def peak_memory(device: torch.device) -> dict[str, float]:
     """On CUDA, the step's peak device memory in GiB (what tensors held, and what the caching allocator
     reserved; the CUDA context comes on top), read and reset once per step; {} elsewhere. The memory
-    plan's prediction is printed at start (memory.py)."""
+    plan's prediction is printed at start (plumbing/memory.py)."""
     if device.type != "cuda":
         return {}
     out = {"mem/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
@@ -173,7 +164,7 @@ class StudentConfig:
                                         # mixed precision; CPU: float32), float32, bfloat16; the VAE: float32
     grad_checkpointing: bool = False    # recompute the transformer blocks' activations in the backward
     offload_text_encoders: bool = False  # keep the text encoders in host memory between encodings
-    max_memory_gb: float = 0.0          # the memory plan's budget per GPU (memory.py picks the settings the
+    max_memory_gb: float = 0.0          # the memory plan's budget per GPU (plumbing/memory.py picks the settings the
                                         # command line leaves free); 0 = the GPU's memory on CUDA, none on CPU
     dry_run: bool = False               # check every input, print the plan and the config, exit before any
                                         # model loads (--device cuda plans for a GPU, also where none is)

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from plumbing.model_files import (DIFFUSERS_WEIGHTS, MAX_SEQUENCE_LENGTH, PEFT_WEIGHTS, check_lora_folder,
-                                   check_model_path, check_resolution, hub_offline, portable_path, repo_path,
-                                   stored_fingerprint, weights_digest, weights_fingerprint)
+from plumbing.model_files import (DIFFUSERS_WEIGHTS, MAX_SEQUENCE_LENGTH, PEFT_WEIGHTS, TEXT_ENCODERS,
+                                   check_lora_fits, check_lora_folder, check_model_path, check_resolution,
+                                   hub_offline, portable_path, repo_path, stored_fingerprint, weights_digest,
+                                   weights_fingerprint)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -47,22 +48,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 STUDENT = "student"                        # the trainable adapter's name
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # transformer + text encoders (--dtype)
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def resolve_dtype(name: str, device: torch.device, full_finetune: bool = False) -> str:
-    """--dtype as the name of what runs: "auto" is bfloat16 on CUDA (the references' mixed precision
-    runs the transformer and text encoders in half precision), float32 on CPU and for full fine-tuning
-    (its trained weights are the transformer's own)."""
-    if name != "auto":
-        return name
-    return "bfloat16" if device.type == "cuda" and not full_finetune else "float32"
-
-
-def weights_dtype(name: str, dist) -> torch.dtype:
-    """--dtype as a torch dtype (resolve_dtype on the run's device)."""
-    return DTYPES[resolve_dtype(name, dist.device)]
 
 
 @dataclass
@@ -336,25 +321,8 @@ class FlowModel:
         cfg = LoraConfig.from_pretrained(folder)
         state = {k.removeprefix("base_model.model."): v
                  for k, v in load_file(folder_p / PEFT_WEIGHTS).items()}
-        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if not torch.isfinite(v).all()}
-        if bad:
-            key = next(iter(bad))
-            raise ValueError(f"LoRA {folder!r} holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
-                             f"tensors, e.g. {key}): the adapter is damaged; re-save or re-download it")
         tr = self.transformer if name == STUDENT else self._frozen
-        modules = dict(tr.named_modules())
-        for key, tensor in state.items():
-            module_name = key.split(".lora_")[0]
-            if module_name not in modules or not hasattr(modules[module_name], "in_features"):
-                raise ValueError(f"LoRA {folder!r} targets module {module_name!r}, which this base model "
-                                 f"({self.name}) does not have: the adapter was trained on another "
-                                 "architecture")
-            m = modules[module_name]
-            want = m.in_features if ".lora_A." in key else m.out_features
-            got = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
-            if want != got:
-                raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
-                                 "the adapter was trained on another base model")
+        check_lora_fits(folder, state, dict(tr.named_modules()), self.name)  # finite, its modules, its shapes
         cfg.inference_mode = not trainable
         _add_adapter(tr, cfg, name)
         result = set_peft_model_state_dict(tr, state, adapter_name=name)

@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, step_seed, trained_steps, update_or_stop
-from sample import rollout
+from harness import Phases, step_seed, update_or_stop
+from sample import rollout, trained_steps
 from stage1 import Stage1Config
 from plumbing.config import parse_config, require, require_positive
 from plumbing.stops import one_line_stops

@@ -36,7 +36,7 @@ Departures from the reference code (DiffusionOPD release)
 3. Half precision is bfloat16 transformer and text-encoder weights (`--dtype auto`: bfloat16 on CUDA,
    float32 on CPU; the VAE in float32) with the LoRA, optimizer and loss in float32 (no loss scaling
    needed), not the release's fp16 mixed precision. `python -m bench.opd_round` measures it and the
-   other speed levers; memory.py plans the chunks, checkpointing and placement that fit the GPU.
+   other speed levers; plumbing/memory.py plans the chunks, checkpointing and placement that fit the GPU.
 4. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
    `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
 5. A task with fewer teachers than another has just its own: the release pads every task's teacher
@@ -60,9 +60,9 @@ from tqdm import tqdm
 
 from evaluate import evaluate_student
 from harness import (Phases, StudentConfig, StudentTrainer, load_base, no_phase, peak_memory, step_seed,
-                     trained_steps, update_or_stop)
+                     update_or_stop)
 from model import FlowModel, TextEmbeds
-from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
+from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from teachers import by_task, fetch_teacher, load_teachers, validate
 from plumbing.config import config_dict, parse_config
 from plumbing.dist import Dist, print_main

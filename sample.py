@@ -50,6 +50,15 @@ def time_grid(scheduler, num_steps: int) -> torch.Tensor:
     return grid
 
 
+def trained_steps(cfg) -> list[int]:
+    """The sampling steps j whose transitions are trained, one meaning for every script: cfg.train_steps
+    when the script has that field and it is set, else Flow-GRPO's and the release's first
+    K = int(N x timestep_fraction) steps 0 .. K-1 (paper: 0..8 of 10; the last step is never trained)."""
+    if getattr(cfg, "train_steps", None):
+        return list(cfg.train_steps)
+    return list(range(max(1, int(cfg.timestep_fraction * cfg.num_steps))))
+
+
 # ---------------------------------------------------------------------- one transition
 def _diffusion_coefficient(t, noise_level: float, t_guard: float):
     # s_j = a sqrt(t_j / (1 - t_j)), with 1 - t_1 in the denominator at t_j = 1           (Eq. 5)
@@ -206,7 +215,8 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
-    from model import DTYPES, FlowModel, resolve_dtype
+    from model import FlowModel
+    from plumbing.model_files import DTYPES, resolve_dtype
     from plumbing.model_files import SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution
     ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
     ap.add_argument("--model", default=SD35_MEDIUM,

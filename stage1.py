@@ -28,20 +28,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import memory
 from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
 from harness import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
                      step_seed)
-from model import resolve_dtype
+from model import LORA_TARGETS
 from rewards import check_spec, make_reward, reward_bytes
+from sample import trained_steps
 from plumbing.config import (apply_recipe, apply_values, config_dict, describe_recipe, given_keys, require,
                              require_positive)
 from plumbing.dist import Dist, print_main
+from plumbing.memory import plan_run
 from plumbing.stops import fail
 from plumbing.rundir import RunDir
 from plumbing.model_files import (SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution,
-                                  portable_path)
+                                  portable_path, resolve_dtype)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def update_layout(batch: int, updates: int, dist: Dist) -> tuple[list[int], list
 def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe=None) -> tuple:
     """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
     split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
-    (the algorithm's own), the memory plan (memory.plan_run, applied to cfg), then the run directory and
+    (the algorithm's own), the memory plan (plumbing.memory.plan_run, applied to cfg), then the run directory and
     the reward. `own_recipe(cfg)` ({key: (value, reason)}, e.g. teacher_rl.GUARD_RECIPE) is applied first,
     to the keys the command line does not set. Every bad input fails here with a one-line error, before
     any model loads or anything is written. Returns (task, reward_fn, run); reward_fn is None with
@@ -127,8 +128,9 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
         check_prompts(task)  # what the reward reads of every prompt (OCR: its quoted target)
         kind = {"teacher_rl": "grpo", "nft": "nft"}[recipe]
-        plan = memory.plan_run(kind, cfg, dist, given | set(changed) | set(own), reward_bytes([task.reward]),
-                               adapters=1 if kind == "nft" else 0)  # NFT's old policy: a second LoRA
+        plan = plan_run(kind, cfg, dist, given | set(changed) | set(own), reward_bytes([task.reward]),
+                        trained=len(trained_steps(cfg)), lora_targets=LORA_TARGETS,
+                        adapters=1 if kind == "nft" else 0)  # NFT's old policy: a second LoRA
         run = RunDir(cfg.out, cfg, dist, script, argv)
         for adapter in filter(None, [cfg.init_lora, run.resume_from and str(run.resume_from)]):
             check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights

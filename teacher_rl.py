@@ -80,9 +80,9 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, trained_steps, update_or_stop
+from harness import Phases, update_or_stop
 from model import FlowModel
-from sample import gaussian_kl, gaussian_logprob, rollout, transition_mean
+from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from stage1 import Stage1Config
 from plumbing.config import parse_config, require, require_positive
 from plumbing.stops import one_line_stops

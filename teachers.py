@@ -27,17 +27,19 @@ from pathlib import Path
 
 import torch
 
-import memory
 from data import Task, check_prompts, load_prompts, load_task
 from harness import check_same_base, check_student_config
-from model import FlowModel, resolve_dtype
+from model import LORA_TARGETS, FlowModel
 from rewards import check_spec, make_reward, reward_bytes
+from sample import trained_steps
 from plumbing.config import apply_recipe, describe_recipe, given_keys, require, require_positive
 from plumbing.dist import Dist, print_main
+from plumbing.memory import plan_run
 from plumbing.stops import fail
 from plumbing.rundir import RunDir
 from plumbing.jsonfiles import read_json
-from plumbing.model_files import check_lora_folder, check_model_path, check_model_resolution, portable_path
+from plumbing.model_files import (check_lora_folder, check_model_path, check_model_resolution, portable_path,
+                                  resolve_dtype)
 
 
 @dataclass
@@ -187,7 +189,7 @@ def routing_table(specs) -> str:
 def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py"):
     """Every input of a distillation run (opd.py's OPDConfig) checked, with a one-line error, before any
     model loads and before anything is written: the teachers (resolve_teachers), the recipe (applied to
-    cfg), every field, the base, the memory plan (applied to cfg: memory.plan_run), the prompt sets
+    cfg), every field, the base, the memory plan (applied to cfg: plumbing.memory.plan_run), the prompt sets
     and the run folder. Returns (teacher specs, train prompts by task, rewards by task, run dir); the
     rewards are built on the host when the plan offloads them (they only evaluate)."""
     try:
@@ -222,8 +224,9 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
                 check_lora_folder(fetch_teacher(cfg.init_lora))  # the base is checked when it loads
         check_model_resolution(cfg.model, cfg.height, cfg.width)
         teacher_size = 0.5 if cfg.teacher_dtype == "model" and cfg.dtype == "bfloat16" else 1.0
-        plan = memory.plan_run("opd", cfg, dist, given | set(changed), reward_bytes([s["task"].reward for s in specs]),
-                               adapters=teacher_size * sum(s["kind"] == "lora" for s in specs))
+        plan = plan_run("opd", cfg, dist, given | set(changed), reward_bytes([s["task"].reward for s in specs]),
+                        trained=len(trained_steps(cfg)), lora_targets=LORA_TARGETS,
+                        adapters=teacher_size * sum(s["kind"] == "lora" for s in specs))
         prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
         for s in specs:
             load_prompts(s["task"].dataset, "test")

@@ -41,7 +41,7 @@ for run in "teacher_rl.py $R --task ocr --dataset data/toy/ocr --ratio_norm $J -
   timeout 100 $PY $run > "$out.log" 2>&1; echo "${run%% *} rc=$?"
   $PY - "$out" >> "$OUT/real_size.txt" <<'EOF'
 import json, re, sys
-import memory
+from plumbing import memory
 out = sys.argv[1]
 log = open(out + ".log").read()
 line = next((l for l in log.splitlines() if l.startswith("predicted peak ")), "no plan printed")

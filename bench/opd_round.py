@@ -64,17 +64,19 @@ from pathlib import Path
 
 import torch
 
-import memory
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Phases, StudentTrainer, trained_steps
-from model import LORA_TARGETS, STUDENT, FlowModel, weights_dtype
-from sample import rollout
+from harness import Phases, StudentTrainer
+from model import LORA_TARGETS, STUDENT, FlowModel
+from sample import rollout, trained_steps
 from teachers import by_task, load_teachers, resolve_teachers, validate
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 from plumbing.config import apply_recipe, given_keys, parse_config
+from plumbing import memory
 from plumbing.dist import Dist
+from plumbing.footprint import Footprint, footprint_of_pipeline
+from plumbing.model_files import weights_dtype
 
 # SD3.5-Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json)
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -316,7 +318,7 @@ class Setup:
     tmp: tempfile.TemporaryDirectory
     own_bytes: int = 0  # CUDA memory this setup holds between rounds (weights, optimizer state)
     setup_sec: float = 0.0  # build + warm-up rounds (compilation happens here)
-    footprint: memory.Footprint | None = None  # the planner's view of this model (memory.py)
+    footprint: Footprint | None = None  # the planner's view of this model (plumbing/footprint.py)
 
 
 def build(cfg: BenchConfig, dist: Dist) -> Setup:
@@ -344,7 +346,8 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
     if cfg.compile:
         model.compile_blocks()
     h, w = cfg.height or model.default_resolution(), cfg.width or model.default_resolution()
-    fp = memory.footprint_of_pipeline(model.pipe, h, w, model.dtype, cfg.lora_rank, model.negative(1).seq.shape[1])
+    fp = footprint_of_pipeline(model.pipe, h, w, model.dtype, cfg.lora_rank, model.negative(1).seq.shape[1],
+                               LORA_TARGETS)
     return Setup(model, teachers, trainer, prompts_by_task, rewards, tmp, footprint=fp)
 
 

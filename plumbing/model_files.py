@@ -3,7 +3,7 @@ reuse (relative to the repository), a hub id or a local folder and the checks th
 resolution rule and T5 length from its configs, a LoRA folder's files, and the digest of its stored
 weights that runs and adapters record of their base (checked before anything loads).
 
-model.py loads what these describe; memory.py, the scripts' checks and the run folder read them.
+model.py loads what these describe; plumbing/memory.py, the scripts' checks and the run folder read them.
 
 Run: a library.
 """
@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from plumbing.jsonfiles import read_json
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root (this file is in plumbing/)
@@ -21,6 +23,8 @@ SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"  # the paper's base mode
 MAX_SEQUENCE_LENGTH = 128                  # T5 tokens per prompt: the release's and Flow-GRPO's (section 7)
 PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = (
     "adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # an SD3 pipeline's three folders
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}      # transformer + text encoders (--dtype)
 
 
 # ---------------------------------------------------------------------- paths written for reuse
@@ -177,6 +181,43 @@ def check_lora_folder(folder: str) -> None:
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise ValueError(f"LoRA folder {folder}: {PEFT_WEIGHTS} is damaged ({e}); "
                          "re-save or re-download it") from None
+
+
+def check_lora_fits(folder: str, state: dict, modules: dict, base: str) -> None:
+    """A LoRA's weights (`state`: module key -> tensor, PEFT prefix removed) against the transformer it is
+    loaded into (`modules`: its named modules): every value finite, every target module present, every
+    LoRA shape the module's. One line naming the problem otherwise."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if not torch.isfinite(v).all()}
+    if bad:
+        key = next(iter(bad))
+        raise ValueError(f"LoRA {folder!r} holds non-finite weights ({sum(bad.values())} values in {len(bad)} "
+                         f"tensors, e.g. {key}): the adapter is damaged; re-save or re-download it")
+    for key, tensor in state.items():
+        module_name = key.split(".lora_")[0]
+        if module_name not in modules or not hasattr(modules[module_name], "in_features"):
+            raise ValueError(f"LoRA {folder!r} targets module {module_name!r}, which this base model "
+                             f"({base}) does not have: the adapter was trained on another architecture")
+        m = modules[module_name]
+        want = m.in_features if ".lora_A." in key else m.out_features
+        got = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
+        if want != got:
+            raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
+                             "the adapter was trained on another base model")
+
+
+# ---------------------------------------------------------------------- precision
+def resolve_dtype(name: str, device: torch.device, full_finetune: bool = False) -> str:
+    """--dtype as the name of what runs: "auto" is bfloat16 on CUDA (the references' mixed precision
+    runs the transformer and text encoders in half precision), float32 on CPU and for full fine-tuning
+    (its trained weights are the transformer's own)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" and not full_finetune else "float32"
+
+
+def weights_dtype(name: str, dist) -> torch.dtype:
+    """--dtype as a torch dtype (resolve_dtype on the run's device)."""
+    return DTYPES[resolve_dtype(name, dist.device)]
 
 
 # ---------------------------------------------------------------------- the base's stored weights

@@ -8,7 +8,6 @@ Run: a library (harness.StudentTrainer and the training scripts).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -19,87 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from plumbing.config import _flag, config_dict, given_keys
 from plumbing.dist import Dist, print_main
+from plumbing.durable import MANIFEST, publish_dir, read_manifest, sha256, write_atomic, write_manifest
 from plumbing.jsonfiles import read_json, read_jsonl
 from plumbing.reporting import Trackers, command_line, model_card, parse_report_to
-
-
-# ---------------------------------------------------------------------- checkpoints on disk
-MANIFEST = "checkpoint.json"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    """Seal a fully written checkpoint folder: every file fsynced, then checkpoint.json (step, size and
-    SHA-256 of each file) written to a temporary name and renamed into place, last."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for p in files:
-        _fsync(p)
-    manifest = {"step": step, "files": {p.relative_to(folder).as_posix():
-                                        {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, folder / MANIFEST)
-    _fsync(folder)
-
-
-def read_manifest(folder: Path) -> tuple[int | None, str]:
-    """(step, "") for a complete checkpoint whose files all match its manifest; (None, why) if not."""
-    if not (folder / MANIFEST).is_file():
-        return None, f"{folder.name}/ has no {MANIFEST} (its writing was interrupted)"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, f"{folder.name}/{MANIFEST} is not valid JSON"
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "step" in manifest):
-        return None, f"{folder.name}/{MANIFEST} lacks its 'files' or 'step' entry"
-    for name, want in manifest["files"].items():
-        p = folder / name
-        if not p.is_file():
-            return None, f"{folder.name}/{name} is missing"
-        if p.stat().st_size != want["bytes"]:
-            return None, (f"{folder.name}/{name} has {p.stat().st_size} bytes where its manifest says "
-                          f"{want['bytes']}")
-        if _sha256(p) != want["sha256"]:
-            return None, f"{folder.name}/{name} does not match its SHA-256 in {MANIFEST}"
-    return manifest["step"], ""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` such that a kill at any instant leaves the old file or the new one:
-    written to path.tmp, fsynced, renamed over path."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder `tmp` to `final`: final -> final.old, tmp -> final, remove old.
-    A kill between the two renames leaves tmp and old complete; RunDir.create recovers from that."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- run directory
@@ -162,7 +83,7 @@ class RunDir:
         failure. Ranks on machines without a shared filesystem see different folders and would disagree on
         the step to resume from (and hang); they stop here with one line instead."""
         manifest = self.resume_from / MANIFEST if self.resume_from is not None else None
-        digest = int(_sha256(manifest)[:12], 16) if manifest and manifest.is_file() else 0
+        digest = int(sha256(manifest)[:12], 16) if manifest and manifest.is_file() else 0
         views = self.dist.all_gather(torch.tensor([[float(failed), self.start, digest]], dtype=torch.float64,
                                                   device=self.dist.device)).cpu()
         if (views != views[0]).any():

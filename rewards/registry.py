@@ -60,7 +60,7 @@ from plumbing.model_files import hub_offline
 REWARDS = {}        # name -> factory(device, dtype, **options) -> fn(images, prompts, metadata)
 CHECKS = {}         # name -> fn(**options) -> lines: what the reward needs, checked without loading it
 # The models each reward loads and their parameter counts (from their published configs), for the memory
-# planner (memory.py): a model that several rewards share (one CLIP ViT-L/14 for clipscore, aesthetic and
+# planner (plumbing/memory.py): a model that several rewards share (one CLIP ViT-L/14 for clipscore, aesthetic and
 # geneval) counts once. A reward not listed loads no model on the device.
 REWARD_MODELS = {}  # name -> {model: parameters}
 # What a reward reads of each prompt, checked in every prompt file before anything loads (data.check_prompts):

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from harness import StudentTrainer, load_base, no_phase, trained_steps
+from harness import StudentTrainer, load_base, no_phase
 from model import FlowModel, TextEmbeds
-from sample import rollout, time_grid
+from sample import rollout, time_grid, trained_steps
 from teachers import by_task, load_teachers, validate
 from plumbing.config import parse_config
 from plumbing.dist import Dist, print_main

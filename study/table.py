@@ -35,22 +35,23 @@ Run:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import memory
 from data import Task, check_prompts, load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
 from harness import check_same_base
-from model import DTYPES, FlowModel, resolve_dtype
+from model import LORA_TARGETS, FlowModel
 from rewards import check_spec, make_reward, reward_bytes
 from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config
 from plumbing.dist import Dist, print_main
+from plumbing.durable import sha256
+from plumbing.memory import plan_run
 from plumbing.jsonfiles import read_json
-from plumbing.model_files import check_lora_folder, check_model_path, check_model_resolution, repo_path
+from plumbing.model_files import (DTYPES, check_lora_folder, check_model_path, check_model_resolution, repo_path,
+                                  resolve_dtype)
 
 
 # ---------------------------------------------------------------------- Table 1
@@ -146,10 +147,6 @@ def parse_models(items: list[str]) -> list[ModelSpec]:
     return specs
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def model_guidance(spec: ModelSpec, cfg) -> float:
     """The CFG a model is sampled with: the row's @CFG when given; else a teacher's own (its run_config
     "guidance"; the paper's GenEval NFT teacher: 1.0) with --own_guidance; else --guidance (4.5)."""
@@ -166,7 +163,7 @@ def model_guidance(spec: ModelSpec, cfg) -> float:
 def cache_key(spec: ModelSpec, cfg) -> dict:
     """What a cached result depends on: the weights (adapter file hash) and the protocol."""
     return {"base": spec.base, "adapter": spec.adapter,
-            "adapter_sha256": _sha256(Path(spec.adapter) / "adapter_model.safetensors") if spec.adapter else None,
+            "adapter_sha256": sha256(Path(spec.adapter) / "adapter_model.safetensors")[:16] if spec.adapter else None,
             "prompts": cfg.prompts, "steps": cfg.steps, "guidance": model_guidance(spec, cfg), "seed": cfg.seed,
             "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype}
 
@@ -260,13 +257,13 @@ def validate(cfg: EvalConfig, argv=None):
 
 
 def plan(cfg: EvalConfig, models: list[ModelSpec], tasks: list[Task], dist, argv=None) -> str:
-    """The memory plan of the evaluation (memory.plan_run; --batch and the text encoders' place are chosen
+    """The memory plan of the evaluation (plumbing.memory.plan_run; --batch and the text encoders' place are chosen
     when not given) and the resolved dtype, set on cfg; the lines to print."""
     try:
         cfg.dtype = resolve_dtype(cfg.dtype, dist.device)
         adapters = sum((Path(m.adapter) / "adapter_model.safetensors").stat().st_size for m in models if m.adapter)
-        return memory.plan_run("table", cfg, dist, given_keys(EvalConfig, argv), reward_bytes([t.reward for t in tasks]),
-                               adapter_bytes=adapters, model=models[0].base)
+        return plan_run("table", cfg, dist, given_keys(EvalConfig, argv), reward_bytes([t.reward for t in tasks]),
+                        trained=0, lora_targets=LORA_TARGETS, adapter_bytes=adapters, model=models[0].base)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 import teacher_rl
 from model import FlowModel
 from study import table as table_cli
-from plumbing import rundir
+from plumbing import durable, rundir
 
 DATA = "data/toy/geneval"
 
@@ -155,8 +155,8 @@ def test_a_kill_during_resumes_metrics_rewrite_loses_no_history(point, tiny_pipe
 
     def killed_write(path, text):  # rundir.write_atomic's steps, killed before step `point`
         tmp = path.with_name(path.name + ".tmp")
-        steps = [lambda: tmp.write_text(text), lambda: rundir._fsync(tmp), lambda: os.replace(tmp, path),
-                 lambda: rundir._fsync(path.parent)]
+        steps = [lambda: tmp.write_text(text), lambda: durable.fsync(tmp), lambda: os.replace(tmp, path),
+                 lambda: durable.fsync(path.parent)]
         for k, do in enumerate(steps):
             if k == point:
                 raise Killed(f"before step {k} of the rewrite")
@@ -224,7 +224,7 @@ def test_malformed_json_files_are_named_with_their_line(tiny_pipe_dir, a_teacher
 def test_a_damaged_run_config_or_manifest_is_named(tiny_pipe_dir, tmp_path):
     run = tmp_path / "run"
     teacher_rl.main(_args(tiny_pipe_dir, run, "--steps", "1"))
-    manifest = run / "checkpoint" / rundir.MANIFEST
+    manifest = run / "checkpoint" / durable.MANIFEST
     saved = manifest.read_text()
     manifest.write_text(json.dumps({"step": 1}))  # no "files"
     _one_line(lambda: teacher_rl.main(_args(tiny_pipe_dir, run, "--resume")), "lacks its 'files' or 'step' entry")
@@ -402,7 +402,7 @@ def test_a_rank_that_stops_answering_ends_the_run_in_bounded_time_naming_it(tiny
     # rank 1 stopped as step 1 ended; rank 0 saved step 2 and waited for it at the save's barrier
     assert line.startswith("a collective timed out: rank 1 did not answer within --collective_timeout_s") and \
         "the checkpoint of step 2 in" in line and line.endswith("--resume"), line
-    assert rundir.read_manifest(tmp_path / "run" / "checkpoint")[0] == 2
+    assert durable.read_manifest(tmp_path / "run" / "checkpoint")[0] == 2
 
 
 # ---------------------------------------------------------------------- the printed remedies work

@@ -1,4 +1,4 @@
-"""memory.py: the planner's meta-device simulation against the PyTorch profiler's memory timeline on CPU,
+"""plumbing/memory.py and plumbing/footprint.py: the planner's meta-device simulation against the PyTorch profiler's memory timeline on CPU,
 its meta-device counts against the real modules, and the choice of the fastest setting that fits."""
 import argparse
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import memory
-from model import FlowModel
+from model import LORA_TARGETS, FlowModel
+from plumbing import footprint, memory
 
 
 def _measured_peak(fn) -> int:
@@ -30,7 +30,7 @@ def model_and_footprint(tiny_pipe_dir, tmp_path):
     _measured_peak.path = tmp_path / "timeline.json"
     model = FlowModel.load(tiny_pipe_dir)
     model.add_student_lora(4, 8)
-    fp = memory.footprint(tiny_pipe_dir, 32, 32, torch.float32, 4, model.negative(1).seq.shape[1])
+    fp = footprint.footprint(tiny_pipe_dir, 32, 32, torch.float32, 4, model.negative(1).seq.shape[1], LORA_TARGETS)
     return model, fp
 
 
@@ -49,7 +49,7 @@ def test_predicted_activation_peak_within_10_percent_of_the_profiler(model_and_f
             if phase != "no_grad":
                 v.square().mean().backward()
     measured = _measured_peak(step)
-    predicted = memory.Footprint.at(getattr(fp, phase), 2 * rows)
+    predicted = footprint.Footprint.at(getattr(fp, phase), 2 * rows)
     assert abs(predicted - measured) <= 0.10 * measured, (phase, rows, predicted / 2**20, measured / 2**20)
 
 
@@ -58,7 +58,7 @@ def test_predicted_vae_decode_peak_within_10_percent_of_the_profiler(model_and_f
     model, fp = model_and_footprint
     z = torch.randn(images, 8, 16, 16)
     measured = _measured_peak(lambda: model.decode(z))
-    predicted = memory.Footprint.at(fp.decode, images)
+    predicted = footprint.Footprint.at(fp.decode, images)
     assert abs(predicted - measured) <= 0.10 * measured, (images, predicted / 2**20, measured / 2**20)
 
 
@@ -81,11 +81,11 @@ def test_a_view_of_an_existing_storage_is_no_new_memory():
     with torch.device("meta"):
         weight = torch.empty(1024, 1024)
         x = torch.empty(4, 1024, requires_grad=True)
-    with memory._LiveBytes() as views:
+    with footprint._LiveBytes() as views:
         kept = [weight.t(), weight[:10], weight.view(-1)]
-    with memory._LiveBytes() as copies:
+    with footprint._LiveBytes() as copies:
         kept += [weight.t().contiguous()]
-    with memory._LiveBytes() as linear:
+    with footprint._LiveBytes() as linear:
         y = torch.nn.functional.linear(x, weight)   # output (4 x 1024 floats); the transposed weight is a view
     assert views.peak == 0 and copies.peak == 1024 * 1024 * 4 and linear.peak == 4 * 1024 * 4, (linear.peak, y.shape)
 
@@ -121,8 +121,8 @@ def test_the_peak_is_the_largest_phase_with_margin_and_cuda_context(model_and_fo
     peaks = memory.phases(fp, _opd_job(), s)
     resident = fp.transformer + fp.text_encoders + fp.vae + 5 * fp.lora
     # train: all 9 x 8 rows with their CFG pairs in one backward, beside the trajectory and the targets
-    assert peaks["train"] == resident + 8 * 11 * fp.latent + 72 * fp.latent + memory.Footprint.at(fp.train, 144)
-    assert peaks["eval decode"] == resident + 4 * 41 * fp.latent + memory.Footprint.at(fp.decode, 4) + 4 * fp.image
+    assert peaks["train"] == resident + 8 * 11 * fp.latent + 72 * fp.latent + footprint.Footprint.at(fp.train, 144)
+    assert peaks["eval decode"] == resident + 4 * 41 * fp.latent + footprint.Footprint.at(fp.decode, 4) + 4 * fp.image
     assert memory.predicted(peaks) == int(max(peaks.values()) * 1.05) + memory.CUDA_RESERVED
     offloaded = memory.phases(fp, _opd_job(), {**s, "offload_text_encoders": True})
     assert offloaded["train"] == peaks["train"] - fp.text_encoders and offloaded["encode"] == resident

@@ -11,18 +11,20 @@ import pytest
 import torch
 
 import evaluate
-import memory
 import nft
 import opd
 import stage1
 import teacher_rl
+from model import LORA_TARGETS
 from rewards import reward_bytes
+from sample import trained_steps
 from study import table as table_cli
 from test_evaluate import _adapter
 from test_nft import _nft_args
 from test_opd import _args as opd_args
 from test_opd import _teacher
 from test_teacher_rl import _args as grpo_args
+from plumbing import footprint, memory
 from plumbing.dist import Dist
 from plumbing.rundir import RunDir
 
@@ -55,11 +57,13 @@ def _planned_budget(script: str, config: dict, model: str) -> float:
     another one."""
     cfg = argparse.Namespace(**config)
     rewards = reward_bytes(["jpeg_incompressibility=1"])
-    fp = memory.footprint(model, 64, 64, torch.float32, config.get("lora_rank", 32), memory.text_length(model))
+    fp = footprint.footprint(model, 64, 64, torch.float32, config.get("lora_rank", 32), footprint.text_length(model),
+                             LORA_TARGETS)
     s = {k: config[k] for k in memory.KNOBS[KIND[script]]}
     adapters = fp.lora * {"nft": 1, "opd": 2}.get(script, 0)
-    fastest = memory.predicted(memory.phases(fp, memory.job(KIND[script], cfg, 1, rewards), s, adapters))
-    return (fastest - 2**20) / memory.GiB
+    trained = 0 if script == "table" else len(trained_steps(cfg))
+    fastest = memory.predicted(memory.phases(fp, memory.job(KIND[script], cfg, 1, rewards, trained), s, adapters))
+    return (fastest - 2**20) / footprint.GiB
 
 
 @pytest.mark.parametrize("script", ["teacher_rl", "nft", "opd", "table"])
@@ -145,7 +149,7 @@ class _TwoRanks(Dist):
 def test_resume_stops_in_one_line_when_the_ranks_see_different_checkpoints(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
-    from plumbing import rundir
+    from plumbing import durable
 
     @dataclass
     class Cfg:
@@ -157,10 +161,10 @@ def test_resume_stops_in_one_line_when_the_ranks_see_different_checkpoints(tmp_p
     run.create()
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "w.txt").write_text("w")
-    rundir.write_manifest(out / "checkpoint", 2)
+    durable.write_manifest(out / "checkpoint", 2)
     run.release()
     same = RunDir(str(out), Cfg(resume=True), Dist("cpu"))
-    digest = int(rundir._sha256(out / "checkpoint" / rundir.MANIFEST)[:12], 16)
+    digest = int(durable.sha256(out / "checkpoint" / durable.MANIFEST)[:12], 16)
     same.release()
     RunDir(str(out), Cfg(resume=True), _TwoRanks([0.0, 2, digest])).release()  # the same view: resumes
     for peer, seen in (([0.0, 0, 0], "rank 1: step 0"), ([0.0, 2, digest + 1], "rank 1: step 2")):

@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 import stage1
 import teacher_rl
-from harness import trained_steps
-from sample import gaussian_logprob
+from sample import gaussian_logprob, trained_steps
 
 
 

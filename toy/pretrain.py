@@ -52,7 +52,7 @@ from tqdm import tqdm
 from toy import world
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 from plumbing.config import parse_config
-from plumbing.rundir import publish_dir, write_atomic
+from plumbing.durable import publish_dir, write_atomic
 from plumbing.jsonfiles import read_jsonl
 from plumbing.reporting import Trackers, parse_report_to
 
