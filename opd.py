@@ -9,8 +9,8 @@ batch's task gives its transition mean, and the student's mean is recomputed wit
 
 Routing (Algorithm 1, `opd_round`): each round has one sampling batch per task, in round-robin
 order; the batch's prompts come from that task's dataset and only that task's teacher supervises it
-(a task may have several teachers, the release's teacher axis: the batch's loss is the sum of its
-loss against each of them, as the release sums it); the gradients of the whole round are accumulated
+(`supervisors`, the routing's fork point; a task may have several teachers, the release's teacher
+axis: the batch's loss is the sum of its loss against each of them, as the release sums it); the gradients of the whole round are accumulated
 and ONE optimizer step is taken, so every rollout is on-policy. The student starts from a fresh LoRA,
 or from `--init_lora` (the release's train.lora_path: a PEFT folder, a teacher, a hub reference).
 
@@ -147,10 +147,11 @@ def teacher_means(teacher, model: FlowModel, prompts, embeds: TextEmbeds, x, t, 
 # ---------------------------------------------------------------------- one task batch
 def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, steps: list[int],
                    scale: float, phase=no_phase):
-    """One task batch of Algorithm 1: roll out the student, get its task's teachers' targets at its
-    states, and add to .grad the gradient of `scale` x the batch's loss at the release's scale (module
-    docstring), the loss summed over `teachers` (one, or the task's several). Returns the true loss per
-    sample, summed over the trained steps `steps` and the teachers (B,)."""
+    """One task batch of Algorithm 1: roll out the student, get its supervisors' targets at its states, and
+    add to .grad the gradient of `scale` x the batch's loss at the release's scale (module docstring), the
+    loss the weighted sum over `teachers` [(weight, teacher)] (`supervisors`: the task's one or several
+    teachers, weight 1). Returns the true loss per sample, summed over the trained steps `steps` and the
+    weighted teachers (B,)."""
     with phase("rollout"):
         embeds = model.encode_prompts(prompts)
         traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
@@ -166,19 +167,20 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, s
         rows_embeds = TextEmbeds(embeds.seq.repeat(K, 1, 1), embeds.pooled.repeat(K, 1))
         # Eq. 5's s_j divides by 1 - t_j, 0 at t_0 = 1: there the sampler uses 1 - t_1 (its t_guard)
         t_guard = traj.t[1].item()
-        means_t = [teacher_means(teacher, model, list(prompts) * K, rows_embeds, x, t, t_next, cfg.noise_level,
-                                 t_guard, cfg.teacher_chunk) for teacher in teachers]
+        means_t = [(w, teacher_means(teacher, model, list(prompts) * K, rows_embeds, x, t, t_next, cfg.noise_level,
+                                     t_guard, cfg.teacher_chunk)) for w, teacher in teachers]
     with phase("train"):
         d, chunk, per_row = x[0].numel(), cfg.train_chunk or x.shape[0], []
         for lo in range(0, x.shape[0], chunk):
             sl = slice(lo, lo + chunk)
             v = model.velocity(x[sl], t[sl], rows_embeds[sl], cfg.guidance, cfg.cfg_detach_uncond)
             mean_s = transition_mean(x[sl], v, t[sl], t_next[sl], cfg.noise_level, t_guard)
-            # the release's teacher axis: the per-step loss summed over the task's teachers
+            # the release's teacher axis: the per-step loss summed over the batch's (weighted) teachers
             if cfg.estimator == "ppo":
-                loss = sum(ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl]) for mean_t in means_t)
+                loss = sum(w * ppo_style_loss(mean_s, mean_t[sl], sbar[sl], x_next[sl]) for w, mean_t in means_t)
             else:
-                loss = sum(closed_form_loss(mean_s, mean_t[sl], sbar[sl], cfg.noise_level == 0) for mean_t in means_t)
+                loss = sum(w * closed_form_loss(mean_s, mean_t[sl], sbar[sl], cfg.noise_level == 0)
+                           for w, mean_t in means_t)
             # the release's scale: the mean over dims d, trained steps K and samples B
             ((loss / d).sum() * scale / (K * B)).backward()
             per_row.append(loss.detach())
@@ -186,19 +188,38 @@ def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, s
 
 
 # ---------------------------------------------------------------------- one round: Algorithm 1
+def supervisors(routes, m: int) -> list[tuple[float, object]]:
+    """Who supervises task batch m, with which weight: Algorithm 1's routing, task m's own teachers
+    (routes[m], teachers.by_task), each with weight 1 (a task's several teachers are summed, as the release
+    sums its teacher axis). The routing's one fork point: soft routing, every batch supervised by a
+    weighted mix of all teachers, returns e.g. [(w[m][k], t) for k, route in enumerate(routes) for t in route]
+    (README, "Fork it")."""
+    return [(1.0, teacher) for teacher in routes[m]]
+
+
+@dataclass
+class Batch:
+    """One task batch of a round: its task, its weighted teachers (`supervisors`), this rank's prompts of
+    it and their seeds (one per global sample: regenerable)."""
+    task: object
+    teachers: list[tuple[float, object]]
+    prompts: list[str]
+    seeds: list[int]
+
+
 def round_batches(cfg: OPDConfig, routes, step: int, dist: Dist, prompts_by_task):
-    """Batch m of round `step` belongs to task m (routes[m]: its teachers, teachers.by_task): the task's
-    teachers, this rank's share of its prompts (drawn from that task's prompt set) and their seeds (one
-    per global sample: regenerable)."""
+    """Batch m of round `step` belongs to task m (routes[m]: its teachers, teachers.by_task): its prompts are
+    this rank's share of a draw from that task's prompt set, its supervision `supervisors(routes, m)`."""
     mine = dist.split(cfg.prompts_per_batch, "prompts_per_batch", "--prompts_per_batch")
     for m, teachers in enumerate(routes):
-        prompts = prompts_by_task[teachers[0].task.name]
+        task = teachers[0].task
+        prompts = prompts_by_task[task.name]
         rng = np.random.default_rng([cfg.seed, step, m])
         n = cfg.prompts_per_batch
         idx = rng.choice(len(prompts), n, replace=len(prompts) < n)[mine]
         first = m * cfg.prompts_per_batch  # global index of the batch's first sample
-        yield teachers, [prompts[i] for i in idx], [step_seed(cfg.seed, step, first + i)
-                                                    for i in range(mine.start, mine.stop)]
+        yield Batch(task, supervisors(routes, m), [prompts[i] for i in idx],
+                    [step_seed(cfg.seed, step, first + i) for i in range(mine.start, mine.stop)])
 
 
 def opd_round(cfg: OPDConfig, model, routes, trainer, step: int, dist: Dist, prompts_by_task,
@@ -208,11 +229,11 @@ def opd_round(cfg: OPDConfig, model, routes, trainer, step: int, dist: Dist, pro
     so every rollout of the round came from the current weights. `gradient` may stand in for
     batch_gradient (the study's SFT baseline). Returns the round's metrics."""
     metrics, losses, steps = {"step": step}, [], trained_steps(cfg)
-    for teachers, prompts, seeds in round_batches(cfg, routes, step, dist, prompts_by_task):
+    for batch in round_batches(cfg, routes, step, dist, prompts_by_task):
         # the round's loss is the mean over its M task batches: each enters with 1 / M
-        loss = gradient(cfg, model, teachers, prompts, seeds, steps, 1.0 / len(routes), phase)
+        loss = gradient(cfg, model, batch.teachers, batch.prompts, batch.seeds, steps, 1.0 / len(routes), phase)
         losses.append(loss)
-        metrics[f"loss/{teachers[0].task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
+        metrics[f"loss/{batch.task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
     with phase("optimizer"):
         metrics["grad_norm"], skipped = update_or_stop(trainer, step, losses, metrics)
     metrics["skipped_nonfinite"] = int(skipped)

@@ -35,8 +35,7 @@ from harness import (StudentConfig, StudentTrainer, check_same_base, check_stude
 from model import LORA_TARGETS
 from rewards import check_spec, make_reward, reward_bytes
 from sample import trained_steps
-from plumbing.config import (apply_recipe, apply_values, config_dict, describe_recipe, given_keys, require,
-                             require_positive)
+from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.memory import plan_run
 from plumbing.stops import fail
@@ -98,16 +97,15 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
     """The checks every Stage-1 script shares (recipe, LoRA/AdamW/EMA fields, the batch of groups and its
     split into updates and ranks, model, resolution, init adapter, task and prompts), then `checks(cfg)`
     (the algorithm's own), the memory plan (plumbing.memory.plan_run, applied to cfg), then the run directory and
-    the reward. `own_recipe(cfg)` ({key: (value, reason)}, e.g. teacher_rl.GUARD_RECIPE) is applied first,
-    to the keys the command line does not set. Every bad input fails here with a one-line error, before
+    the reward. `own_recipe(cfg)` (recipe files, e.g. [teacher_rl.GUARD_RECIPE]) is applied after the base's
+    recipe, to the keys the command line does not set. Every bad input fails here with a one-line error, before
     any model loads or anything is written. Returns (task, reward_fn, run); reward_fn is None with
     --dry_run."""
     try:
         given = given_keys(type(cfg), argv)
         cfg.model = portable_path(cfg.model)  # inside the repository: stored relative to it, as datasets are
         cfg.init_lora = portable_path(cfg.init_lora) if cfg.init_lora else ""
-        own = apply_values(cfg, given, own_recipe(cfg) if own_recipe else {})
-        changed = apply_recipe(cfg, given, cfg.model, recipe)
+        changed = apply_recipe(cfg, given, cfg.model, recipe, own_recipe(cfg) if own_recipe else [])
         cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
         check_student_config(cfg)
         require_positive(cfg, "batch", "group_size", "rollout_batch", "train_batch", "num_steps", "adv_clip",
@@ -128,7 +126,7 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         load_prompts(task.dataset, "train"), load_prompts(task.dataset, "test")
         check_prompts(task)  # what the reward reads of every prompt (OCR: its quoted target)
         kind = {"teacher_rl": "grpo", "nft": "nft"}[recipe]
-        plan = plan_run(kind, cfg, dist, given | set(changed) | set(own), reward_bytes([task.reward]),
+        plan = plan_run(kind, cfg, dist, given | set(changed), reward_bytes([task.reward]),
                         trained=len(trained_steps(cfg)), lora_targets=LORA_TARGETS,
                         adapters=1 if kind == "nft" else 0)  # NFT's old policy: a second LoRA
         run = RunDir(cfg.out, cfg, dist, script, argv)
@@ -137,11 +135,7 @@ def validate(cfg, dist: Dist, argv, script: str, recipe: str, checks, own_recipe
         needs = check_spec(task.reward, build=True) if cfg.dry_run else []   # built on the CPU, not kept
         with dist.local_first():
             reward_fn = None if cfg.dry_run else make_reward(task.reward, device=dist.device)
-        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed)]), *needs)
-        if own:
-            print_main(dist, f"{len(own)} values of the algorithm's own recipe:", *(
-                f"  {key} = {value!r} (default {default!r}): {reason}"
-                for key, (default, value, reason) in own.items()))
+        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed, given)]), *needs)
         return task, reward_fn, run
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)

@@ -23,7 +23,7 @@ gradient (1 - w) grad v_u + w grad v_c, as today's Flow-GRPO, GRPO-Guard and the
 (section 8a); `--cfg_detach_uncond` is the ablation v = sg(v_u) + w (v_c - sg(v_u)) of Flow-GRPO up to
 its commit ac4c86e (2025-07), gradient w grad v_c.
 
-`--ratio_norm` trains GRPO-Guard (section 8b) with its recipe (GUARD_RECIPE: its configs'
+`--ratio_norm` trains GRPO-Guard (section 8b) with its recipe (recipes/grpo_guard.json: its configs'
 per-prompt std, clip range 2e-6, lr 1e-4, no KL) for every key the command line does not set.
 
 The defaults are Flow-GRPO's SD3.5-M recipe (section 8a; its config/grpo.py geneval_sd3): a = 0.7,
@@ -99,7 +99,7 @@ class TeacherConfig(Stage1Config):
     ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
     kl_beta: float = 0.04               # KL to the base model, per latent dim
     ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights, and
-                                        # GUARD_RECIPE for the keys not given (clip 2e-6, lr 1e-4, ...)
+                                        # recipes/grpo_guard.json for the keys not given (clip 2e-6, lr 1e-4, ...)
 
 
 # Flow-GRPO calls its EMA once per training micro-batch (scripts/train_sd3.py at ac4c86e, line 954), with the
@@ -108,14 +108,9 @@ class TeacherConfig(Stage1Config):
 # (harness.EMA). A constant here, so that 1 and N ranks (and any --train_batch) make the same EMA.
 FLOW_GRPO_EMA_CALLS = 8
 
-# GRPO-Guard's own values (its config/grpo_guard.py, *_rationorm), applied with --ratio_norm to every
-# key the command line does not set: {key: (value, reason)}
-GUARD_RECIPE = {
-    "per_group_std": (True, "GRPO-Guard normalises advantages by the per-prompt std (global_std False)"),
-    "clip_range": (2e-6, "GRPO-Guard's clip range on its normalised ratio (OCR, GenEval; PickScore: 4e-6)"),
-    "lr": (1e-4, "GRPO-Guard's learning rate"),
-    "kl_beta": (0.0, "GRPO-Guard trains without the KL to the base"),
-}
+# GRPO-Guard's own values (its config/grpo_guard.py, *_rationorm), a recipe file that --ratio_norm applies to
+# every key the command line does not set (after the base's recipe.json)
+GUARD_RECIPE = "recipes/grpo_guard.json"
 
 
 def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
@@ -221,7 +216,7 @@ def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
     started = stage1.start(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks,
-                           lambda c: GUARD_RECIPE if c.ratio_norm else {}, ema_calls=FLOW_GRPO_EMA_CALLS)
+                           lambda c: [GUARD_RECIPE] if c.ratio_norm else [], ema_calls=FLOW_GRPO_EMA_CALLS)
     if started is None:
         return cfg
     dist, task, reward_fn, run, model, trainer = started

@@ -241,7 +241,7 @@ def validate(cfg, dist: Dist, argv: list[str] | None = (), script: str = "opd.py
         with dist.local_first():  # first-use downloads of the reward models, once per node
             rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=device)
                                               for s in specs}
-        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed), routing_table(specs)]), *needs)
+        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed, given), routing_table(specs)]), *needs)
         return specs, prompts_by_task, rewards, run
     except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         fail(e)

@@ -7,7 +7,7 @@ of B prompts (per rank), N sampling steps, K trained steps and CFG w:
     train     K*B rows (x2 CFG) in ceil(K*B / train_chunk) forward+backward passes
 A round is one batch per task and one optimizer step. Everything outside the transformer is
 overhead; the overhead ratio = round wall time / seconds inside transformer forwards and backwards.
-The round itself is opd.py's (round_batches, batch_loss, StudentTrainer.update), imported.
+The round itself is opd.py's (round_batches, batch_gradient, StudentTrainer.update), imported.
 
 Measured per variant (mean over the timed rounds, per rank):
     sec/{rollout,teacher,train,optimizer,other,total}   train = student forward + backward
@@ -371,11 +371,11 @@ def opd_round(s: Setup, cfg: BenchConfig, dist: Dist, step: int, meter: NetMeter
     start = clock(dist.device)
     images, losses = 0, []
     routes = by_task(s.teachers)
-    for teachers, prompts, seeds in opd.round_batches(cfg, routes, step, dist, s.prompts_by_task):
-        loss = opd.batch_gradient(cfg, s.model, teachers, prompts, seeds, train_steps, 1.0 / len(routes), phases)
+    for b in opd.round_batches(cfg, routes, step, dist, s.prompts_by_task):
+        loss = opd.batch_gradient(cfg, s.model, b.teachers, b.prompts, b.seeds, train_steps, 1.0 / len(routes), phases)
         dist.all_gather(loss.to(dist.device)).mean().item()  # opd.main logs it
         losses.append(loss)
-        images += len(prompts)
+        images += len(b.prompts)
     with phases("optimizer"):
         s.trainer.update(step, torch.cat(losses))
     sec = {**dict.fromkeys(PHASES, 0.0), **phases.sec, "total": clock(dist.device) - start}

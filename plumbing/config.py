@@ -45,6 +45,26 @@ def field_comments(cls) -> dict[str, str]:
     return {k: v.strip() for k, v in comments.items() if v.strip()}
 
 
+def _split(value: str) -> list[str]:
+    """One command-line word of a list option: `a,b,c` is three values; a word holding "=" or whitespace is
+    one (a TASK=SPEC entry may hold commas, a prompt commas and spaces)."""
+    if "=" in value or any(c.isspace() for c in value) or "," not in value:
+        return [value]
+    return [part for part in value.split(",") if part]
+
+
+def _list_of(element):
+    """The argparse action of a list option: `--x a b c` and `--x a,b,c` give the same list (_split)."""
+    class ListOption(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            words = [part for value in values for part in _split(value)]
+            try:
+                setattr(namespace, self.dest, [element(w) for w in words])
+            except ValueError:
+                parser.error(f"argument {option_string}: invalid {element.__name__} value in {' '.join(values)!r}")
+    return ListOption
+
+
 def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0],
                                  argument_default=argparse.SUPPRESS if suppress else None)
@@ -64,7 +84,7 @@ def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
             ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True,
                             help=help_text, **kw)
         elif typing.get_origin(tp) in (list, tuple):
-            ap.add_argument(*names, dest=f.name, type=typing.get_args(tp)[0], nargs="+",
+            ap.add_argument(*names, dest=f.name, action=_list_of(typing.get_args(tp)[0]), nargs="+",
                             help=help_text, **kw)
         else:
             ap.add_argument(*names, dest=f.name, type=tp, help=help_text, **kw)
@@ -75,7 +95,7 @@ def parse_config(cls, argv=None):
     """Build dataclass `cls` from `--key value` / `--key=value` (hyphens or underscores).
 
     Types are checked by argparse from the annotations; an unknown key is an error; bool fields
-    accept a bare `--flag`; list fields take several values (`--teachers a b c`).
+    accept a bare `--flag`; list fields take several values (`--teachers a b c` or `--teachers a,b,c`).
     """
     return cls(**vars(_parser(cls, suppress=False).parse_args(argv)))
 
@@ -124,21 +144,9 @@ def require_positive(cfg, *names: str) -> None:
 
 
 # ---------------------------------------------------------------------- the recipe in force
-def apply_values(cfg, given: set[str], values: dict[str, tuple]) -> dict[str, tuple]:
-    """Set each `values[key] = (value, reason)` on cfg where the key is still at its dataclass default
-    and the command line did not set it (so applying twice changes nothing, and a flag always wins).
-    Returns {key: (default, value, reason)} of what was changed."""
-    defaults = type(cfg)()
-    kept = set(given) | {f.name for f in dataclasses.fields(cfg)
-                         if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    changed = {}
-    for key, (value, reason) in values.items():
-        if key not in kept and getattr(cfg, key) != value:
-            changed[key] = (getattr(cfg, key), value, reason)
-            setattr(cfg, key, value)
-    return changed
-
-
+# Where a setting comes from, the later winning: the dataclass default (the paper's), the base model
+# folder's recipe.json, the named recipes a script applies (GRPO-Guard's with --ratio_norm), the command
+# line. A value a caller set in code (a config built with other values than the defaults) counts as given.
 RECIPE_FILE = "recipe.json"  # a base model folder's own recipe (values for its scale, with reasons)
 
 
@@ -156,24 +164,42 @@ def recipe_of(cfg, model: str) -> tuple[str, dict]:
     return portable_path(str(path)), read_json(path, "recipe file")
 
 
-def apply_recipe(cfg, given: set[str], model: str, script: str) -> dict[str, tuple]:
-    """Set the values of the recipe in force (recipe_of) for `script` to the keys still at their default
-    that the command line did not set (apply_values); its "datasets" give a Stage-1 task its prompt
-    folder when --dataset is not given. Returns {key: (default, value, reason)} of what was changed;
-    cfg.recipe holds the resolved name (saved in config.json)."""
+def apply_recipe(cfg, given: set[str], model: str, script: str, named: list[str] = ()) -> dict[str, tuple]:
+    """Set the values of the recipes in force for `script`, in order of precedence: the base's (recipe_of;
+    its "datasets" give a Stage-1 task its prompt folder when --dataset is not given), then each recipe
+    file of `named`; never a key of `given` (the command line) or one a caller set in code (not at its
+    default). Returns {key: (default, value, source, reason)} of what was changed; cfg.recipe holds the
+    resolved name of the base's (saved in config.json)."""
     cfg.recipe, recipe = recipe_of(cfg, model)
-    values = {key: (v["value"], v["reason"]) for key, v in recipe.get(script, {}).items()}
-    datasets = recipe.get("datasets", {})
-    if hasattr(cfg, "dataset") and cfg.task in datasets.get("value", {}):
-        values["dataset"] = (datasets["value"][cfg.task], datasets["reason"])
-    return apply_values(cfg, given, values)
+    layers = [(cfg.recipe, recipe)] + [(portable_path(p), read_json(Path(repo_path(p)), "recipe file")) for p in named]
+    defaults = type(cfg)()
+    kept = set(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    changed = {}
+    for source, values in layers:
+        values = {key: (v["value"], v["reason"]) for key, v in values.get(script, {}).items()}
+        datasets = recipe.get("datasets", {}) if source == cfg.recipe else {}
+        if hasattr(cfg, "dataset") and cfg.task in datasets.get("value", {}):
+            values["dataset"] = (datasets["value"][cfg.task], datasets["reason"])
+        for key, (value, reason) in values.items():
+            if key not in kept and getattr(cfg, key) != value:
+                changed[key] = (getattr(defaults, key), value, source, reason)
+                setattr(cfg, key, value)
+    return {key: c for key, c in changed.items() if getattr(defaults, key) != c[1]}
 
 
-def describe_recipe(cfg, changed: dict[str, tuple]) -> str:
-    """The lines printed at start: which recipe is in force and every value it changed, with why."""
-    if cfg.recipe == "paper":
-        return "recipe: the paper's (every default as in paper sections 7-8)"
-    lines = [f"recipe: {cfg.recipe} (--recipe paper for the paper's values), {len(changed)} values differ:"]
-    lines += [f"  {key} = {value!r} (paper {default!r}): {reason}"
-              for key, (default, value, reason) in changed.items()]
+def describe_recipe(cfg, changed: dict[str, tuple], given: set[str] = frozenset()) -> str:
+    """The lines printed at start: where every value that differs from the paper's comes from (a recipe,
+    with its reason, or the command line)."""
+    defaults = type(cfg)()
+    flags = {key: getattr(cfg, key) for key in sorted(given) if key not in changed and key != "recipe" and
+             getattr(cfg, key) != getattr(defaults, key)}
+    if cfg.recipe == "paper" and not changed:
+        head = "recipe: the paper's (every default as in paper sections 7-8)"
+    else:
+        head = f"recipe: {cfg.recipe} (--recipe paper for the paper's values)"
+    lines = [f"{head}; {len(changed) + len(flags)} values differ from the paper's:" if changed or flags else head]
+    lines += [f"  {key} = {value!r} (paper {default!r}) from {source}: {reason}"
+              for key, (default, value, source, reason) in changed.items()]
+    lines += [f"  {key} = {value!r} (paper {getattr(defaults, key)!r}) from the command line"
+              for key, value in flags.items()]
     return "\n".join(lines)

@@ -70,12 +70,13 @@ class InstrumentsConfig(opd.OPDConfig):
 
 def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[int], scale: float,
                  phase=no_phase):
-    """opd.batch_gradient's stand-in for the SFT baseline (module docstring), for a task with one teacher.
-    Returns the loss per sample summed over the trained steps (B,)."""
+    """opd.batch_gradient's stand-in for the SFT baseline (module docstring), for a batch supervised by one
+    teacher (`teachers`: [(weight, teacher)], opd.supervisors; the weight scales the loss). Returns the loss
+    per sample summed over the trained steps (B,)."""
     if len(teachers) != 1:
-        raise ValueError(f"the SFT baseline fits one teacher's samples per task; task {teachers[0].task.name} "
-                         f"has {len(teachers)} teachers")
-    teacher = teachers[0]
+        raise ValueError(f"the SFT baseline fits one teacher's samples per batch; this batch has {len(teachers)} "
+                         "supervising teachers")
+    (weight, teacher), = teachers
     net = teacher.model or model
     with phase("teacher"):
         emb_t = net.encode_prompts(prompts)
@@ -102,7 +103,7 @@ def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[in
             # x_t = (1 - t) x0 + t eps;  target v = eps - x0
             x_t = (1 - tt) * x0 + tt * eps[:, k]
             v = model.velocity(x_t, t, embeds, 1.0)
-            loss = (v - (eps[:, k] - x0)).square().flatten(1).sum(1)
+            loss = weight * (v - (eps[:, k] - x0)).square().flatten(1).sum(1)
             # OPD's scale: the mean over dims, trained steps and samples
             ((loss / d).sum() * scale / (K * B)).backward()
             per_step.append(loss.detach())
@@ -168,8 +169,8 @@ def gradient_variance(cfg, argv=None) -> dict:
         for est in grads:
             one = dataclasses.replace(cfg, estimator=est)
             batches = opd.round_batches(one, routes, VARIANCE_ROUNDS + r, dist, prompts_by_task)
-            for teachers, prompts, seeds in batches:
-                opd.batch_gradient(one, model, teachers, prompts, seeds, steps, 1.0 / len(routes))
+            for b in batches:
+                opd.batch_gradient(one, model, b.teachers, b.prompts, b.seeds, steps, 1.0 / len(routes))
             dist.average_gradients(trainer.params)
             grads[est].append(torch.cat([p.grad.flatten() for p in trainer.params]).cpu())
             trainer.opt.zero_grad(set_to_none=True)

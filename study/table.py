@@ -332,7 +332,8 @@ def main(argv=None) -> dict:
         dist = Dist(cfg.device, plan_only=cfg.dry_run)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print_main(dist, *filter(None, [plan(cfg, models, tasks, dist, argv), describe_recipe(cfg, changed)]))
+    print_main(dist, *filter(None, [plan(cfg, models, tasks, dist, argv),
+                                    describe_recipe(cfg, changed, given_keys(EvalConfig, argv))]))
     if cfg.dry_run:
         try:
             needs = [f"{t.name}: {line}" for t in tasks for line in check_spec(t.reward, build=True)]

@@ -156,8 +156,8 @@ def test_levers_change_speed_not_the_gradient(teachers):
     grads = {}
     for name, cfg in cfgs.items():
         bench.configure(s.model, cfg)
-        teachers, prompts, seeds = next(opd.round_batches(cfg, by_task(s.teachers), 0, dist, s.prompts_by_task))
-        loss = opd.batch_gradient(cfg, s.model, teachers, prompts, seeds, [0, 1, 2], 1.0)
+        b = next(opd.round_batches(cfg, by_task(s.teachers), 0, dist, s.prompts_by_task))
+        loss = opd.batch_gradient(cfg, s.model, b.teachers, b.prompts, b.seeds, [0, 1, 2], 1.0)
         assert loss.abs().sum() > 0
         grads[name] = torch.cat([p.grad.flatten() for p in s.trainer.params])
         s.trainer.opt.zero_grad(set_to_none=True)

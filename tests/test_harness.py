@@ -29,6 +29,16 @@ def test_parse_config_types_hyphens_lists_and_unknown_keys():
         parse_config(Cfg, ["--steps", "x"])
 
 
+def test_a_list_option_takes_spaces_or_commas_and_keeps_specs_and_prompts_whole():
+    assert parse_config(Cfg, ["--names", "a,b", "c"]).names == ["a", "b", "c"] == \
+        parse_config(Cfg, ["--names", "a", "b", "c"]).names
+    kept = ["ocr=pickscore=0.5,clipscore=0.5", "a cat, a dog"]  # a TASK=SPEC entry, a prompt
+    assert parse_config(Cfg, ["--names", *kept]).names == kept
+    assert parse_config(Derived, ["--ints", "0,1", "2"]).ints == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        parse_config(Derived, ["--ints", "0,x"])
+
+
 @dataclasses.dataclass
 class Derived(Cfg):
     """A config with commented fields, one inherited."""
@@ -36,6 +46,7 @@ class Derived(Cfg):
     detach: bool = False     # ablation: sg(v_u);
                              # default: attached
     plain: int = 1
+    ints: list[int] = dataclasses.field(default_factory=list)
 
 
 def test_help_shows_each_fields_comment_with_its_default(capsys):

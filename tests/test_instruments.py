@@ -73,9 +73,10 @@ def test_sft_fits_the_teachers_own_samples_by_flow_matching(tiny_pipe_dir, teach
     model = FlowModel.load(base)
     loaded = load_teachers(model, specs, Dist("cpu"))
     params = model.add_student_lora(rank=4, alpha=8)
-    (teacher,), prompts, seeds = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
+    b = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
         s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}))
-    loss = instruments.sft_gradient(cfg, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    ((_, teacher),), prompts, seeds = b.teachers, b.prompts, b.seeds
+    loss = instruments.sft_gradient(cfg, model, b.teachers, prompts, seeds, [0, 1], 1.0)
     # independent: the teacher's ODE sample, then ||v_S(x_t, t) - (eps - x0)||^2 at t_0 and t_1 with the same noise
     x0 = rollout(model, model.encode_prompts(prompts), seeds, 3, teacher.task.guidance, 0.0,
                  adapter=teacher.adapter, decode=False).latents[:, -1]
@@ -108,8 +109,9 @@ def test_sft_caption_dropout_fits_the_empty_prompt_for_the_drawn_samples(tiny_pi
     model = FlowModel.load(base)
     loaded = load_teachers(model, specs, Dist("cpu"))
     model.add_student_lora(rank=4, alpha=8)
-    (teacher,), prompts, seeds = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
+    b = next(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), {
         s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}))
+    ((_, teacher),), prompts, seeds = b.teachers, b.prompts, b.seeds
     import dataclasses
     draws = sorted(torch.rand((), generator=torch.Generator().manual_seed(int(s) + instruments.SFT_DROPOUT_STREAM)).item()
                    for s in seeds)
@@ -118,7 +120,7 @@ def test_sft_caption_dropout_fits_the_empty_prompt_for_the_drawn_samples(tiny_pi
     drop = [torch.rand((), generator=torch.Generator().manual_seed(int(s) + instruments.SFT_DROPOUT_STREAM)).item() < p
             for s in seeds]
     assert any(drop) and not all(drop), drop  # the batch has both kinds
-    with_dropout = instruments.sft_gradient(cfg, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    with_dropout = instruments.sft_gradient(cfg, model, [(1.0, teacher)], prompts, seeds, [0, 1], 1.0)
     # independent: the same loss without dropout, with the dropped samples' text encoded as ""
     plain = dataclasses.replace(cfg, sft_caption_dropout=0.0)
     real_encode = model.encode_prompts
@@ -129,11 +131,11 @@ def test_sft_caption_dropout_fits_the_empty_prompt_for_the_drawn_samples(tiny_pi
         return real_encode(texts if len(calls) == 1 else ["" if d else t for t, d in zip(texts, drop)])
     model.encode_prompts = encode
     try:
-        reference = instruments.sft_gradient(plain, model, [teacher], prompts, seeds, [0, 1], 1.0)
+        reference = instruments.sft_gradient(plain, model, [(1.0, teacher)], prompts, seeds, [0, 1], 1.0)
     finally:
         model.encode_prompts = real_encode
     torch.testing.assert_close(with_dropout, reference, atol=f32_atol(reference), rtol=0)
-    without = instruments.sft_gradient(plain, model, [teacher], prompts, seeds, [0, 1], 1.0)
+    without = instruments.sft_gradient(plain, model, [(1.0, teacher)], prompts, seeds, [0, 1], 1.0)
     assert not torch.allclose(with_dropout[torch.tensor(drop)], without[torch.tensor(drop)])
     with pytest.raises(SystemExit, match="--sft_caption_dropout needs --baseline sft"):
         instruments.main(_args(teachers, "unused", "--sft_caption_dropout", "0.1"))

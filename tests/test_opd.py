@@ -100,9 +100,10 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
     params = model.add_student_lora(rank=4, alpha=8)
     prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
     batches = list(opd.round_batches(cfg, by_task(loaded), 0, Dist("cpu"), prompts_by_task))
-    assert [b[0][0].task.name for b in batches] == ["geneval", "ocr"]
-    for (teacher,), prompts, _ in batches:
-        assert set(prompts) <= set(prompts_by_task[teacher.task.name])
+    assert [b.task.name for b in batches] == ["geneval", "ocr"]
+    for b in batches:
+        assert [(w, t.task.name) for w, t in b.teachers] == [(1.0, b.task.name)]  # Algorithm 1: its own teacher
+        assert set(b.prompts) <= set(prompts_by_task[b.task.name])
     # the student copied from teacher "ocr" has zero loss against it and not against "geneval"
     sd = load_file(Path(teachers[1]) / "adapter_model.safetensors")
     named = dict(model.transformer.named_parameters())
@@ -110,7 +111,8 @@ def test_routing_sends_each_batch_to_its_teacher_and_teachers_get_no_gradient(ti
         for k, v in sd.items():
             named[k.removeprefix("base_model.model.").replace(".weight", ".student.weight")].copy_(v)
     cfg.guidance = 2.0  # the teachers' guidance, so that identical weights give identical means
-    losses = {t[0].task.name: opd.batch_gradient(cfg, model, t, p, s, [0, 1, 2], 1.0) for t, p, s in batches}
+    losses = {b.task.name: opd.batch_gradient(cfg, model, b.teachers, b.prompts, b.seeds, [0, 1, 2], 1.0)
+              for b in batches}
     assert losses["ocr"].abs().max() < 1e-8 and losses["geneval"].min() > 1e-6
     teacher_params = [p for n, p in named.items() if ".teacher_" in n]
     assert teacher_params and all(p.grad is None for p in teacher_params)
@@ -137,7 +139,7 @@ def test_detached_uncond_branch_changes_the_gradient_not_the_loss(teachers):
         cfg.cfg_detach_uncond = detach
         for p in params:
             p.grad = None
-        loss = opd.batch_gradient(cfg, model, [teacher], prompts, [11, 12], [0, 1], 1.0)
+        loss = opd.batch_gradient(cfg, model, [(1.0, teacher)], prompts, [11, 12], [0, 1], 1.0)
         out[detach] = loss, torch.cat([p.grad.flatten() for p in params])
     torch.testing.assert_close(out[True][0], out[False][0], atol=f32_atol(out[False][0]), rtol=0)
     assert (out[True][1] - out[False][1]).norm() > 0.1 * out[False][1].norm()

@@ -24,10 +24,10 @@ def test_tiny_run_saves_a_pipeline_that_model_py_loads(tmp_path):
     info = json.loads((tmp_path / "m" / "PRETRAIN.json").read_text())
     assert info["command"].startswith("python -m toy.pretrain") and info["config"]["steps"] == 2
     assert len((tmp_path / "m" / "pretrain_metrics.jsonl").read_text().splitlines()) == 2
-    # the toy recipe travels with the base, and the shipped base carries the current one
-    recipe = pretrain_toy.RECIPE.read_text()
-    assert (tmp_path / "m" / "recipe.json").read_text() == recipe
-    assert (pretrain_toy.RECIPE.parents[1] / "models/toy-sd3/recipe.json").read_text() == recipe
+    # the toy recipe (its one copy: the shipped base's) travels with every base pretraining writes
+    assert pretrain_toy.RECIPE == pretrain_toy.RECIPE.parents[2] / "models/toy-sd3/recipe.json"
+    assert (tmp_path / "m" / "recipe.json").read_text() == pretrain_toy.RECIPE.read_text()
+    assert not (pretrain_toy.RECIPE.parents[2] / "toy" / "recipe.json").exists()
     assert not (tmp_path / "m.tmp").exists()
 
 

@@ -182,7 +182,8 @@ def test_every_row_of_an_opd_round_weighs_one_over_m_k_b_d_in_the_gradient(setup
     opd.opd_round(s.cfg, s.model, routes, grab, 0, Dist("cpu"), s.prompts, no_phase)
     M, K, B = len(routes), 2, 2
     total = 0.0
-    for teachers, prompts, seeds in opd.round_batches(s.cfg, routes, 0, Dist("cpu"), s.prompts):
+    for b in opd.round_batches(s.cfg, routes, 0, Dist("cpu"), s.prompts):
+        teachers, prompts, seeds = [t for _, t in b.teachers], b.prompts, b.seeds
         embeds = s.model.encode_prompts(prompts)
         traj = rollout(s.model, embeds, seeds, s.cfg.num_steps, s.cfg.guidance, 0.0, adapter="student", decode=False)
         d = traj.latents[0, 0].numel()
@@ -213,8 +214,8 @@ def test_opd_round_routes_batch_m_to_task_ms_teachers_and_prompts_with_weight_on
     assert len(calls) == 2
     for m, (teachers, prompts, seeds, scale) in enumerate(calls):
         task = ("geneval", "ocr")[m]
-        assert [t.task.name for t in teachers] == [task] * (2 if task == "geneval" else 1)
-        assert teachers == [t for t in s.teachers if t.task.name == task]
+        assert [(w, t.task.name) for w, t in teachers] == [(1.0, task)] * (2 if task == "geneval" else 1)
+        assert [t for _, t in teachers] == [t for t in s.teachers if t.task.name == task]
         # task m's prompts, drawn as Algorithm 1 draws them: its own generator of (seed, round, m)
         idx = np.random.default_rng([s.cfg.seed, 3, m]).choice(len(s.prompts[task]), 2, replace=False)
         assert prompts == [s.prompts[task][i] for i in idx] and scale == 0.5
@@ -231,7 +232,7 @@ def test_a_tasks_teachers_are_summed_in_its_loss(setup64):
     for p in s.params:
         p.grad = None
     for teachers in (geneval, geneval[:1], geneval[1:]):
-        loss = opd.batch_gradient(s.cfg, s.model, teachers, prompts, seeds, [0, 1], 1.0)
+        loss = opd.batch_gradient(s.cfg, s.model, [(1.0, t) for t in teachers], prompts, seeds, [0, 1], 1.0)
         out.append((loss, [p.grad.clone() for p in s.params]))
         for p in s.params:
             p.grad = None
@@ -239,6 +240,31 @@ def test_a_tasks_teachers_are_summed_in_its_loss(setup64):
     for both, one, two in zip(out[0][1], out[1][1], out[2][1]):
         torch.testing.assert_close(both, one + two, rtol=0, atol=f32_atol(one, two))
     assert (out[1][0] - out[2][0]).abs().min() > 1e-6  # two different teachers
+
+
+def test_soft_routing_is_one_function_and_weights_each_teachers_loss(setup64, monkeypatch):
+    """The routing's fork point (opd.supervisors): a fork that supervises every batch by a weighted mix of
+    all teachers changes that function only; a batch's loss and gradient are then the weighted sum of
+    those against each teacher alone."""
+    s = setup64
+    routes = by_task(s.teachers)
+    weights = [0.25, 0.75, 0.5]  # one per teacher, over the routes in order
+    everyone = [t for route in routes for t in route]
+    monkeypatch.setattr(opd, "supervisors", lambda routes, m: list(zip(weights, everyone)))
+    b = next(opd.round_batches(s.cfg, routes, 0, Dist("cpu"), s.prompts))
+    assert [t for _, t in b.teachers] == everyone and b.task.name == "geneval"
+    out = []
+    for teachers in (b.teachers, *([(1.0, t)] for t in everyone)):
+        for p in s.params:
+            p.grad = None
+        loss = opd.batch_gradient(s.cfg, s.model, teachers, b.prompts, b.seeds, [0, 1], 1.0)
+        out.append((loss, [p.grad.clone() for p in s.params]))
+    mixed = sum(w * loss for w, (loss, _) in zip(weights, out[1:]))
+    torch.testing.assert_close(out[0][0], mixed, rtol=0, atol=f32_atol(*(loss for loss, _ in out[1:])))
+    for k, g in enumerate(out[0][1]):
+        want = sum(w * grads[k] for w, (_, grads) in zip(weights, out[1:]))
+        torch.testing.assert_close(g, want, rtol=0, atol=f32_atol(*(grads[k] for _, grads in out[1:])))
+    assert (out[0][0] - out[1][0]).abs().max() > 1e-6  # the mix is not the first teacher alone
 
 
 # ---------------------------------------------------------------------- GRPO's KL to the base

@@ -167,9 +167,32 @@ def test_ratio_norm_brings_grpo_guards_recipe_for_every_key_not_given(tiny_pipe_
             "--recipe", "paper", "--height", "0", "--width", "0", "--out", str(tmp_path / "run"), "--dry_run"]
     guard = teacher_rl.main(base + ["--ratio_norm"])
     assert (guard.per_group_std, guard.clip_range, guard.lr, guard.kl_beta) == (True, 2e-6, 1e-4, 0.0)
-    assert "per_group_std = True" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert "per_group_std = True (paper False) from recipes/grpo_guard.json: GRPO-Guard normalises" in printed
+    assert "height = 0 (paper 512) from the command line" in printed  # every value that differs, with its source
     given = teacher_rl.main(base + ["--ratio_norm", "--per_group_std", "false", "--lr", "3e-4"])
     assert (given.per_group_std, given.lr, given.clip_range) == (False, 3e-4, 2e-6)
     grpo = teacher_rl.main(base)
     assert (grpo.per_group_std, grpo.clip_range, grpo.kl_beta, grpo.cfg_detach_uncond) == (False, 1e-4, 0.04, False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_named_recipe_wins_over_the_bases_recipe_and_the_command_line_over_both(tiny_pipe_dir, tmp_path, capsys):
+    """Precedence, later winning: the paper's default, the base's recipe, GRPO-Guard's recipe, the command line."""
+    import json
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"teacher_rl": {"lr": {"value": 5e-3, "reason": "base"},
+                                                 "clip_range": {"value": 3e-4, "reason": "base"},
+                                                 "group_size": {"value": 2, "reason": "base"}}}))
+    base = ["--model", tiny_pipe_dir, "--task", "geneval", "--dataset", "data/toy/geneval", "--reward",
+            "jpeg_incompressibility=1", "--recipe", str(recipe), "--height", "0", "--width", "0",
+            "--out", str(tmp_path / "run"), "--dry_run"]
+    plain = teacher_rl.main(base)
+    assert (plain.lr, plain.clip_range, plain.group_size) == (5e-3, 3e-4, 2)
+    guard = teacher_rl.main(base + ["--ratio_norm"])
+    assert (guard.lr, guard.clip_range, guard.group_size) == (1e-4, 2e-6, 2)
+    flag = teacher_rl.main(base + ["--ratio_norm", "--lr", "7e-4"])
+    assert (flag.lr, flag.clip_range) == (7e-4, 2e-6)
+    printed = capsys.readouterr().err
+    assert f"group_size = 2 (paper 24) from {recipe}: base" in printed
+    assert "lr = 0.0007 (paper 0.0003) from the command line" in printed

@@ -8,8 +8,8 @@ text encoders and a T5 encoder, all tiny) and trains it in two phases:
          x_t = (1 - t) x_0 + t eps,   L = E || v_theta(x_t, t, c) - (eps - x_0) ||^2,
      t ~ logit-normal(0, 1) as in SD3, with 10% caption dropout to "" so that CFG works.
 The result is a diffusers StableDiffusion3Pipeline folder (safetensors) that model.FlowModel.load
-reads exactly like stabilityai/stable-diffusion-3.5-medium, with toy/recipe.json (the training
-scripts' toy-scale values) copied in. Held-out test prompts of every toy task are never used for
+reads exactly like stabilityai/stable-diffusion-3.5-medium, with the shipped base's recipe.json (the
+training scripts' toy-scale values, models/toy-sd3/recipe.json: their one copy) copied in. Held-out test prompts of every toy task are never used for
 pretraining.
 
 Batches mix the toy tasks in the integer shares of `--task_weights` (default geneval 3 : ocr 4 :
@@ -56,7 +56,7 @@ from plumbing.durable import publish_dir, write_atomic
 from plumbing.jsonfiles import read_jsonl
 from plumbing.reporting import Trackers, parse_report_to
 
-RECIPE = Path(__file__).with_name("recipe.json")  # the training scripts' toy-scale values (config.apply_recipe)
+RECIPE = Path(__file__).resolve().parents[1] / "models/toy-sd3/recipe.json"  # the toy-scale values (config.apply_recipe)
 
 
 @dataclass
