@@ -43,7 +43,7 @@ Run (CPU; 1 GPU; with N GPUs every rank builds its own rewards on its own device
              print(r(torch.rand(2, 3, 64, 64), ['a cat', 'a dog'], [{}, {}]))"
   python -c "import rewards, torch; r = rewards.make_reward('pickscore=1,clipscore=1', 'cuda', torch.float16); \
              print(r(torch.rand(2, 3, 512, 512, device='cuda'), ['a cat', 'a dog'], [{}, {}]))"
-  python -m pytest tests/test_rewards.py -q
+  python -m pytest tests/algorithm/test_rewards.py -q
 """
 from __future__ import annotations
 

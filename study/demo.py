@@ -34,7 +34,7 @@ protocol's and the NFT runs') and at its own; the premise, the cross-task matrix
 compare rows at one CFG; C1 compares each model at the CFG it is deployed with.
 
 Budget: measured on a fresh clone in docs/study.md (make demo); `--quick` runs every stage with tiny
-sizes (tests/test_demo.py); every size is a flag, `--preset long` the larger study.
+sizes (tests/algorithm/test_demo.py); every size is a flag, `--preset long` the larger study.
 
 Departures from the paper
 1. Tiny: toy teachers of minutes, baselines at the student's pipeline's images (the paper: tens of

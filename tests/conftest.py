@@ -1,11 +1,17 @@
-"""Shared fixtures: a tiny random-weight SD3 pipeline, built offline once per session."""
+"""Shared fixtures: a tiny random-weight SD3 pipeline, built offline once per session.
+
+tests/algorithm/: the paper's formulas, samplers, losses, rewards and loops against independent references,
+the toy world and the study. tests/plumbing/: config, run folders, checkpoints, faults, ranks, the memory
+planner, inputs, layout, benchmarks. A test module may import another's builders by name (both folders
+are on sys.path)."""
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS.parent), str(TESTS), str(TESTS / "algorithm"), str(TESTS / "plumbing")]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -34,7 +34,7 @@ Run (CPU, seconds):
   python -m study.mixed --tasks data/toy3/geneval data/toy3/ocr data/toy3/aesthetic --out data/toy3/mixed
   python -m toy.framed --grid framed_grid.png   # pretraining renders of each task at each framing
   python -m toy.pretrain --world toy.framed --init models/toy-sd3 --steps 2000 --out runs/toy3-sd3
-  python -m pytest tests/test_toy_framed.py -q
+  python -m pytest tests/algorithm/test_toy_framed.py -q
 """
 import json
 from pathlib import Path

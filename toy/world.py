@@ -38,7 +38,7 @@ defect, and no teacher's change can cost another task. Measured at matched CFG, 
 effect of this world's teachers is >= 0 (docs/toy-world.md, "The third design"); toy/framed.py is
 the candidate world whose tasks do conflict.
 
-Splits: every T5 token of every test prompt occurs in a training prompt (tests/test_toy.py).
+Splits: every T5 token of every test prompt occurs in a training prompt (tests/algorithm/test_toy.py).
 GenEval's small tags (fewer than SMALL_TAG prompts: single object, two objects, counting, colours,
 position) are held out by seed, as GenEval samples 4 images a prompt: their test lines are training
 prompts evaluated from unseen noise; colour attribution holds out 32 prompts. OCR holds out 80 of
@@ -80,7 +80,7 @@ Run (CPU, seconds):
   python -m study.mixed --tasks data/toy/geneval data/toy/ocr data/toy/aesthetic --out data/toy/mixed
   python -m toy.world --grid toy_grid.png    # pretraining renders of each task, without and with its defect
   python -m toy.world --colour-check models/toy-sd3   # which colour the base draws per colour word
-  python -m pytest tests/test_toy.py -q
+  python -m pytest tests/algorithm/test_toy.py -q
 """
 import argparse
 import copy

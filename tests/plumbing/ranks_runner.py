@@ -1,7 +1,7 @@
-"""Run several scripts' main() one after another in one torchrun launch (tests/test_ranks.py): one
+"""Run several scripts' main() one after another in one torchrun launch (tests/plumbing/test_ranks.py): one
 start-up for every 2-rank comparison instead of one each.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ranks_runner.py JOBS.json OUT.json
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/plumbing/ranks_runner.py JOBS.json OUT.json
 
 JOBS.json: [{"name", "module", "argv"}]. Every all_reduce of each job is recorded (its numel), and rank r
 writes {name: [numel, ...]} to OUT.json.r. The process group is created once by the first job's
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]  # the repository, tests/ (helpers), here
 
 import torch.distributed as tdist  # noqa: E402
 

@@ -6,7 +6,7 @@ import io
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("plumbing", "rewards", "toy", "study", "bench")
 CORE = tuple(sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("rewards/*.py"),
                                                               *ROOT.glob("plumbing/*.py")]))

@@ -18,7 +18,7 @@ from toy.world import (CHARSET, GENEVAL_SPACE, IMAGE_SIZE, TASKS, aesthetic_rewa
                  write_datasets)
 
 REWARDS = {"geneval": geneval_reward, "ocr": ocr_reward, "aesthetic": aesthetic_reward}
-DATA = Path(__file__).resolve().parents[1] / "data" / "toy"
+DATA = Path(__file__).resolve().parents[2] / "data" / "toy"
 GENEVAL_BY_PROMPT = {m["prompt"]: m for metas in GENEVAL_SPACE.values() for m in metas}
 
 

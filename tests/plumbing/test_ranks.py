@@ -1,6 +1,6 @@
 """1 rank = 2 ranks: every script's updates, metrics and evaluation are the same on 2 gloo ranks as on
 one process with the same global batch (harness departure 2; teacher_rl.py departure 3). All 2-rank
-runs share one torchrun launch (tests/ranks_runner.py), so the suite pays one start-up for them.
+runs share one torchrun launch (tests/plumbing/ranks_runner.py), so the suite pays one start-up for them.
 
 Tolerances. The two runs compute the same float32 quantities with other batch shapes, so their
 rounding differs (~1e-6 relative here, more on some CPUs). Logged numbers (losses, rewards, grad
@@ -29,7 +29,7 @@ from test_opd import _args as opd_args
 from test_opd import _teacher
 from test_teacher_rl import _args as grpo_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REL = 1e-3
 
 
@@ -68,7 +68,7 @@ def inputs(tiny_pipe_dir, tmp_path_factory):
     (root / "jobs.json").write_text(json.dumps([{"name": name, "module": module, "argv": argv(str(root / "two" / name))}
                                                 for name, (module, argv) in jobs.items()]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "ranks_runner.py"), str(root / "jobs.json"), str(root / "calls.json")],
+                           str(ROOT / "tests" / "plumbing" / "ranks_runner.py"), str(root / "jobs.json"), str(root / "calls.json")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     calls = [json.loads((root / f"calls.json.{r}").read_text()) for r in range(2)]

@@ -1,6 +1,6 @@
 """Tests of rewards/ on CPU with tiny random-weight models built offline (no download).
 
-    python -m pytest tests/test_rewards.py -q
+    python -m pytest tests/algorithm/test_rewards.py -q
 """
 import os
 
@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import rewards  # noqa: E402
 from rewards import clip, geneval, ocr, rules  # noqa: E402
 from helpers import f32_atol  # noqa: E402

@@ -10,7 +10,7 @@ Two levels, because open_clip needs a torchvision that does not import beside th
   transform written with torchvision, prompts through open_clip's tokenizer, features normalised here).
   On the project's CPU machines it runs in a side venv:
     python3 -m venv /tmp/hps && /tmp/hps/bin/pip install torch==2.14.1 torchvision==0.29.1 \
-        open_clip_torch==3.3.0 pytest && /tmp/hps/bin/python -m pytest tests/test_hpsv2.py
+        open_clip_torch==3.3.0 pytest && /tmp/hps/bin/python -m pytest tests/algorithm/test_hpsv2.py
 bench/hpsv2_same.py compares the reward with the hpsv2 package's own model on one set of ViT-H-14 weights.
 """
 import json

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a quoted absolute path under a home, work or temp folder, as JSON, Python or metadata would hold it
 ABSOLUTE = re.compile(rb"""["'](/(?:work|home|root|tmp|Users|mnt|data|scratch|private)/[^"']*)""")
 

@@ -1,4 +1,4 @@
-"""tests/test_ranks.py's probe of Dist.local_first (plumbing/dist.py), run by tests/ranks_runner.py on 2 ranks of one
+"""tests/plumbing/test_ranks.py's probe of Dist.local_first (plumbing/dist.py), run by tests/plumbing/ranks_runner.py on 2 ranks of one
 node: each rank records when it entered and left the block (a stand-in for a first-use download)."""
 import json
 import time

@@ -193,7 +193,7 @@ def _guard_args(model, out, *extra):
 
 def test_guard_resume_matches_the_uninterrupted_run(tiny_pipe_dir, tmp_path):
     """GRPO-Guard on- and off-policy (2 optimizer steps per rollout): a resumed run is the uninterrupted
-    one bit for bit (its 2-rank run: tests/test_ranks.py)."""
+    one bit for bit (its 2-rank run: tests/plumbing/test_ranks.py)."""
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "one", "--steps", "2", "--save_every", "1"))
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "1", "--save_every", "1"))
     teacher_rl.main(_guard_args(tiny_pipe_dir, tmp_path / "cut", "--steps", "2", "--save_every", "1", "--resume"))

@@ -339,16 +339,16 @@ def test_study_table_bad_inputs_leave_nothing(case, tiny_pipe_dir, tmp_path, no_
 
 
 # ---------------------------------------------------------------------- preemption, stuck ranks
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JPEG = ["--reward", "jpeg_incompressibility=1"]  # a reward any fresh `python teacher_rl.py` has
 
 
 def _ranks(fault: str, argv: list[str], world: int, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """tests/fault_runner.py on `world` ranks started as plain processes with torchrun's environment."""
+    """tests/plumbing/fault_runner.py on `world` ranks started as plain processes with torchrun's environment."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), fault, *argv], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "plumbing" / "fault_runner.py"), fault, *argv], cwd=REPO,
                               env={**os.environ, "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]

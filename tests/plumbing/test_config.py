@@ -1,4 +1,4 @@
-"""harness.py: config parsing and the run directory's identity checks."""
+"""plumbing/config.py: config parsing, list options, --help; the run folder's identity checks on resume (plumbing/rundir.py)."""
 import dataclasses
 import json
 

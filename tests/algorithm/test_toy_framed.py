@@ -15,7 +15,7 @@ from test_toy import blur_and_noise, score as score_v2, to_batch
 from toy import framed, world
 from toy.framed import ZOOMS, estimate_zoom, frame, render, sample_batch
 
-DATA3 = Path(__file__).resolve().parents[1] / "data" / "toy3"
+DATA3 = Path(__file__).resolve().parents[2] / "data" / "toy3"
 
 
 def score(task, images, prompts, metas):

@@ -1,4 +1,4 @@
-"""tests/test_faults.py's runner: one teacher_rl.py run (python tests/fault_runner.py FAULT ARGV...) with a
+"""tests/plumbing/test_faults.py's runner: one teacher_rl.py run (python tests/plumbing/fault_runner.py FAULT ARGV...) with a
 fault injected at the end of a step (RunDir.log, which every rank calls once per step):
     sigterm:R:S   rank R sends itself SIGTERM as step S ends (a scheduler's preemption notice)
     freeze:R:S    rank R stops (SIGSTOP) as step S ends: a rank that no longer answers
@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]  # the repository, tests/ (helpers), here
 
 import helpers  # noqa: E402,F401  (registers the test rewards)
 import teacher_rl  # noqa: E402

@@ -25,7 +25,7 @@ import rewards
 import teacher_rl
 from study import table as table_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SD35 = "stabilityai/stable-diffusion-3.5-medium"
 STAGE1 = ["--steps", "1", "--batch", "4", "--group_size", "2", "--rollout_batch", "4", "--train_batch", "4",
           "--updates_per_rollout", "1", "--num_steps", "2", "--eval_prompts", "2", "--eval_steps", "2", "--height",
