@@ -61,7 +61,7 @@ from tqdm import tqdm
 import stage1
 from data import load_prompts
 from harness import Phases, step_seed, update_or_stop
-from sample import rollout, trained_steps
+from sample import Trajectory, rollout, trained_steps
 from stage1 import Stage1Config
 from plumbing.config import parse_config, require, require_positive
 from plumbing.stops import one_line_stops
@@ -148,10 +148,10 @@ def _nft_checks(cfg: NFTConfig) -> None:
 def main(argv=None):
     cfg = parse_config(NFTConfig, argv)
     cfg.out = cfg.out or f"runs/nft-{cfg.task}"
-    started = stage1.start(cfg, argv, "nft.py", "nft", _nft_checks)
-    if started is None:
+    s = stage1.start(cfg, argv, "nft.py", "nft", _nft_checks)
+    if s is None:
         return cfg
-    dist, task, reward_fn, run, model, trainer = started
+    dist, task, reward_fn, model, trainer = s.dist, s.task, s.reward_fn, s.model, s.trainer
     old = model.add_frozen_copy(OLD)   # the old policy starts as a copy of the trained weights
     trainer.tensors[OLD] = old         # saved with every checkpoint, restored on --resume
     start = trainer.begin()
@@ -169,17 +169,15 @@ def main(argv=None):
         with phase("rollout"):
             prompts, metas, seeds = stage1.step_prompts(cfg, step, mine, train_prompts, train_metas)
             embeds = model.encode_prompts(prompts)
-            trajs = [rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch],
-                             cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None,
-                             adapter=OLD)
-                     for b in range(0, len(seeds), cfg.rollout_batch)]
-            x0 = torch.cat([t.latents[:, -1] for t in trajs])  # (B, C, h, w)
-            grid = trajs[0].t
+            traj = Trajectory.cat([rollout(model, embeds[b:b + cfg.rollout_batch], seeds[b:b + cfg.rollout_batch],
+                                           cfg.num_steps, cfg.guidance, 0.0, cfg.height or None, cfg.width or None,
+                                           adapter=OLD)
+                                   for b in range(0, len(seeds), cfg.rollout_batch)])
+            x0, grid = traj.latents[:, -1].contiguous(), traj.t  # (B, C, h, w), (N+1,)
 
         # ---- reward, gathered over ranks; advantages and optimality probabilities
         with phase("reward"):
-            images = torch.cat([t.images for t in trajs])
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, images, prompts, metas, order, cfg,
+            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg,
                                                                dist)
             r_all = optimality(adv_all[mine], cfg.adv_clip)
 

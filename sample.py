@@ -146,6 +146,14 @@ class Trajectory:
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
     means: torch.Tensor | None = None   # (B, N, C, h, w): mu(x_j) of each step, with keep_means
 
+    @staticmethod
+    def cat(parts: list["Trajectory"]) -> "Trajectory":
+        """Trajectories of one grid rolled out in several batches, as one batch (in order)."""
+        def join(name):
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+        return Trajectory(join("latents"), parts[0].t, join("logp_sum"), parts[0].sbar,
+                          [seed for p in parts for seed in p.seeds], join("images"), join("means"))
+
 
 def make_noise(seeds, shape, num_steps: int, noise_level: float):
     """Per-sample standard normals from each sample's own generator: x_0 and one draw per SDE step.

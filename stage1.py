@@ -151,11 +151,21 @@ def batch_error(cfg, world: int) -> str:
             f"of equal shares over {world} ranks: use {use}")
 
 
+@dataclass
+class Started:
+    """What a Stage-1 script trains with once every input is checked and the model loaded (`start`)."""
+    dist: Dist
+    task: object                # data.Task
+    reward_fn: object           # fn(images, prompts, metadata) -> (scores, info)
+    model: object               # model.FlowModel
+    trainer: StudentTrainer     # its run folder: trainer.run
+
+
 def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None, ema_calls: int = 1):
     """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
     student (fresh LoRA or --init_lora; its EMA called `ema_calls` times per optimizer step, the
-    reference's pattern: harness.EMA). Returns (dist, task, reward_fn, run, model, trainer), or None
-    after printing the resolved config with --dry_run (nothing loaded, nothing written)."""
+    reference's pattern: harness.EMA). Returns a Started, or None after printing the resolved config
+    with --dry_run (nothing loaded, nothing written)."""
     try:
         dist = Dist(cfg.device, plan_only=cfg.dry_run, timeout_s=cfg.collective_timeout_s)
     except ValueError as e:
@@ -170,7 +180,7 @@ def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None, ema_call
         trainer = StudentTrainer(model, cfg, dist, run, ema_calls)  # LoRA/full FT, --init_lora, AdamW, EMA, resume
     except (ValueError, FileNotFoundError) as e:
         fail(e)
-    return dist, task, reward_fn, run, model, trainer
+    return Started(dist, task, reward_fn, model, trainer)
 
 
 def step_prompts(cfg, step: int, mine: list[int], train_prompts, train_metas):

@@ -82,7 +82,7 @@ import stage1
 from data import load_prompts
 from harness import Phases, update_or_stop
 from model import FlowModel
-from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
+from sample import Trajectory, gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from stage1 import Stage1Config
 from plumbing.config import parse_config, require, require_positive
 from plumbing.stops import one_line_stops
@@ -173,33 +173,33 @@ def kept_rows(adv_all: torch.Tensor, u: int, per_update: int, mine: list[int]) -
     return rows, int((adv_all[lo:hi] != 0).sum())
 
 
-def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kept: int, traj: dict,
+def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kept: int, traj: Trajectory,
                     embeds, adv, steps: list[int], stats: dict, world: int = 1) -> list[torch.Tensor]:
     """Accumulate into .grad this rank's share of the gradient of one update's loss (module docstring):
     the GRPO loss of its kept `rows` at each trained step j in `steps`, divided by n_kept x K, the update's
     kept images on all `world` ranks times its trained steps (x world, because the update then averages
-    the ranks' gradients: Dist.average_gradients). traj: the rollout's latents (B, N+1, C, h, w), logp_old
-    (B, N), means_old (B, N, C, h, w) or None, grid t (N+1,), sbar (N,). Adds each term's share of that
+    the ranks' gradients: Dist.average_gradients). traj: the rollout (sample.Trajectory) of the policy
+    before the update: its latents, logp_sum (the old log-densities), means (GRPO-Guard's) or None, t, sbar. Adds each term's share of that
     mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the per-row losses (for the guard)."""
-    losses, t_guard = [], traj["t"][1].item()
+    losses, t_guard = [], traj.t[1].item()
     # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean of
     # what is kept
     scale = world / (n_kept * len(steps))
     for b in range(0, len(rows), cfg.train_batch):
         sl = torch.tensor(rows[b:b + cfg.train_batch])
         for j in steps:
-            x, x_next = traj["latents"][sl, j].to(model.device), traj["latents"][sl, j + 1].to(model.device)
-            t, t_next = traj["t"][j].item(), traj["t"][j + 1].item()
+            x, x_next = traj.latents[sl, j].to(model.device), traj.latents[sl, j + 1].to(model.device)
+            t, t_next = traj.t[j].item(), traj.t[j + 1].item()
             v = model.velocity(x, t, embeds[sl], cfg.guidance, detach_uncond=cfg.cfg_detach_uncond)
             mean = transition_mean(x, v, t, t_next, cfg.noise_level, t_guard)
-            sbar = traj["sbar"][j].expand(len(x)).to(model.device)
+            sbar = traj.sbar[j].expand(len(x)).to(model.device)
             mean_ref = None
             if cfg.kl_beta > 0:
                 with torch.no_grad(), model.adapter(None):
                     v_ref = model.velocity(x, t, embeds[sl], cfg.guidance)
                     mean_ref = transition_mean(x, v_ref, t, t_next, cfg.noise_level, t_guard)
-            mean_old = traj["means_old"][sl, j].to(model.device) if traj["means_old"] is not None else None
-            loss, ratio, kl = grpo_loss(mean, sbar, x_next, traj["logp_old"][sl, j].to(model.device),
+            mean_old = traj.means[sl, j].to(model.device) if traj.means is not None else None
+            loss, ratio, kl = grpo_loss(mean, sbar, x_next, traj.logp_sum[sl, j].to(model.device),
                                         adv[sl].to(model.device), cfg, mean_ref, mean_old, t_next - t)
             (loss.sum() * scale).backward()
             losses.append(loss.detach())
@@ -215,11 +215,11 @@ def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kep
 def main(argv=None):
     cfg = parse_config(TeacherConfig, argv)
     cfg.out = cfg.out or f"runs/teacher-{cfg.task}"
-    started = stage1.start(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks,
-                           lambda c: [GUARD_RECIPE] if c.ratio_norm else [], ema_calls=FLOW_GRPO_EMA_CALLS)
-    if started is None:
+    s = stage1.start(cfg, argv, "teacher_rl.py", "teacher_rl", _grpo_checks,
+                     lambda c: [GUARD_RECIPE] if c.ratio_norm else [], ema_calls=FLOW_GRPO_EMA_CALLS)
+    if s is None:
         return cfg
-    dist, task, reward_fn, run, model, trainer = started
+    dist, task, reward_fn, model, trainer = s.dist, s.task, s.reward_fn, s.model, s.trainer
     start = trainer.begin()  # the run directory is written only now, after the model has loaded
     train_prompts, train_metas = load_prompts(task.dataset, "train")
     order, mine = stage1.update_layout(cfg.batch, cfg.updates_per_rollout, dist)
@@ -239,16 +239,11 @@ def main(argv=None):
                              cfg.num_steps, cfg.guidance, cfg.noise_level, cfg.height or None,
                              cfg.width or None, adapter="student", keep_means=cfg.ratio_norm)
                      for b in range(0, len(seeds), cfg.rollout_batch)]
-            traj = {"latents": torch.cat([t.latents for t in trajs]),      # (B, N+1, C, h, w)
-                    "logp_old": torch.cat([t.logp_sum for t in trajs]),    # (B, N) summed over dims
-                    # (B, N, C, h, w), GRPO-Guard's rollout means
-                    "means_old": torch.cat([t.means for t in trajs]) if cfg.ratio_norm else None,
-                    "t": trajs[0].t, "sbar": trajs[0].sbar}
+            traj = Trajectory.cat(trajs)  # the old policy's: its log-densities, (GRPO-Guard) its means
 
         # ---- reward, gathered over ranks; advantages within each group
         with phase("reward"):
-            images = torch.cat([t.images for t in trajs])
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, images, prompts, metas, order, cfg,
+            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg,
                                                                dist)
             adv = adv_all[mine]
 

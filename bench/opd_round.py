@@ -70,7 +70,7 @@ from evaluate import EVAL_GUIDANCE, evaluate_task
 from harness import Phases, StudentTrainer
 from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout, trained_steps
-from teachers import by_task, load_teachers, resolve_teachers, validate
+from teachers import by_task, load_teachers, resolve_teachers
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 from plumbing.config import apply_recipe, given_keys, parse_config
 from plumbing import memory
@@ -339,7 +339,8 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
         rewards = {}
     else:
         checked = dataclasses.replace(cfg, out=f"{tmp.name}/run")  # opd.py's checks; its run dir is never written
-        specs, prompts_by_task, rewards, _ = validate(checked, dist)
+        inputs = opd.check_inputs(checked, dist)
+        specs, prompts_by_task, rewards = inputs.specs, inputs.prompts_by_task, inputs.rewards
         model = FlowModel.load(checked.model, device=dist.device, dtype=weights_dtype(cfg.dtype, dist))
     trainer = StudentTrainer(model, cfg, dist, None)
     teachers = load_teachers(model, specs, dist, model.dtype if cfg.teacher_dtype == "model" else torch.float32)

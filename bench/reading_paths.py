@@ -157,7 +157,7 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="also list each path's functions and their lines")
     args = ap.parse_args(argv)
     code = Code(Path(args.root))
-    print(f"| path | lines | functions | files | moves between files |\n|---|---|---|---|---|")
+    print("| path | lines | functions | files | moves between files |\n|---|---|---|---|---|")
     for question, (start, stop) in PATHS.items():
         r = walk(code, start, stop, tuple(args.skip))
         print(f"| {question} | {r['lines']} | {r['functions']} | {len(r['files'])} ({', '.join(r['files'])}) | "

@@ -44,7 +44,7 @@ from data import load_prompts
 from harness import StudentTrainer, load_base, no_phase
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid, trained_steps
-from teachers import by_task, load_teachers, validate
+from teachers import by_task, load_teachers
 from plumbing.config import parse_config
 from plumbing.dist import Dist, print_main
 from plumbing.stops import fail, one_line_stops
@@ -157,18 +157,18 @@ def gradient_variance(cfg, argv=None) -> dict:
         dist = Dist(cfg.device)
     except ValueError as e:
         fail(e)
-    with tempfile.TemporaryDirectory() as scratch:  # validate checks a run folder; none is written
+    with tempfile.TemporaryDirectory() as scratch:  # check_inputs checks a run folder; none is written
         out, cfg.out = cfg.out, f"{scratch}/run"
-        specs, prompts_by_task, _, _ = validate(cfg, dist, argv, "study/instruments.py")
+        inputs = opd.check_inputs(cfg, dist, argv, "study/instruments.py")
         cfg.out = out
     model = load_base(cfg, dist)
     trainer = StudentTrainer(model, cfg, dist, None)
-    routes = by_task(load_teachers(model, specs, dist))
+    routes = by_task(load_teachers(model, inputs.specs, dist))
     grads, steps = {"closed_form": [], "ppo": []}, trained_steps(cfg)
     for r in tqdm(range(cfg.variance_rollouts), desc="variance", disable=not dist.is_main):
         for est in grads:
             one = dataclasses.replace(cfg, estimator=est)
-            batches = opd.round_batches(one, routes, VARIANCE_ROUNDS + r, dist, prompts_by_task)
+            batches = opd.round_batches(one, routes, VARIANCE_ROUNDS + r, dist, inputs.prompts_by_task)
             for b in batches:
                 opd.batch_gradient(one, model, b.teachers, b.prompts, b.seeds, steps, 1.0 / len(routes))
             dist.average_gradients(trainer.params)
@@ -206,10 +206,8 @@ def main(argv=None):
         fail(ValueError(bad[0]))
     if cfg.variance_rollouts:
         return gradient_variance(cfg, argv)
-    done = opd.train(cfg, argv, sft_gradient if cfg.baseline == "sft" else opd.batch_gradient,
-                     log_distances(cfg), script="study/instruments.py")
-    if done is not None:
-        done[3].close()
+    opd.train(cfg, argv, sft_gradient if cfg.baseline == "sft" else opd.batch_gradient, log_distances(cfg),
+              script="study/instruments.py")
 
 
 if __name__ == "__main__":

@@ -276,10 +276,9 @@ def test_grpo_kl_to_the_base_against_torch_distributions(setup64):
     prompts, seeds = s.prompts["ocr"][:2], [21, 22]
     embeds = s.model.encode_prompts(prompts)
     traj = rollout(s.model, embeds, seeds, 3, cfg.guidance, 0.7, adapter="student", decode=False)
-    data = {"latents": traj.latents, "logp_old": traj.logp_sum, "means_old": None, "t": traj.t, "sbar": traj.sbar}
     adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
     stats = {"clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0, "ratio_dev": 0.0}
-    losses = teacher_rl.policy_gradient(cfg, s.model, [0, 1], 2, data, embeds, adv, [0, 1], stats)
+    losses = teacher_rl.policy_gradient(cfg, s.model, [0, 1], 2, traj, embeds, adv, [0, 1], stats)
     for p in s.params:
         p.grad = None
     d, t1 = traj.latents[0, 0].numel(), traj.t[1].item()

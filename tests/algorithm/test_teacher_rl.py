@@ -131,7 +131,6 @@ def test_zero_advantage_samples_leave_the_mean_as_in_flow_grpo(tiny_model64):
     embeds = m.encode_prompts(prompts)
     tr = rollout(m, embeds, [11, 12, 13, 14], cfg.num_steps, cfg.guidance, cfg.noise_level, adapter="student",
                  decode=False)
-    traj = {"latents": tr.latents, "logp_old": tr.logp_sum, "means_old": None, "t": tr.t, "sbar": tr.sbar}
     # two ranks of 4 global images, one update: rank 0 holds 0, 1 and rank 1 holds 2, 3 (update_layout)
     adv_all = torch.tensor([1.5, 0.0, -0.5, 0.0], dtype=torch.float64)
     assert teacher_rl.kept_rows(adv_all, 0, 4, [0, 1]) == ([0], 2)
@@ -142,7 +141,7 @@ def test_zero_advantage_samples_leave_the_mean_as_in_flow_grpo(tiny_model64):
     steps = trained_steps(cfg)
     n_train = len(steps)
     stats = {"clipfrac": 0.0, "kl": 0.0, "policy_loss": 0.0, "ratio_dev": 0.0}
-    teacher_rl.policy_gradient(cfg, m, rows, n_kept, traj, embeds, adv_all, steps, stats)
+    teacher_rl.policy_gradient(cfg, m, rows, n_kept, tr, embeds, adv_all, steps, stats)
     grad = torch.cat([p.grad.flatten() for p in params])
 
     ref = torch.zeros_like(grad)
