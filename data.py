@@ -42,11 +42,19 @@ class Task:
     eval_key: str = ""  # an info key of the reward to report at evaluation ("strict" for GenEval); "" = score
 
 
+def task_dataset(task: str, given: str = "", recipe: dict | None = None) -> str:
+    """Where task `task`'s prompt set is, one rule in every script: the folder given on the command line,
+    else the one the base's recipe names for it (its "datasets": the embedded base's toy world), else
+    dataset/<task>, where Flow-GRPO's prompt sets land."""
+    named = (recipe or {}).get("datasets", {}).get("value", {})
+    return given or named.get(task, "") or f"{DATASETS}/{task}"
+
+
 def load_task(name: str, dataset: str = "", reward: str = "", guidance: float | None = None) -> Task:
     """Resolve a task: its dataset (default dataset/<name>), reward and guidance (default task.json);
     imports the task.json's reward_module, if any. Task.dataset holds the folder as it is stored
     (plumbing.model_files.portable_path); load_prompts resolves it."""
-    dataset = dataset or f"{DATASETS}/{name}"
+    dataset = dataset or task_dataset(name)
     folder = Path(repo_path(dataset))
     if not folder.is_dir():
         raise FileNotFoundError(f"task {name!r}: dataset folder {dataset} does not exist (pass --dataset DIR, or "
@@ -138,6 +146,19 @@ FLOWGRPO_TASKS = {
     "ocr": {"reward": "ocr=1", "guidance": 4.5},
     "pickscore": {"reward": "pickscore=0.03846,clipscore=3.333,hpsv2=1", "guidance": 4.5},
 }
+
+
+def write_prompt_set(folder, train: list[dict], test: list[dict], task: dict | None = None) -> None:
+    """A prompt set in the layout load_prompts reads: <folder>/{train,test}.txt (each entry's "prompt") and
+    {train,test}_metadata.jsonl (each entry whole), and task.json when `task` is given ({"reward",
+    "guidance", "eval_key", "reward_module"}). The toy worlds write theirs with it; so may a fork's task."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, metas in (("test", test), ("train", train)):
+        (folder / f"{name}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
+        (folder / f"{name}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+    if task is not None:
+        (folder / "task.json").write_text(json.dumps(task, indent=1) + "\n")
 
 
 def git_blob_id(data: bytes) -> str:

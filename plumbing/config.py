@@ -150,6 +150,12 @@ def require_positive(cfg, *names: str) -> None:
 RECIPE_FILE = "recipe.json"  # a base model folder's own recipe (values for its scale, with reasons)
 
 
+def base_recipe(model: str) -> dict:
+    """The recipe.json a base model folder carries ({} if none, or for a hub id)."""
+    path = Path(repo_path(model)) / RECIPE_FILE
+    return read_json(path, "recipe file") if path.is_file() else {}
+
+
 def recipe_of(cfg, model: str) -> tuple[str, dict]:
     """The recipe cfg.recipe names: "auto" is the model folder's recipe.json if it has one, else the
     paper's; "paper" is none; a path is that recipe file. Returns (its name as saved, its contents)."""

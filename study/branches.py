@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from data import load_task
+from data import load_task, task_dataset
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
 from harness import check_same_base
 from model import FlowModel
 from rewards import make_reward
-from study.table import resolve_adapter, toy_dataset
-from plumbing.config import parse_config
+from study.table import resolve_adapter
+from plumbing.config import base_recipe, parse_config
 from plumbing.dist import Dist
 from plumbing.model_files import check_model_path
 
@@ -64,7 +64,7 @@ class BranchesConfig:
     model: str = "models/toy-sd3"       # the base both adapters were trained on
     a: str = ""                         # LoRA folder or run directory (its checkpoint/)
     b: str = ""                         # the other one
-    task: str = "geneval"               # an embedded toy task (data/toy/<task>), or any name with --dataset
+    task: str = "geneval"               # a task of the base's recipe (the toy world's), or any name with --dataset
     dataset: str = ""                   # a prompt folder with test.txt and task.json (data.load_task)
     prompts: int = 192                  # first N test prompts
     steps: int = EVAL_STEPS
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         if not cfg.a or not cfg.b:
             raise ValueError("--a and --b must each name a LoRA folder or a run directory")
         adapters = {"A": resolve_adapter(cfg.a), "B": resolve_adapter(cfg.b)}
-        task = load_task(cfg.task, cfg.dataset or toy_dataset(cfg.task))
+        task = load_task(cfg.task, task_dataset(cfg.task, cfg.dataset, base_recipe(cfg.model)))
         check_model_path(cfg.model)
         model = FlowModel.load(cfg.model)
         for name, folder in adapters.items():

@@ -65,7 +65,7 @@ from plumbing.config import config_dict, parse_config
 from plumbing.jsonfiles import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
-TASKS = ("geneval", "ocr", "aesthetic")      # the cascade's order too
+TASKS = ("geneval", "ocr", "aesthetic")      # the toy world's, in the cascade's order (--tasks)
 TOY_MODEL = "models/toy-sd3"                 # the embedded base, whose world the study runs in
 
 
@@ -73,6 +73,8 @@ TOY_MODEL = "models/toy-sd3"                 # the embedded base, whose world th
 class DemoConfig:
     """The toy study: OPD, multi-task and cascade baselines, SFT, Fig. 6 seeds, Table 1, claims."""
     teachers: list[str] = field(default_factory=lambda: sorted(str(p) for p in (ROOT / "ckpts").glob("toy-*")))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # one teacher each, in the cascade's order;
+                                        # the joint baselines train on their prompts mixed (study.mixed)
     model: str = TOY_MODEL              # base pipeline folder (the embedded toy model)
     recipe: str = f"{TOY_MODEL}/recipe.json"  # every run's recipe: the toy world's, also on another --model
     out: str = "runs/demo"
@@ -113,7 +115,7 @@ def plan(cfg: DemoConfig, teacher_images: int = 0) -> dict[str, dict]:
     """Steps, images per step and compute (steps x images) of every training run: S_o T P for OPD and
     both SFT runs; every baseline C = the teachers' images + OPD's (cfg.baseline_images when > 0):
     the multi-task runs round(C / B) steps of B images, cascade T x round(C / (T B))."""
-    T, B = len(TASKS), cfg.baseline_batch
+    T, B = len(cfg.tasks), cfg.baseline_batch
     runs = {"opd": {"steps": cfg.opd_rounds, "images_per_step": T * cfg.opd_prompts}}
     C = cfg.baseline_images if cfg.baseline_images > 0 else \
         teacher_images + runs["opd"]["steps"] * runs["opd"]["images_per_step"]
@@ -121,7 +123,7 @@ def plan(cfg: DemoConfig, teacher_images: int = 0) -> dict[str, dict]:
     runs["sft-dropout"] = dict(runs["opd"])
     runs["multitask-guard"] = {"steps": max(1, round(C / B)), "images_per_step": B}
     runs["multitask-nft"] = {"steps": max(1, round(C / B)), "images_per_step": B}
-    for k, t in enumerate(TASKS, 1):
+    for k, t in enumerate(cfg.tasks, 1):
         runs[f"cascade-{k}-{t}"] = {"steps": max(1, round(C / (T * B))), "images_per_step": B}
     for variant in ("ode", "sde", "ppo"):
         for seed in range(cfg.fig6_seeds):
@@ -140,7 +142,7 @@ def check(cfg: DemoConfig) -> None:
         (cfg.fig6_prompts % cfg.nproc, f"fig6_prompts {cfg.fig6_prompts} does not divide over {cfg.nproc} processes"),
         (min(cfg.eval_prompts, cfg.final_prompts, cfg.distance_prompts) < cfg.nproc,
          f"fewer evaluation prompts than {cfg.nproc} processes"),
-        (len(cfg.teachers) != len(TASKS), f"--teachers: one per task {TASKS}, got {cfg.teachers}"),
+        (len(cfg.teachers) != len(cfg.tasks), f"--teachers: one per task {cfg.tasks}, got {cfg.teachers}"),
         (cfg.preset not in ("default", "long"), f"--preset must be default or long, got {cfg.preset!r}"),
     ] if bad]
     if problems:
@@ -173,7 +175,7 @@ def launch(cfg: DemoConfig, module: str, args: list[str]) -> None:
 
 
 def by_task(cfg: DemoConfig) -> list[str]:
-    """cfg.teachers in the order of TASKS, each teacher's task read as opd.py reads it (its run_config.json;
+    """cfg.teachers in the order of cfg.tasks, each teacher's task read as opd.py reads it (its run_config.json;
     no weights loaded): the table's rows and claim C1 pair each task with its own teacher."""
     from opd import OPDConfig
     from teachers import resolve_teachers
@@ -182,9 +184,24 @@ def by_task(cfg: DemoConfig) -> list[str]:
     except (ValueError, FileNotFoundError) as e:  # a folder that is no teacher, or names no task
         raise SystemExit(f"error: --teachers: {e}") from None
     found = {s["task"].name: ref for ref, s in zip(cfg.teachers, specs)}
-    if sorted(found) != sorted(TASKS):
-        raise SystemExit(f"error: --teachers must hold one teacher per task {TASKS}; theirs are {sorted(found)}")
-    return [found[t] for t in TASKS]
+    if sorted(found) != sorted(cfg.tasks):
+        raise SystemExit(f"error: --teachers must hold one teacher per task {cfg.tasks}; theirs are {sorted(found)}")
+    return [found[t] for t in cfg.tasks]
+
+
+def joint_task(cfg: DemoConfig) -> list[str]:
+    """The joint baselines' task: the base's mixed prompt set of the toy world's three tasks (its recipe names
+    data/toy/mixed), or for other --tasks their teachers' prompt sets mixed into OUT/mixed (study.mixed)."""
+    if list(cfg.tasks) == list(TASKS):
+        return ["--task", "mixed"]
+    from opd import OPDConfig
+    from study.mixed import write_mixed_dataset
+    from teachers import resolve_teachers
+    _, specs = resolve_teachers(OPDConfig(teachers=list(cfg.teachers)))
+    tasks = {s["task"].name: s["task"] for s in specs}
+    folder = Path(cfg.out) / "mixed"
+    write_mixed_dataset([tasks[t] for t in cfg.tasks], folder)
+    return ["--task", "mixed", "--dataset", str(folder)]
 
 
 def check_runs_share_the_base(cfg) -> None:
@@ -284,7 +301,7 @@ def claims(cfg: DemoConfig, table: dict, fig6: dict[str, list[str]], variance: d
     `joint_of`: per task, the multi-task baseline of its teacher's algorithm."""
     from study import claims as c
     from study.plots import minutes_to_reach
-    tasks, teachers = list(TASKS), {t: f"teacher-{t}" for t in TASKS}
+    tasks, teachers = list(cfg.tasks), {t: f"teacher-{t}" for t in cfg.tasks}
     rows = []
     # the premise: a joint run of the teacher's algorithm and recipe, with at least the teacher's images of
     # the task, gains less on it than the single-task teacher (same CFG)
@@ -375,11 +392,12 @@ def main(argv=None) -> dict:
     sft = distil(cfg, "sft", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft", points=cfg.curve_points)
     sft_dropout = distil(cfg, "sft-dropout", cfg.opd_rounds, cfg.opd_prompts, "--baseline", "sft",
                          "--sft_caption_dropout", str(cfg.sft_caption_dropout), points=cfg.curve_points)
-    guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], "--task", "mixed",
+    joint = joint_task(cfg)
+    guard = stage1(cfg, "teacher_rl", "multitask-guard", runs["multitask-guard"]["steps"], *joint,
                    "--ratio_norm", "--lr", "1e-3")
-    nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], "--task", "mixed")
+    nft_mt = stage1(cfg, "nft", "multitask-nft", runs["multitask-nft"]["steps"], *joint)
     cascade = []
-    for k, t in enumerate(TASKS, 1):
+    for k, t in enumerate(cfg.tasks, 1):
         init = ["--init_lora", str(cascade[-1] / "checkpoint")] if cascade else []
         cascade.append(stage1(cfg, "nft", f"cascade-{k}-{t}", runs[f"cascade-{k}-{t}"]["steps"], "--task", t,
                               *init))
@@ -397,7 +415,7 @@ def main(argv=None) -> dict:
     from study.table import ModelSpec, model_guidance, resolve_adapter
     results = out / "results"
     tmin = teacher_minutes(cfg)
-    models = {"base": cfg.model, **{f"teacher-{t}": f"{cfg.model}+{p}" for t, p in zip(TASKS, cfg.teachers)},
+    models = {"base": cfg.model, **{f"teacher-{t}": f"{cfg.model}+{p}" for t, p in zip(cfg.tasks, cfg.teachers)},
               "opd": f"{cfg.model}+{opd_run}", "sft": f"{cfg.model}+{sft}", "sft-dropout": f"{cfg.model}+{sft_dropout}",
               "multitask-guard": f"{cfg.model}+{guard}", "multitask-nft": f"{cfg.model}+{nft_mt}",
               "cascade-nft": f"{cfg.model}+{cascade[-1]}"}
@@ -406,7 +424,7 @@ def main(argv=None) -> dict:
                                 own_rule) for name, ref in models.items()}
     cfgs = list(dict.fromkeys([*cfg.cfgs, *own.values()]))
     longest = max(cfg.teachers, key=lambda t: tmin[Path(t).name])
-    chains = {**{f"teacher-{t}": [p] for t, p in zip(TASKS, cfg.teachers)}, "opd": [longest, str(opd_run)],
+    chains = {**{f"teacher-{t}": [p] for t, p in zip(cfg.tasks, cfg.teachers)}, "opd": [longest, str(opd_run)],
               "sft": [longest, str(sft)], "sft-dropout": [longest, str(sft_dropout)], "multitask-guard": [str(guard)],
               "multitask-nft": [str(nft_mt)], "cascade-nft": [str(r) for r in cascade]}
     # the curves charge OPD and SFT with all three teachers (their images and minutes: total compute, C2's
@@ -415,22 +433,22 @@ def main(argv=None) -> dict:
     launch(cfg, "study.table", ["--models", *[f"{row(k, g)}={v}@{g:g}" for k, v in models.items() for g in cfgs],
                                 "--time", *[f"{row(k, g)}={'+'.join(v)}" for k, v in chains.items() for g in cfgs],
                                 "--curves", *[f"{k}={'+'.join(v)}" for k, v in curve_chains.items()],
-                                "--tasks", *TASKS, "--recipe", cfg.recipe, "--prompts", str(cfg.final_prompts), "--steps",
+                                "--tasks", *cfg.tasks, "--recipe", cfg.recipe, "--prompts", str(cfg.final_prompts), "--steps",
                                 str(cfg.eval_steps), "--grid_prompts", str(cfg.grid_prompts), "--out", str(results)])
     table = read_json(results / "table.json", "table")
     plot_distance([("closed form vs PPO-style (a = %g)" % cfg.fig6_noise, {"closed form": fig6["sde"], "PPO-style": fig6["ppo"]}),
                    ("ODE vs SDE (closed form)", {"ODE (a = 0)": fig6["ode"], f"SDE (a = {cfg.fig6_noise:g})": fig6["sde"]})],
-                  list(TASKS), str(results / "fig6.png"))
+                  list(cfg.tasks), str(results / "fig6.png"))
     times = {name: sum(run_seconds(r) for r in chain) / 60 for name, chain in chains.items()}
     times["opd (total compute)"] = sum(tmin.values()) + run_seconds(str(opd_run)) / 60
     images = {name: sum(read_metrics(r)[-1].get("images", 0) for r in chain) for name, chain in chains.items()}
     # OPD's pipeline (and SFT's, whose teachers are OPD's): every teacher's images (its chain holds only the
     # longest teacher's time) + its own
     for name, run in (("opd", opd_run), ("sft", sft), ("sft-dropout", sft_dropout)):
-        images[name] = sum(images[f"teacher-{t}"] for t in TASKS) + read_metrics(str(run))[-1].get("images", 0)
+        images[name] = sum(images[f"teacher-{t}"] for t in cfg.tasks) + read_metrics(str(run))[-1].get("images", 0)
     joint_of = {t: "multitask-nft" if read_json(Path(resolve_adapter(p)) / "run_config.json", "the teacher's run "
                                                 "config").get("algorithm") == "nft" else "multitask-guard"
-                for t, p in zip(TASKS, cfg.teachers)}
+                for t, p in zip(cfg.tasks, cfg.teachers)}
     text = claims(cfg, table, fig6, variance, times, own, chains, images, joint_of)
     header = (f"Claims of the paper on the toy world ({cfg.final_prompts} test prompts per task, {cfg.fig6_seeds} "
               "seeds per Fig. 6 variant; intervals: 95% bootstrap over prompts, or over seeds for C4-C5; rows "

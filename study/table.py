@@ -40,17 +40,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import Task, check_prompts, load_prompts, load_task
+from data import Task, check_prompts, load_prompts, load_task, task_dataset
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
 from harness import check_same_base
 from model import LORA_TARGETS, FlowModel
 from rewards import check_spec, make_reward, reward_bytes
-from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config
+from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config, recipe_of
 from plumbing.dist import Dist, print_main
 from plumbing.durable import sha256
 from plumbing.memory import plan_run
 from plumbing.jsonfiles import read_json
-from plumbing.model_files import (DTYPES, check_lora_folder, check_model_path, check_model_resolution, repo_path,
+from plumbing.model_files import (DTYPES, check_lora_folder, check_model_path, check_model_resolution,
                                   resolve_dtype)
 
 
@@ -93,13 +93,6 @@ def chain_minutes(runs: list[str]) -> dict[str, float]:
     """Training minutes of each run of a chain (plots.run_seconds: sec/* summed, sec/eval left out)."""
     from study.plots import run_seconds
     return {run: run_seconds(run) / 60 for run in runs}
-
-
-def toy_dataset(task: str) -> str:
-    """The embedded world's prompt folder of `task` (data/toy/<task>) when it has one, else "" (data.py's
-    default, dataset/<task>)."""
-    folder = f"data/toy/{task}"
-    return folder if Path(repo_path(folder)).is_dir() else ""
 
 
 # ---------------------------------------------------------------------- models
@@ -174,7 +167,7 @@ class EvalConfig:
     """Evaluate models on tasks: Table 1 (Markdown + JSON), reward curves and sample grids."""
     models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER][@CFG]; ADAPTER: PEFT folder or run dir
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
-    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default data/toy/<task> if it exists
+    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default: the base recipe's, else dataset/<task>
     rewards: list[str] = field(default_factory=list)    # TASK=SPEC: another reward than the dataset's task.json
     eval_key: list[str] = field(default_factory=list)   # TASK=KEY: the reward info entry to report (e.g. GenEval
                                                         # through Flow-GRPO's server: geneval=rewards)
@@ -230,7 +223,9 @@ def validate(cfg: EvalConfig, argv=None):
         keys = dict(item.split("=", 1) for item in cfg.eval_key if "=" in item)
         if len(keys) != len(cfg.eval_key) or sorted(set(keys) - set(cfg.tasks)):
             raise ValueError(f"--eval_key expects TASK=KEY for tasks of --tasks, e.g. geneval=rewards, got {cfg.eval_key}")
-        tasks = [load_task(name, datasets.get(name) or toy_dataset(name), rewards.get(name, "")) for name in cfg.tasks]
+        recipe = recipe_of(cfg, models[0].base)[1]  # its "datasets": where the base's own tasks' prompts are
+        tasks = [load_task(name, task_dataset(name, datasets.get(name, ""), recipe), rewards.get(name, ""))
+                 for name in cfg.tasks]
         for task in tasks:
             task.eval_key = keys.get(task.name, task.eval_key)
         for task in tasks:

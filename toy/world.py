@@ -85,7 +85,6 @@ Run (CPU, seconds):
 import argparse
 import copy
 import itertools
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -93,6 +92,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import write_prompt_set
 from rewards import REWARDS, register
 from rewards.rules import COLORS as GENEVAL_COLORS, GENEVAL_TAGS, RELATIONS, geneval_score, ocr_score, quoted_target
 
@@ -614,14 +614,8 @@ def write_datasets(root=DATA, seed=0):
     task_specs = {"geneval": {"reward": "toy_geneval=1", "guidance": 4.5, "eval_key": "strict"},
                   "ocr": {"reward": "toy_ocr=1", "guidance": 4.5},
                   "aesthetic": {"reward": "toy_aesthetic=1", "guidance": 4.5}}
-    for task, (test, train) in splits.items():
-        folder = Path(root) / task
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, metas in (("test", test), ("train", train)):
-            (folder / f"{name}.txt").write_text("".join(m["prompt"] + "\n" for m in metas))
-            (folder / f"{name}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
-        spec = dict(task_specs[task], reward_module="toy.world")  # data.load_task registers toy_*
-        (folder / "task.json").write_text(json.dumps(spec, indent=1) + "\n")
+    for task, (test, train) in splits.items():  # task.json names this module: data.load_task registers toy_*
+        write_prompt_set(Path(root) / task, train, test, dict(task_specs[task], reward_module="toy.world"))
     return {task: (len(train), len(test)) for task, (test, train) in splits.items()}
 
 

@@ -73,6 +73,21 @@ def tiny_teachers(tiny_pipe_dir, tmp_path_factory):
     return teachers
 
 
+def test_any_number_of_tasks_plans_a_cascade_stage_each_and_mixes_their_prompts(tiny_teachers, tmp_path):
+    two = demo.DemoConfig(teachers=tiny_teachers[1:], tasks=["aesthetic", "ocr"], out=str(tmp_path / "d"))
+    assert demo.by_task(two) == [tiny_teachers[2], tiny_teachers[1]]  # in the order of --tasks
+    runs = demo.plan(two, teacher_images=100)
+    assert [name for name in runs if name.startswith("cascade-")] == ["cascade-1-aesthetic", "cascade-2-ocr"]
+    assert runs["opd"]["images_per_step"] == 2 * two.opd_prompts
+    joint = demo.joint_task(two)
+    assert joint == ["--task", "mixed", "--dataset", str(tmp_path / "d" / "mixed")]
+    tags = {json.loads(line)["task"] for line in (tmp_path / "d" / "mixed" / "test_metadata.jsonl").open()}
+    assert tags == {"aesthetic", "ocr"}
+    assert demo.joint_task(demo.DemoConfig()) == ["--task", "mixed"]  # the toy world's: the base names it
+    with pytest.raises(SystemExit, match="one teacher per task"):
+        demo.by_task(demo.DemoConfig(teachers=tiny_teachers[:2], tasks=["aesthetic", "ocr"]))
+
+
 def test_runs_of_another_base_are_refused_not_skipped(tiny_pipe_dir, tiny_teachers, tmp_path):
     saved = tmp_path / "demo" / "opd" / "checkpoint" / "run_config.json"
     saved.parent.mkdir(parents=True)

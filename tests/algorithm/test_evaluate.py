@@ -190,7 +190,8 @@ def test_reward_terms_are_reported_as_their_means(tiny_pipe_dir, tmp_path):
 def _cli_args(tiny_pipe_dir, adapter, runs, out):
     return ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}", "--tasks", "geneval", "aesthetic",
             "--time", f"tuned={runs[0]}+{runs[1]}", "--prompts", "4", "--steps", "3", "--batch", "2",
-            "--grid_prompts", "2", "--height", "0", "--width", "0", "--out", str(out)]
+            "--grid_prompts", "2", "--height", "0", "--width", "0", "--out", str(out),
+            "--datasets", "geneval=data/toy/geneval", "aesthetic=data/toy/aesthetic"]  # a base without a recipe
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,8 @@ def test_cli_errors_before_loading_anything(tiny_pipe_dir, tmp_path, cli_inputs)
                            (["--datasets", "nope=/x"], "not in --tasks"),
                            (["--time", f"tuned={tmp_path}"], "no metrics.jsonl")]:
         with pytest.raises(SystemExit, match=message):
-            table_cli.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"), *extra])
+            table_cli.main(["--models", f"tuned={tiny_pipe_dir}+{adapter}", "--out", str(tmp_path / "o"),
+                            "--datasets", *(f"{t}=data/toy/{t}" for t in ("geneval", "ocr", "aesthetic")), *extra])
 
 
 def test_reported_number_and_its_bootstrap_interval():
@@ -352,7 +354,7 @@ def test_the_table_generates_each_prompt_set_once_for_all_its_rewards(tiny_pipe_
         calls.append(len(seeds))
         return real(model, embeds, seeds, *a, **k)
     monkeypatch.setattr(evaluate, "rollout", counted)
-    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "geneval", "bright", "jpeg", "--datasets",
+    args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "geneval", "bright", "jpeg", "--datasets", "geneval=data/toy/geneval",
             "bright=data/toy/ocr", "jpeg=data/toy/ocr", "--rewards", "bright=test_brightness=1",
             "jpeg=jpeg_incompressibility=1", "--prompts", "5", "--steps", "2", "--batch", "2", "--grid_prompts", "0",
             "--height", "0", "--width", "0", "--export_geneval", str(tmp_path / "geneval"), "--out", str(tmp_path / "t")]
@@ -393,7 +395,8 @@ def test_geneval_through_a_reward_server_reports_the_key_asked_for(tiny_pipe_dir
     try:
         table = table_cli.main(["--models", f"base={tiny_pipe_dir}", "--tasks", "geneval", "--rewards", "geneval=http=1",
                                 "--eval_key", "geneval=rewards", "--prompts", "12", "--steps", "2", "--grid_prompts", "0",
-                                "--height", "0", "--width", "0", "--out", str(tmp_path / "t")])
+                                "--height", "0", "--width", "0", "--out", str(tmp_path / "t"),
+                                "--datasets", "geneval=data/toy/geneval"])
     finally:
         httpd.shutdown()
     tags = [m["tag"] for m in load_prompts("data/toy/geneval", "test")[1][:12]]

@@ -332,7 +332,7 @@ def test_study_table_bad_inputs_leave_nothing(case, tiny_pipe_dir, tmp_path, no_
     (tmp_path / "FILE").write_text("x")
     extra, match = TABLE_CASES[case]
     args = ["--models", f"base={tiny_pipe_dir}", "--tasks", "ocr", "--out", str(tmp_path / "out"), "--height", "0",
-            "--width", "0",
+            "--width", "0", *(["--datasets", "ocr=data/toy/ocr"] if case != "unknown task" else []),
             *[str(tmp_path / "FILE") if a == "FILE" else a for a in extra]]
     _one_line(lambda: table_cli.main(args), match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
@@ -490,7 +490,8 @@ def test_an_adapter_of_another_base_is_refused_before_anything_loads(tiny_pipe_d
     _one_line(lambda: opd.main(opd_args([foreign], tmp_path / "o3", "--model", tiny_pipe_dir)),
               r"adapter .*foreign was trained on another base model: the stored weights of its .*transformer")
     _one_line(lambda: table_cli.main(["--models", f"x={tiny_pipe_dir}+{foreign}", "--tasks", "ocr", "--out",
-                                      str(tmp_path / "o4"), "--height", "0", "--width", "0"]),
+                                      str(tmp_path / "o4"), "--height", "0", "--width", "0",
+                                      "--datasets", "ocr=data/toy/ocr"]),
               "was trained on another base model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "other"]
 

@@ -41,7 +41,8 @@ def inputs(tiny_pipe_dir, tmp_path_factory):
             "opd": (opd.main, lambda out: opd_args(teachers, out, "--steps", "1", "--eval_every", "1")),
             "table": (table_cli.main, lambda out: ["--models", f"base={tiny_pipe_dir}", f"tuned={tiny_pipe_dir}+{adapter}",
                                                    "--tasks", "geneval", "--prompts", "3", "--steps", "2",
-                                                   "--grid_prompts", "1", "--out", str(out)])}
+                                                   "--grid_prompts", "1", "--out", str(out),
+                                                   "--datasets", "geneval=data/toy/geneval"])}
 
 
 def _dry_config(main, argv) -> tuple[dict, str]:
