@@ -64,8 +64,8 @@ pretrain: .venv/done  ## the embedded base model, from scratch (measured time: d
 	$(PY) -m toy.pretrain --out models/toy-sd3
 
 samples: .venv/done  ## a grid from the embedded base
-	$(PY) sample.py --model models/toy-sd3 --prompt "a photo of two red circles" --prompt 'a sign that says "A7"' \
-		--prompt "a beautiful blue triangle" --prompt "a photo of a green square left of a yellow circle" --out grid.png
+	$(PY) sample.py --model models/toy-sd3 --prompts "a photo of two red circles" 'a sign that says "A7"' \
+		"a beautiful blue triangle" "a photo of a green square left of a yellow circle" --out grid.png
 
 bench-gpu: .venv/done  ## docs/bench.md's GPU checks: toy smokes, real-size SD3.5-M (random weights) smokes and rounds, 1 GPU, no download (~6 min)
 	OUT=runs/bench-gpu PY=$(PY) bash bench/gpu_check.sh

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as tdist
 
 from evaluate import EVAL_STEPS
-from plumbing.config import _with_flags, require, require_positive
+from plumbing.config import _with_flags, option, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.jsonfiles import read_json
 from plumbing.model_files import DTYPES
@@ -135,39 +135,39 @@ class EMA:
 @dataclasses.dataclass
 class StudentConfig:
     """Fields every student-training script shares (paper section 7 defaults)."""
-    recipe: str = "auto"                # auto (the base folder's recipe.json, if any) | paper | a recipe.json
-    height: int = 512                   # pixels (paper: 512); 0 = the model's default resolution
+    recipe: str = option("auto", "auto (the base folder's recipe.json, if any) | paper | a recipe.json")
+    height: int = option(512, "pixels (paper: 512); 0 = the model's default resolution")
     width: int = 512
-    lora_rank: int = 32                 # LoRA r on the 8 attention projections
+    lora_rank: int = option(32, "LoRA r on the 8 attention projections")
     lora_alpha: int = 64
-    full_finetune: bool = False         # train every transformer weight instead of a LoRA
-    lr: float = 3e-4                    # AdamW, betas (0.9, 0.999)
+    full_finetune: bool = option(False, "train every transformer weight instead of a LoRA")
+    lr: float = option(3e-4, "AdamW, betas (0.9, 0.999)")
     weight_decay: float = 1e-4
-    grad_clip: float = 1.0              # on the gradient of the release's loss scale (see the script)
-    ema_decay: float = 0.9              # EMA of the trainable weights (evaluated and saved): its decay after
-                                        # the warm-up min((1 + s) / (10 + s), ema_decay) at optimizer step s
-    ema_every: int = 8                  # the EMA updates at optimizer steps s with (s + 1) % ema_every == 0
-    eval_every: int = 20                # evaluate the EMA weights every this many steps (and at the end)
-    eval_prompts: int = 64              # test prompts per task
-    eval_steps: int = EVAL_STEPS        # ODE steps at evaluation
+    grad_clip: float = option(1.0, "on the gradient of the release's loss scale (see the script)")
+    ema_decay: float = option(0.9, "EMA of the trainable weights (evaluated and saved): its decay after the warm-up "
+                                   "min((1 + s) / (10 + s), ema_decay) at optimizer step s")
+    ema_every: int = option(8, "the EMA updates at optimizer steps s with (s + 1) % ema_every == 0")
+    eval_every: int = option(20, "evaluate the EMA weights every this many steps (and at the end)")
+    eval_prompts: int = option(64, "test prompts per task")
+    eval_steps: int = option(EVAL_STEPS, "ODE steps at evaluation")
     save_every: int = 20
-    eval_batch: int = 32                # evaluation images per forward, per rank (lowered by the memory plan)
-    max_skipped_steps: int = 5          # consecutive non-finite steps (skipped, logged) before the run stops
-    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (+ JSONL, always)
+    eval_batch: int = option(32, "evaluation images per forward, per rank (lowered by the memory plan)")
+    max_skipped_steps: int = option(5, "consecutive non-finite steps (skipped, logged) before the run stops")
+    report_to: str = option("none", "none | tensorboard | wandb | tensorboard,wandb (+ JSONL, always)")
     wandb_project: str = "diffusion-opd"
-    push_to_hub: str = ""               # OWNER/NAME: upload the final checkpoint folder to the Hub
-    resume: bool = False                # continue the run in --out exactly
-    device: str = "auto"                # auto: cuda if available, else cpu
-    collective_timeout_s: float = 1800.0  # several ranks: a collective waiting longer than this for a rank
-                                        # that stopped answering ends the run, naming the rank
-    dtype: str = "auto"                 # transformer and text encoders: auto (CUDA: bfloat16, the references'
-                                        # mixed precision; CPU: float32), float32, bfloat16; the VAE: float32
-    grad_checkpointing: bool = False    # recompute the transformer blocks' activations in the backward
-    offload_text_encoders: bool = False  # keep the text encoders in host memory between encodings
-    max_memory_gb: float = 0.0          # the memory plan's budget per GPU (plumbing/memory.py picks the settings the
-                                        # command line leaves free); 0 = the GPU's memory on CUDA, none on CPU
-    dry_run: bool = False               # check every input, print the plan and the config, exit before any
-                                        # model loads (--device cuda plans for a GPU, also where none is)
+    push_to_hub: str = option("", "OWNER/NAME: upload the final checkpoint folder to the Hub")
+    resume: bool = option(False, "continue the run in --out exactly")
+    device: str = option("auto", "auto: cuda if available, else cpu")
+    collective_timeout_s: float = option(1800.0, "several ranks: a collective waiting longer than this for a rank "
+                                                 "that stopped answering ends the run, naming the rank")
+    dtype: str = option("auto", "transformer and text encoders: auto (CUDA: bfloat16, the references' mixed "
+                                "precision; CPU: float32), float32, bfloat16; the VAE: float32")
+    grad_checkpointing: bool = option(False, "recompute the transformer blocks' activations in the backward")
+    offload_text_encoders: bool = option(False, "keep the text encoders in host memory between encodings")
+    max_memory_gb: float = option(0.0, "the memory plan's budget per GPU (plumbing/memory.py picks the settings the "
+                                       "command line leaves free); 0 = the GPU's memory on CUDA, none on CPU")
+    dry_run: bool = option(False, "check every input, print the plan and the config, exit before any model loads "
+                                  "(--device cuda plans for a GPU, also where none is)")
 
 
 def check_student_config(cfg) -> None:

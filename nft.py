@@ -63,7 +63,7 @@ from data import load_prompts
 from harness import Phases, step_seed, update_or_stop
 from sample import Trajectory, rollout, trained_steps
 from stage1 import Stage1Config
-from plumbing.config import parse_config, require, require_positive
+from plumbing.config import option, parse_config, require, require_positive
 from plumbing.stops import one_line_stops
 
 OLD = "old"  # the old policy's adapter name
@@ -73,14 +73,14 @@ OLD = "old"  # the old policy's adapter name
 class NFTConfig(Stage1Config):
     """DiffusionNFT teacher training (one task, or several rewards on a mixed prompt set).
     Fields shared with teacher_rl.py are in stage1.Stage1Config."""
-    updates_per_rollout: int = 1        # optimizer steps per rollout batch (NVlabs OCR: 2)
-    guidance: float = 1.0               # CFG of the rollouts and the training forwards (CFG-free)
-    beta: float = 1.0                   # implicit-policy strength (NVlabs: 1.0 GenEval/PickScore, 0.1 OCR)
-    ref_beta: float = 1e-4              # weight of the velocity penalty ||v_theta - v_ref||^2
-    old_decay_flat: int = 0             # old-policy decay schedule (module docstring)
+    updates_per_rollout: int = option(1, "optimizer steps per rollout batch (NVlabs OCR: 2)")
+    guidance: float = option(1.0, "CFG of the rollouts and the training forwards (CFG-free)")
+    beta: float = option(1.0, "implicit-policy strength (NVlabs: 1.0 GenEval/PickScore, 0.1 OCR)")
+    ref_beta: float = option(1e-4, "weight of the velocity penalty ||v_theta - v_ref||^2")
+    old_decay_flat: int = option(0, "old-policy decay schedule (module docstring)")
     old_decay_rate: float = 0.001
     old_decay_max: float = 0.5
-    ema_every: int = 1                  # NVlabs: its EMA (0.9 after the warm-up) updates at every optimizer step
+    ema_every: int = option(1, "NVlabs: its EMA (0.9 after the warm-up) updates at every optimizer step")
 
 
 def optimality(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:

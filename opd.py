@@ -7,12 +7,12 @@ batch's task gives its transition mean, and the student's mean is recomputed wit
     SDE (a > 0):  L = E_x [ sum_j ||mu_S(x_j) - mu_T(x_j)||^2 / (2 sbar_j^2) ]     (Eqs. 10-11)
     ODE (a = 0):  L = E_x [ sum_j 1/2 ||mu_S(x_j) - mu_T(x_j)||^2 ]                   (Eq. 12)
 
-Routing (Algorithm 1, `opd_round`): each round has one sampling batch per task, in round-robin
-order; the batch's prompts come from that task's dataset and only that task's teacher supervises it
-(`supervisors`, the routing's fork point; a task may have several teachers, the release's teacher
-axis: the batch's loss is the sum of its loss against each of them, as the release sums it); the gradients of the whole round are accumulated
-and ONE optimizer step is taken, so every rollout is on-policy. The student starts from a fresh LoRA,
-or from `--init_lora` (the release's train.lora_path: a PEFT folder, a teacher, a hub reference).
+Routing (Algorithm 1, `opd_round`): each round has one sampling batch per task, in round-robin order; the
+batch's prompts come from that task's dataset and only that task's teacher supervises it (`supervisors`,
+the routing's fork point; a task may have several teachers, the release's teacher axis: the batch's loss
+is the sum of its loss against each of them, as the release sums it); the gradients of the whole round
+are accumulated and ONE optimizer step is taken, so every rollout is on-policy. The student starts from a
+fresh LoRA, or from `--init_lora` (the release's train.lora_path: a PEFT folder, a teacher, a hub reference).
 
 Scale. The logged `loss` is the true L above: summed over latent dims d and trained steps, averaged
 over samples. The optimizer sees the release's scale: each step's loss averaged over dims, then over
@@ -66,7 +66,7 @@ from model import LORA_TARGETS, FlowModel, TextEmbeds
 from rewards import check_spec, make_reward, reward_bytes
 from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from teachers import by_task, fetch_teacher, load_teachers, resolve_teachers, routing_table
-from plumbing.config import (apply_recipe, config_dict, describe_recipe, given_keys, parse_config, require,
+from plumbing.config import (apply_recipe, config_dict, describe_recipe, given_keys, option, parse_config, require,
                              require_positive)
 from plumbing.dist import Dist, print_main
 from plumbing.memory import plan_run
@@ -83,31 +83,31 @@ class OPDConfig(StudentConfig):
     Fields shared with the Stage-1 scripts (LoRA, AdamW, EMA, evaluation, checkpoints) are in
     harness.StudentConfig."""
     teachers: list[str] = field(default_factory=lambda: sorted(map(str, Path("ckpts").glob("*"))))
-    teacher_task: list[str] = field(default_factory=list)     # i-th entry names teacher i's task
-    teacher_dataset: list[str] = field(default_factory=list)  # task=DIR overrides
-    teacher_cfg: list[str] = field(default_factory=list)      # task=W guidance overrides
-    teacher_reward: list[str] = field(default_factory=list)   # task=SPEC (evaluation) overrides
-    model: str = ""                     # base; default: the base the teachers name
-    init_lora: str = ""                 # start the student from this LoRA (the release's train.lora_path):
-                                        # a PEFT folder, a teacher's run folder or owner/repo[/subfolder]
+    teacher_task: list[str] = option(factory=list, help="i-th entry names teacher i's task")
+    teacher_dataset: list[str] = option(factory=list, help="task=DIR overrides")
+    teacher_cfg: list[str] = option(factory=list, help="task=W guidance overrides")
+    teacher_reward: list[str] = option(factory=list, help="task=SPEC (evaluation) overrides")
+    model: str = option("", "base; default: the base the teachers name")
+    init_lora: str = option("", "start the student from this LoRA (the release's train.lora_path): a PEFT folder, a "
+                                "teacher's run folder or owner/repo[/subfolder]")
     out: str = "runs/opd"
     seed: int = 0
-    steps: int = 60                     # rounds of Algorithm 1, one optimizer step each (the release trains
-                                        # until stopped; the paper's 11.3 h on 8 GPUs: ~3,440, docs/sd35.md)
-    prompts_per_batch: int = 24         # a task's prompts per round, all ranks (paper: 3 x 8 GPUs)
-    num_steps: int = 10                 # sampling steps N
-    noise_level: float = 0.0            # a: 0 = ODE (default), > 0 = SDE
-    guidance: float = 4.5               # student CFG (rollout and training)
-    cfg_detach_uncond: bool = False     # release: both CFG branches get gradient; true (ablation):
-                                        # v = sg(v_u) + w (v_c - sg(v_u)), Flow-GRPO before 2025-08
-    timestep_fraction: float = 0.99     # train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)
-    train_steps: list[int] = field(default_factory=list)  # steps j to train; overrides the fraction
-    estimator: str = "closed_form"      # or "ppo" (Eqs. 16-23; needs noise_level > 0)
-    teacher_chunk: int = 0              # rows per teacher forward; 0 = all trained steps at once
-    train_chunk: int = 0                # rows per student forward+backward; 0 = all at once
-    offload_rewards: bool = False       # reward models on the host, used only to evaluate (memory plan)
-    teacher_dtype: str = "float32"      # frozen teacher LoRAs: float32, or "model" (the backbone's)
-    compile: bool = False               # torch.compile the transformer blocks
+    steps: int = option(60, "rounds of Algorithm 1, one optimizer step each (the release trains until stopped; the "
+                            "paper's 11.3 h on 8 GPUs: ~3,440, docs/sd35.md)")
+    prompts_per_batch: int = option(24, "a task's prompts per round, all ranks (paper: 3 x 8 GPUs)")
+    num_steps: int = option(10, "sampling steps N")
+    noise_level: float = option(0.0, "a: 0 = ODE (default), > 0 = SDE")
+    guidance: float = option(4.5, "student CFG (rollout and training)")
+    cfg_detach_uncond: bool = option(False, "release: both CFG branches get gradient; true (ablation): v = sg(v_u) "
+                                            "+ w (v_c - sg(v_u)), Flow-GRPO before 2025-08")
+    timestep_fraction: float = option(0.99, "train steps 0 .. int(fraction N) - 1 (paper: 0..8 of 10)")
+    train_steps: list[int] = option(factory=list, help="steps j to train; overrides the fraction")
+    estimator: str = option("closed_form", 'or "ppo" (Eqs. 16-23; needs noise_level > 0)')
+    teacher_chunk: int = option(0, "rows per teacher forward; 0 = all trained steps at once")
+    train_chunk: int = option(0, "rows per student forward+backward; 0 = all at once")
+    offload_rewards: bool = option(False, "reward models on the host, used only to evaluate (memory plan)")
+    teacher_dtype: str = option("float32", "frozen teacher LoRAs: float32, or \"model\" (the backbone's)")
+    compile: bool = option(False, "torch.compile the transformer blocks")
 
 
 # ---------------------------------------------------------------------- the two estimators

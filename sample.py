@@ -22,17 +22,22 @@ Departures from the reference code (Flow-GRPO)
    regenerable alone, on any device and in any batch.
 
 Run:
-    python sample.py --model models/toy-sd3 --prompt 'a photo of two red circles' \\
-        --prompt 'a sign that says "A7"' --out grid.png                  # CPU, the embedded base
-    python sample.py --model stabilityai/stable-diffusion-3.5-medium --lora ckpts/x --height 512 --width 512
+    python sample.py --model models/toy-sd3 --prompts 'a photo of two red circles' \\
+        'a sign that says "A7"' --out grid.png                           # CPU, the embedded base
+    python sample.py --model stabilityai/stable-diffusion-3.5-medium --lora ckpts/ocr --height 512 --width 512 \\
+        --prompts 'a sign that says "OPD"'                                # 1 GPU, SD3.5-M + a teacher
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from plumbing.config import option
+from plumbing.model_files import SD35_MEDIUM
 
 
 # ---------------------------------------------------------------------- time grid
@@ -219,48 +224,53 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: i
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def main(argv=None):
-    import argparse
-    from pathlib import Path
+@dataclass
+class SampleConfig:
+    """Sample a PNG grid from an SD3-family model (+ LoRA)."""
+    model: str = option(SD35_MEDIUM, "pipeline folder or hub id (the paper's SD3.5-M)")
+    lora: str = option("", "a PEFT LoRA folder to apply")
+    prompts: list[str] = option(factory=list, help="one or more prompts, each quoted")
+    images_per_prompt: int = 1
+    num_steps: int = option(40, "sampling steps N (the evaluation's 40)")
+    guidance: float = option(4.5, "CFG scale w")
+    noise_level: float = option(0.0, "a in Eq. 5; 0 = ODE")
+    seed: int = option(0, "image i uses seed + i")
+    height: int = option(0, "0 = the model's default resolution")
+    width: int = option(0, "0 = the model's default resolution")
+    scale: int = option(4, "upscale factor of the PNG")
+    out: str = "grid.png"
+    device: str = option("auto", "auto: cuda if available, else cpu")
+    dtype: str = option("auto", "transformer and text encoders (auto: bfloat16 on CUDA, float32 on CPU); VAE float32")
 
+
+def main(argv=None):
     from model import FlowModel
-    from plumbing.model_files import DTYPES, resolve_dtype
-    from plumbing.model_files import SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution
-    ap = argparse.ArgumentParser(description="Sample a PNG grid from an SD3-family model (+ LoRA).")
-    ap.add_argument("--model", default=SD35_MEDIUM,
-                    help="pipeline folder or hub id (default: the paper's SD3.5-M)")
-    ap.add_argument("--lora", default=None, help="PEFT LoRA folder to apply")
-    ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    ap.add_argument("--n-per-prompt", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--cfg", type=float, default=4.5)
-    ap.add_argument("--noise-level", type=float, default=0.0, help="a in Eq. 5; 0 = ODE")
-    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG")
-    ap.add_argument("--out", default="grid.png")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="transformer and text encoders (auto: bfloat16 on CUDA, float32 on CPU); VAE float32")
-    args = ap.parse_args(argv)
+    from plumbing.config import parse_config
+    from plumbing.model_files import (DTYPES, check_lora_folder, check_model_path, check_model_resolution,
+                                      resolve_dtype)
+    args = parse_config(SampleConfig, argv)
     try:  # every input checked before the model loads
-        for name in ("n_per_prompt", "steps", "scale"):
+        if not args.prompts:
+            raise ValueError("no prompt given: --prompts 'a photo of a cat' ...")
+        for name in ("images_per_prompt", "num_steps", "scale"):
             if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+                raise ValueError(f"--{name} must be > 0")
         if args.noise_level < 0:
-            raise ValueError("--noise-level must be >= 0")
+            raise ValueError("--noise_level must be >= 0")
+        if args.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {args.dtype!r}")
         out = Path(args.out)
         if out.suffix.lower() != ".png":
             raise ValueError(f"--out {args.out}: the grid is written as PNG; give a path ending in .png")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out {args.out}: folder {out.parent} does not exist")
+        args.device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
         check_model_path(args.model)
         if args.lora:
             check_lora_folder(args.lora)
-        check_model_resolution(args.model, args.height or 0, args.width or 0)
+        check_model_resolution(args.model, args.height, args.width)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     device = torch.device(args.device)
@@ -269,15 +279,16 @@ def main(argv=None):
     if args.lora:
         adapter = "adapter"
         model.load_lora(args.lora, adapter)
-    prompts = [p for p in args.prompt for _ in range(args.n_per_prompt)]
+    prompts = [p for p in args.prompts for _ in range(args.images_per_prompt)]
     try:
         size = model.default_resolution()
         model.latent_shape(args.height or size, args.width or size)
     except ValueError as e:  # a hub model: its sizes are known only now
         raise SystemExit(f"error: {e}") from None
     traj = rollout(model, model.encode_prompts(prompts), [args.seed + i for i in range(len(prompts))],
-                   args.steps, args.cfg, args.noise_level, args.height, args.width, adapter=adapter)
-    save_grid(traj.images, args.out, nrow=args.n_per_prompt if args.n_per_prompt > 1 else None,
+                   args.num_steps, args.guidance, args.noise_level, args.height or None, args.width or None,
+                   adapter=adapter)
+    save_grid(traj.images, args.out, nrow=args.images_per_prompt if args.images_per_prompt > 1 else None,
               scale=args.scale)
     print(f"wrote {args.out} ({len(prompts)} images)")
 

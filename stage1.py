@@ -35,7 +35,7 @@ from harness import (StudentConfig, StudentTrainer, check_same_base, check_stude
 from model import LORA_TARGETS
 from rewards import check_spec, make_reward, reward_bytes
 from sample import trained_steps
-from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, require, require_positive
+from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, option, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.memory import plan_run
 from plumbing.stops import fail
@@ -48,25 +48,25 @@ from plumbing.model_files import (SD35_MEDIUM, check_lora_folder, check_model_pa
 class Stage1Config(StudentConfig):
     """Fields every Stage-1 script shares (teacher_rl.py, nft.py); LoRA, AdamW, EMA, evaluation and
     checkpoints are in harness.StudentConfig. Defaults: Flow-GRPO's and NVlabs' SD3.5-M recipes."""
-    model: str = SD35_MEDIUM            # base pipeline folder or hub id
-    task: str = "geneval"               # task name; its prompts: --dataset, else dataset/<task>
-    dataset: str = ""                   # Flow-GRPO prompt folder (train.txt, test.txt, metadata)
-    reward: str = ""                    # "name=w,name=w"; default: the dataset's task.json
-    out: str = ""                       # run directory; default runs/<script>-<task>
-    init_lora: str = ""                 # start from this adapter (cascade baseline)
+    model: str = option(SD35_MEDIUM, "base pipeline folder or hub id")
+    task: str = option("geneval", "task name; its prompts: --dataset, else dataset/<task>")
+    dataset: str = option("", "Flow-GRPO prompt folder (train.txt, test.txt, metadata)")
+    reward: str = option("", "\"name=w,name=w\"; default: the dataset's task.json")
+    out: str = option("", "run directory; default runs/<script>-<task>")
+    init_lora: str = option("", "start from this adapter (cascade baseline)")
     seed: int = 0
-    steps: int = 60                     # rollout steps of --batch images, each --updates_per_rollout optimizer
-                                        # steps (the paper's teachers: 1,120-2,900 on 8 GPUs, docs/sd35.md)
-    batch: int = 1152                   # images per step over all ranks = prompts x group_size (48 x 24)
-    group_size: int = 24                # G images per prompt
-    updates_per_rollout: int = 2        # optimizer steps per rollout batch
-    rollout_batch: int = 9              # images per forward pass during rollouts (per rank)
-    train_batch: int = 9                # images per forward/backward during training (per rank)
-    num_steps: int = 10                 # sampling steps N
-    guidance: float = 4.5               # CFG during rollouts and training
-    timestep_fraction: float = 0.99     # train K = int(fraction * N) steps
-    per_group_std: bool = False         # False: divide by the std over the whole batch (global_std)
-    adv_clip: float = 5.0               # advantages clipped to +-adv_clip
+    steps: int = option(60, "rollout steps of --batch images, each --updates_per_rollout optimizer steps (the "
+                            "paper's teachers: 1,120-2,900 on 8 GPUs, docs/sd35.md)")
+    batch: int = option(1152, "images per step over all ranks = prompts x group_size (48 x 24)")
+    group_size: int = option(24, "G images per prompt")
+    updates_per_rollout: int = option(2, "optimizer steps per rollout batch")
+    rollout_batch: int = option(9, "images per forward pass during rollouts (per rank)")
+    train_batch: int = option(9, "images per forward/backward during training (per rank)")
+    num_steps: int = option(10, "sampling steps N")
+    guidance: float = option(4.5, "CFG during rollouts and training")
+    timestep_fraction: float = option(0.99, "train K = int(fraction * N) steps")
+    per_group_std: bool = option(False, "False: divide by the std over the whole batch (global_std)")
+    adv_clip: float = option(5.0, "advantages clipped to +-adv_clip")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, per_group_std: bool, clip: float):

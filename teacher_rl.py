@@ -84,7 +84,7 @@ from harness import Phases, update_or_stop
 from model import FlowModel
 from sample import Trajectory, gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from stage1 import Stage1Config
-from plumbing.config import parse_config, require, require_positive
+from plumbing.config import option, parse_config, require, require_positive
 from plumbing.stops import one_line_stops
 
 
@@ -92,14 +92,14 @@ from plumbing.stops import one_line_stops
 class TeacherConfig(Stage1Config):
     """Flow-GRPO / GRPO-Guard teacher training (one task, or several weighted rewards for the joint
     baseline)."""
-    noise_level: float = 0.7            # a in Eq. 5
-    cfg_detach_uncond: bool = False     # ablation: v = sg(v_u) + w (v_c - sg(v_u)) in the training forward
-                                        # (Flow-GRPO up to ac4c86e); default: attached, as Flow-GRPO today
+    noise_level: float = option(0.7, "a in Eq. 5")
+    cfg_detach_uncond: bool = option(False, "ablation: v = sg(v_u) + w (v_c - sg(v_u)) in the training forward "
+                                            "(Flow-GRPO up to ac4c86e); default: attached, as Flow-GRPO today")
     clip_range: float = 1e-4
-    ratio_logp: str = "mean_per_dim"    # or "sum" (see departure 1)
-    kl_beta: float = 0.04               # KL to the base model, per latent dim
-    ratio_norm: bool = False            # GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights, and
-                                        # recipes/grpo_guard.json for the keys not given (clip 2e-6, lr 1e-4, ...)
+    ratio_logp: str = option("mean_per_dim", 'or "sum" (see departure 1)')
+    kl_beta: float = option(0.04, "KL to the base model, per latent dim")
+    ratio_norm: bool = option(False, "GRPO-Guard (section 8b): normalised ratio, 1/(-Delta) weights, and "
+                                     "recipes/grpo_guard.json for the keys not given (clip 2e-6, lr 1e-4, ...)")
 
 
 # Flow-GRPO calls its EMA once per training micro-batch (scripts/train_sd3.py at ac4c86e, line 954), with the
@@ -179,8 +179,9 @@ def policy_gradient(cfg: TeacherConfig, model: FlowModel, rows: list[int], n_kep
     the GRPO loss of its kept `rows` at each trained step j in `steps`, divided by n_kept x K, the update's
     kept images on all `world` ranks times its trained steps (x world, because the update then averages
     the ranks' gradients: Dist.average_gradients). traj: the rollout (sample.Trajectory) of the policy
-    before the update: its latents, logp_sum (the old log-densities), means (GRPO-Guard's) or None, t, sbar. Adds each term's share of that
-    mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the per-row losses (for the guard)."""
+    before the update: its latents, logp_sum (the old log-densities), means (GRPO-Guard's) or None, t,
+    sbar. Adds each term's share of that mean to `stats` (and the max |rho - 1| as ratio_dev). Returns the
+    per-row losses (for the guard)."""
     losses, t_guard = [], traj.t[1].item()
     # L = sum over kept images i (all ranks) and trained steps j of L_ij / (n_kept K): the mean of
     # what is kept

@@ -59,7 +59,7 @@ import tempfile
 import time
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,7 +72,7 @@ from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout, trained_steps
 from teachers import by_task, load_teachers, resolve_teachers
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
-from plumbing.config import apply_recipe, given_keys, parse_config
+from plumbing.config import apply_recipe, given_keys, option, parse_config
 from plumbing import memory
 from plumbing.dist import Dist
 from plumbing.footprint import Footprint, footprint_of_pipeline
@@ -93,22 +93,22 @@ MODEL_KEYS = ("dtype", "compile", "sd35m_random", "layers", "text_len", "lora_ra
 @dataclass
 class BenchConfig(opd.OPDConfig):
     """Benchmark DiffusionOPD rounds: seconds per phase, NFEs, images/s, memory, overhead, MFU, levers."""
-    out: str = "bench.json"             # the JSON report (the OPD run directory is a temporary folder)
-    rounds: int = 3                     # timed rounds per variant
-    warmup: int = 1                     # untimed rounds per variant first
-    levers: list[str] = field(default_factory=list)  # "key=value[,key=value]", teacher_per_step, train_per_step
-    eval_prompts: int = 8               # one evaluation per task, timed (0: skip)
+    out: str = option("bench.json", "the JSON report (the OPD run directory is a temporary folder)")
+    rounds: int = option(3, "timed rounds per variant")
+    warmup: int = option(1, "untimed rounds per variant first")
+    levers: list[str] = option(factory=list, help='"key=value[,key=value]", teacher_per_step, train_per_step')
+    eval_prompts: int = option(8, "one evaluation per task, timed (0: skip)")
     eval_steps: int = 10
-    overlap_batches: int = 4            # batches of the scoring-overlap measurement (0: skip)
-    cfg_pair_reps: int = 5              # repetitions of the one-vs-two-forwards CFG measurement (0: skip)
-    grpo_steps: int = 0                 # also time this many teacher_rl.py (Flow-GRPO) steps
+    overlap_batches: int = option(4, "batches of the scoring-overlap measurement (0: skip)")
+    cfg_pair_reps: int = option(5, "repetitions of the one-vs-two-forwards CFG measurement (0: skip)")
+    grpo_steps: int = option(0, "also time this many teacher_rl.py (Flow-GRPO) steps")
     grpo_batch: int = 16
     grpo_group_size: int = 4
-    max_batch: bool = False             # CUDA: double prompts_per_batch until out of memory
-    max_batch_limit: int = 96           # prompts per rank at most
-    sd35m_random: bool = False          # SD3.5-Medium transformer, random weights, no download
-    layers: int = 24                    # transformer layers of --sd35m-random
-    text_len: int = 128                 # T5 tokens of --sd35m-random (paper recipe: 128)
+    max_batch: bool = option(False, "CUDA: double prompts_per_batch until out of memory")
+    max_batch_limit: int = option(96, "prompts per rank at most")
+    sd35m_random: bool = option(False, "SD3.5-Medium transformer, random weights, no download")
+    layers: int = option(24, "transformer layers of --sd35m-random")
+    text_len: int = option(128, "T5 tokens of --sd35m-random (paper recipe: 128)")
 
 
 # ---------------------------------------------------------------------- FLOPs of the SD3 MMDiT

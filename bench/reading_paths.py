@@ -12,7 +12,8 @@ calls into libraries, attribute calls whose method name two project classes shar
 `model.velocity` are resolved; `x.save` is not when two classes define save), and dataclass bodies.
 
 Run:
-    python -m bench.reading_paths                      # this checkout
+    python -m bench.reading_paths                      # this checkout, every project function
+    python -m bench.reading_paths --skip plumbing rewards opd.check_inputs stage1.validate   # the algorithm's path
     python -m bench.reading_paths --root /tmp/old      # another checkout (e.g. a `git worktree` of an older commit)
 """
 from __future__ import annotations
@@ -137,7 +138,7 @@ def walk(code: Code, start: str, stop: str, skip: tuple[str, ...] = ()) -> dict:
         visited.append(f"{key[0]}.{key[1]} {last - first + 1}")
         for c in calls:
             target = code.resolve(key[0], cls, c, node)
-            if target and target in code.funcs and not target[0].startswith(skip):
+            if target and target in code.funcs and not f"{target[0]}.{target[1]}".startswith(skip):
                 visit(target, caller_file=path)
 
     key = (mod, name)
@@ -152,8 +153,9 @@ def walk(code: Code, start: str, stop: str, skip: tuple[str, ...] = ()) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help="the checkout to read")
-    ap.add_argument("--skip", nargs="*", default=[], help="modules (prefixes) not entered, e.g. plumbing: a call "
-                                                        "into them counts as the caller's line only")
+    ap.add_argument("--skip", nargs="*", default=[], help="modules or functions (prefixes of module.function) not "
+                                                        "entered, e.g. plumbing or opd.check_inputs: a call into "
+                                                        "them counts as the caller's line only")
     ap.add_argument("--list", action="store_true", help="also list each path's functions and their lines")
     args = ap.parse_args(argv)
     code = Code(Path(args.root))

@@ -1,6 +1,7 @@
-"""A script's config: a commented dataclass read from the command line (`--key value`, type-checked,
-`--help` from the field comments), and the recipe in force: the paper's defaults, or the values a base
-model folder carries in its recipe.json for its own scale (each with its reason, printed and saved).
+"""A script's config: a dataclass read from the command line (`--key value`, type-checked, `--help` from each
+field's own help text: `option(default, "help")`), and the recipe in force: the paper's defaults, or the
+values a base model folder carries in its recipe.json for its own scale (each with its reason, printed and
+saved).
 
 Run: a library (harness.py, the training scripts and the study tools read their config through it).
 """
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import types
 import typing
 from pathlib import Path
@@ -27,22 +26,12 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def field_comments(cls) -> dict[str, str]:
-    """{field: the comment beside it in the dataclass source (and its comment-only continuation lines)},
-    over cls and its bases, so that --help says what the config at the top of a script says."""
-    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        name = None
-        for line in inspect.getsource(klass).splitlines():
-            field_line = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
-            if field_line and field_line.group(1) in names:
-                name = field_line.group(1)
-                comments[name] = field_line.group(2) or ""
-            elif name and line.strip().startswith("#"):
-                comments[name] += " " + line.strip().lstrip("#").strip()
-            else:
-                name = None
-    return {k: v.strip() for k, v in comments.items() if v.strip()}
+def option(default=dataclasses.MISSING, help: str = "", *, factory=None):
+    """A config field with its --help text, kept in the field's metadata: `lr: float = option(3e-4, "...")`;
+    a list default is built per config by `factory` (dataclasses.field's default_factory)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _split(value: str) -> list[str]:
@@ -68,7 +57,7 @@ def _list_of(element):
 def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0],
                                  argument_default=argparse.SUPPRESS if suppress else None)
-    hints, comments = typing.get_type_hints(cls), ({} if suppress else field_comments(cls))
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
@@ -78,7 +67,7 @@ def _parser(cls, suppress: bool) -> argparse.ArgumentParser:
         kw = {} if suppress else {"default": default}
         shown = default if tp is bool or typing.get_origin(tp) in (list, tuple) else repr(default)
         # argparse formats help with %: a literal % in a comment is doubled
-        help_text = f"{comments[f.name]} (default {shown})" if f.name in comments else f"default {shown}"
+        help_text = f"{f.metadata['help']} (default {shown})" if f.metadata.get("help") else f"default {shown}"
         help_text = help_text.replace("%", "%%")
         if tp is bool:
             ap.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True,

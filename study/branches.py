@@ -33,7 +33,7 @@ from harness import check_same_base
 from model import FlowModel
 from rewards import make_reward
 from study.table import resolve_adapter
-from plumbing.config import base_recipe, parse_config
+from plumbing.config import base_recipe, option, parse_config
 from plumbing.dist import Dist
 from plumbing.model_files import check_model_path
 
@@ -61,17 +61,17 @@ class SplitGuidance:
 class BranchesConfig:
     """Sample one task with each half of CFG taken from adapter A or B (four samplers, shared seeds) and
     report the task's metric, its interval, and each sampler's paired difference from A."""
-    model: str = "models/toy-sd3"       # the base both adapters were trained on
-    a: str = ""                         # LoRA folder or run directory (its checkpoint/)
-    b: str = ""                         # the other one
-    task: str = "geneval"               # a task of the base's recipe (the toy world's), or any name with --dataset
-    dataset: str = ""                   # a prompt folder with test.txt and task.json (data.load_task)
-    prompts: int = 192                  # first N test prompts
+    model: str = option("models/toy-sd3", "the base both adapters were trained on")
+    a: str = option("", "LoRA folder or run directory (its checkpoint/)")
+    b: str = option("", "the other one")
+    task: str = option("geneval", "a task of the base's recipe (the toy world's), or any name with --dataset")
+    dataset: str = option("", "a prompt folder with test.txt and task.json (data.load_task)")
+    prompts: int = option(192, "first N test prompts")
     steps: int = EVAL_STEPS
     guidance: float = EVAL_GUIDANCE
     seed: int = 0
     batch: int = 32
-    out: str = ""                       # optional JSON of the four results and their per-prompt values
+    out: str = option("", "optional JSON of the four results and their per-prompt values")
 
 
 def main(argv=None) -> dict:

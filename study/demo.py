@@ -61,7 +61,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from harness import check_same_base
-from plumbing.config import config_dict, parse_config
+from plumbing.config import config_dict, option, parse_config
 from plumbing.jsonfiles import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts run as modules from here
@@ -73,35 +73,36 @@ TOY_MODEL = "models/toy-sd3"                 # the embedded base, whose world th
 class DemoConfig:
     """The toy study: OPD, multi-task and cascade baselines, SFT, Fig. 6 seeds, Table 1, claims."""
     teachers: list[str] = field(default_factory=lambda: sorted(str(p) for p in (ROOT / "ckpts").glob("toy-*")))
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # one teacher each, in the cascade's order;
-                                        # the joint baselines train on their prompts mixed (study.mixed)
-    model: str = TOY_MODEL              # base pipeline folder (the embedded toy model)
-    recipe: str = f"{TOY_MODEL}/recipe.json"  # every run's recipe: the toy world's, also on another --model
+    tasks: list[str] = option(factory=lambda: list(TASKS), help="one teacher each, in the cascade's order; the "
+                                                                "joint baselines train on their prompts mixed "
+                                                                "(study.mixed)")
+    model: str = option(TOY_MODEL, "base pipeline folder (the embedded toy model)")
+    recipe: str = option(f"{TOY_MODEL}/recipe.json", "every run's recipe: the toy world's, also on another --model")
     out: str = "runs/demo"
-    quick: bool = False                 # tiny sizes that exercise every stage (CI)
-    preset: str = "default"             # default | long: 3x OPD rounds, Fig. 6 rounds and evaluation prompts
-    nproc: int = 2                      # processes per training / evaluation command (torchrun when > 1)
-    threads: int = 1                    # OMP threads per process
-    num_steps: int = 10                 # sampling steps N of training rollouts (paper: 10)
-    opd_rounds: int = 30                # S_o: OPD rounds (optimizer steps)
-    opd_prompts: int = 8                # P: prompts per task per round
-    baseline_batch: int = 32            # B: images per step of the multi-task and cascade baselines
-    group_size: int = 8                 # G: images per prompt
-    fig6_rounds: int = 16               # rounds of each Fig. 6 run
-    fig6_prompts: int = 4               # prompts per task per round of each Fig. 6 run
+    quick: bool = option(False, "tiny sizes that exercise every stage (CI)")
+    preset: str = option("default", "default | long: 3x OPD rounds, Fig. 6 rounds and evaluation prompts")
+    nproc: int = option(2, "processes per training / evaluation command (torchrun when > 1)")
+    threads: int = option(1, "OMP threads per process")
+    num_steps: int = option(10, "sampling steps N of training rollouts (paper: 10)")
+    opd_rounds: int = option(30, "S_o: OPD rounds (optimizer steps)")
+    opd_prompts: int = option(8, "P: prompts per task per round")
+    baseline_batch: int = option(32, "B: images per step of the multi-task and cascade baselines")
+    group_size: int = option(8, "G: images per prompt")
+    fig6_rounds: int = option(16, "rounds of each Fig. 6 run")
+    fig6_prompts: int = option(4, "prompts per task per round of each Fig. 6 run")
     fig6_seeds: int = 3
-    fig6_noise: float = 0.7             # a of the SDE variants (paper Fig. 6: 0.7)
-    distance_prompts: int = 12          # test prompts per task of the held-out distance
-    distance_every: int = 2             # Fig. 6 rounds between two held-out distances (each costs ~5 s on 2 cores)
-    variance_rollouts: int = 8          # R rollouts for the gradient-variance ratio
-    eval_prompts: int = 16              # test prompts per task at each curve point of a run (curves.png, C3)
-    curve_points: int = 5               # evaluations of every OPD, SFT and baseline run, the last at its end
-    baseline_images: int = -1           # images of each baseline: -1 = the teachers' + OPD's (equal total images)
-    sft_caption_dropout: float = 0.1    # the SFT control's share of empty-prompt samples (pretraining's 0.1)
-    cfgs: list[float] = field(default_factory=lambda: [4.5, 1.0])  # every model gets a Table 1 row at each
-    eval_steps: int = 40                # ODE steps of every evaluation (paper: 40)
-    final_prompts: int = 128            # test prompts per task for Table 1
-    grid_prompts: int = 8               # prompts per task in each model's sample grid
+    fig6_noise: float = option(0.7, "a of the SDE variants (paper Fig. 6: 0.7)")
+    distance_prompts: int = option(12, "test prompts per task of the held-out distance")
+    distance_every: int = option(2, "Fig. 6 rounds between two held-out distances (each costs ~5 s on 2 cores)")
+    variance_rollouts: int = option(8, "R rollouts for the gradient-variance ratio")
+    eval_prompts: int = option(16, "test prompts per task at each curve point of a run (curves.png, C3)")
+    curve_points: int = option(5, "evaluations of every OPD, SFT and baseline run, the last at its end")
+    baseline_images: int = option(-1, "images of each baseline: -1 = the teachers' + OPD's (equal total images)")
+    sft_caption_dropout: float = option(0.1, "the SFT control's share of empty-prompt samples (pretraining's 0.1)")
+    cfgs: list[float] = option(factory=lambda: [4.5, 1.0], help="every model gets a Table 1 row at each")
+    eval_steps: int = option(40, "ODE steps of every evaluation (paper: 40)")
+    final_prompts: int = option(128, "test prompts per task for Table 1")
+    grid_prompts: int = option(8, "prompts per task in each model's sample grid")
 
 
 QUICK = dict(nproc=1, num_steps=3, opd_rounds=2, opd_prompts=2, baseline_batch=6, group_size=2, fig6_rounds=2,

@@ -45,7 +45,7 @@ from harness import StudentTrainer, load_base, no_phase
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid, trained_steps
 from teachers import by_task, load_teachers
-from plumbing.config import parse_config
+from plumbing.config import option, parse_config
 from plumbing.dist import Dist, print_main
 from plumbing.stops import fail, one_line_stops
 
@@ -60,12 +60,12 @@ VARIANCE_ROUNDS = 10**6
 class InstrumentsConfig(opd.OPDConfig):
     """DiffusionOPD with the study's instruments: the SFT baseline, the held-out distance, the
     gradient variance (module docstring). Every other field is opd.py's."""
-    baseline: str = ""                  # "sft": the off-policy baseline instead of OPD's gradient
-    sft_caption_dropout: float = 0.0    # SFT: share of samples fitted with the empty prompt (trains the
-                                        # unconditional branch too, as pretraining's 0.1 did)
-    distance_prompts: int = 16          # test prompts per task of the held-out distance (0: none)
-    distance_every: int = 0             # also log the distance every this many rounds (0: with evaluations)
-    variance_rollouts: int = 0          # > 0: measure both estimators' gradient variance, then exit
+    baseline: str = option("", "\"sft\": the off-policy baseline instead of OPD's gradient")
+    sft_caption_dropout: float = option(0.0, "SFT: share of samples fitted with the empty prompt (trains the "
+                                             "unconditional branch too, as pretraining's 0.1 did)")
+    distance_prompts: int = option(16, "test prompts per task of the held-out distance (0: none)")
+    distance_every: int = option(0, "also log the distance every this many rounds (0: with evaluations)")
+    variance_rollouts: int = option(0, "> 0: measure both estimators' gradient variance, then exit")
 
 
 def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[int], scale: float,

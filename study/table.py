@@ -45,7 +45,7 @@ from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, int
 from harness import check_same_base
 from model import LORA_TARGETS, FlowModel
 from rewards import check_spec, make_reward, reward_bytes
-from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, parse_config, recipe_of
+from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, option, parse_config, recipe_of
 from plumbing.dist import Dist, print_main
 from plumbing.durable import sha256
 from plumbing.memory import plan_run
@@ -165,32 +165,32 @@ def cache_key(spec: ModelSpec, cfg) -> dict:
 @dataclass
 class EvalConfig:
     """Evaluate models on tasks: Table 1 (Markdown + JSON), reward curves and sample grids."""
-    models: list[str] = field(default_factory=list)     # NAME=BASE[+ADAPTER][@CFG]; ADAPTER: PEFT folder or run dir
+    models: list[str] = option(factory=list, help="NAME=BASE[+ADAPTER][@CFG]; ADAPTER: PEFT folder or run dir")
     tasks: list[str] = field(default_factory=lambda: ["geneval", "ocr", "aesthetic"])
-    datasets: list[str] = field(default_factory=list)   # TASK=DIR; default: the base recipe's, else dataset/<task>
-    rewards: list[str] = field(default_factory=list)    # TASK=SPEC: another reward than the dataset's task.json
-    eval_key: list[str] = field(default_factory=list)   # TASK=KEY: the reward info entry to report (e.g. GenEval
-                                                        # through Flow-GRPO's server: geneval=rewards)
-    export_geneval: str = ""            # also write every GenEval image in its evaluator's layout: DIR/<model>/
-    time: list[str] = field(default_factory=list)       # NAME=RUN[+RUN...]: training time, chain summed
-    curves: list[str] = field(default_factory=list)     # NAME=RUN[+RUN...] to plot; default: the --time chains
+    datasets: list[str] = option(factory=list, help="TASK=DIR; default: the base recipe's, else dataset/<task>")
+    rewards: list[str] = option(factory=list, help="TASK=SPEC: another reward than the dataset's task.json")
+    eval_key: list[str] = option(factory=list, help="TASK=KEY: the reward info entry to report (e.g. GenEval "
+                                                    "through Flow-GRPO's server: geneval=rewards)")
+    export_geneval: str = option("", "also write every GenEval image in its evaluator's layout: DIR/<model>/")
+    time: list[str] = option(factory=list, help="NAME=RUN[+RUN...]: training time, chain summed")
+    curves: list[str] = option(factory=list, help="NAME=RUN[+RUN...] to plot; default: the --time chains")
     out: str = "runs/eval"
-    prompts: int = 64                   # first test prompts of each task
-    steps: int = EVAL_STEPS             # ODE steps (paper: 40)
-    guidance: float = EVAL_GUIDANCE     # CFG (paper: 4.5)
-    own_guidance: bool = True           # a teacher is sampled with its own guidance (model_guidance)
-    seed: int = 0                       # prompt i uses seed + i
-    batch: int = 32                     # images per forward, per rank (lowered by the memory plan)
-    height: int = 512                   # pixels (paper: 512); 0 = the model's default resolution
+    prompts: int = option(64, "first test prompts of each task")
+    steps: int = option(EVAL_STEPS, "ODE steps (paper: 40)")
+    guidance: float = option(EVAL_GUIDANCE, "CFG (paper: 4.5)")
+    own_guidance: bool = option(True, "a teacher is sampled with its own guidance (model_guidance)")
+    seed: int = option(0, "prompt i uses seed + i")
+    batch: int = option(32, "images per forward, per rank (lowered by the memory plan)")
+    height: int = option(512, "pixels (paper: 512); 0 = the model's default resolution")
     width: int = 512
-    recipe: str = "auto"                # auto: the first model's base folder's recipe.json ("table"), paper, a path
-    grid_prompts: int = 8               # per task in each model's sample grid
+    recipe: str = option("auto", "auto: the first model's base folder's recipe.json (\"table\"), paper, a path")
+    grid_prompts: int = option(8, "per task in each model's sample grid")
     device: str = "auto"
-    dtype: str = "auto"                 # transformer and text encoders: auto (CUDA: bfloat16; CPU: float32),
-                                        # float32, bfloat16; the VAE: float32
-    offload_text_encoders: bool = False  # keep the text encoders in host memory between encodings
-    max_memory_gb: float = 0.0          # the memory plan's budget per GPU; 0 = the GPU's memory on CUDA
-    dry_run: bool = False               # check every input, print the plan and the config, load nothing
+    dtype: str = option("auto", "transformer and text encoders: auto (CUDA: bfloat16; CPU: float32), float32, "
+                                "bfloat16; the VAE: float32")
+    offload_text_encoders: bool = option(False, "keep the text encoders in host memory between encodings")
+    max_memory_gb: float = option(0.0, "the memory plan's budget per GPU; 0 = the GPU's memory on CUDA")
+    dry_run: bool = option(False, "check every input, print the plan and the config, load nothing")
 
 
 def validate(cfg: EvalConfig, argv=None):

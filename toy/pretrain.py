@@ -9,8 +9,8 @@ text encoders and a T5 encoder, all tiny) and trains it in two phases:
      t ~ logit-normal(0, 1) as in SD3, with 10% caption dropout to "" so that CFG works.
 The result is a diffusers StableDiffusion3Pipeline folder (safetensors) that model.FlowModel.load
 reads exactly like stabilityai/stable-diffusion-3.5-medium, with the shipped base's recipe.json (the
-training scripts' toy-scale values, models/toy-sd3/recipe.json: their one copy) copied in. Held-out test prompts of every toy task are never used for
-pretraining.
+training scripts' toy-scale values, models/toy-sd3/recipe.json: their one copy) copied in. Held-out test
+prompts of every toy task are never used for pretraining.
 
 Batches mix the toy tasks in the integer shares of `--task_weights` (default geneval 3 : ocr 4 :
 aesthetic 2; OCR is the slowest to learn). `--init FOLDER` starts phase B from an existing pipeline folder instead (its
@@ -51,12 +51,12 @@ from tqdm import tqdm
 
 from toy import world
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
-from plumbing.config import parse_config
+from plumbing.config import option, parse_config
 from plumbing.durable import publish_dir, write_atomic
 from plumbing.jsonfiles import read_jsonl
 from plumbing.reporting import Trackers, parse_report_to
 
-RECIPE = Path(__file__).resolve().parents[1] / "models/toy-sd3/recipe.json"  # the toy-scale values (config.apply_recipe)
+RECIPE = Path(__file__).resolve().parents[1] / "models/toy-sd3/recipe.json"  # toy-scale values (apply_recipe)
 
 
 @dataclass
@@ -64,12 +64,12 @@ class PretrainConfig:
     """Pretrain the tiny toy-world base model."""
     out: str = "models/toy-sd3"
     seed: int = 0
-    vae_steps: int = 800           # phase A
+    vae_steps: int = option(800, "phase A")
     vae_lr: float = 1e-3
-    vae_kl: float = 1e-6           # weight of the VAE's KL term
-    steps: int = 4500              # phase B
+    vae_kl: float = option(1e-6, "weight of the VAE's KL term")
+    steps: int = option(4500, "phase B")
     batch: int = 64
-    lr: float = 2e-3               # at 6e-4 no glyph was learned (docs/toy-world.md)
+    lr: float = option(2e-3, "at 6e-4 no glyph was learned (docs/toy-world.md)")
     warmup: int = 200
     ema: float = 0.999
     caption_dropout: float = 0.1
@@ -79,15 +79,16 @@ class PretrainConfig:
     text_dim: int = 64
     latent_channels: int = 8
     save_every: int = 500
-    task_weights: str = "geneval=3,ocr=4,aesthetic=2"   # integer shares of the toy tasks in each batch
-    world: str = "toy.world"       # the world's module: toy.world (shipped) or toy.framed (the candidate)
-    zoom_weights: str = ""         # toy.framed: integer shares of its framings, e.g. "1.0=2,1.6=1,2.0=1" ("": uniform)
-    sd35: bool = True              # SD3.5-M's blocks: dual attention in the first half, RMS qk-norm
-    init: str = ""                 # start phase B from this pipeline folder (VAE kept, phase A skipped)
-    vae: str = ""                  # take this pipeline folder's VAE (phase A skipped), train the rest anew
+    task_weights: str = option("geneval=3,ocr=4,aesthetic=2", "integer shares of the toy tasks in each batch")
+    world: str = option("toy.world", "the world's module: toy.world (shipped) or toy.framed (the candidate)")
+    zoom_weights: str = option("", 'toy.framed: integer shares of its framings, e.g. "1.0=2,1.6=1,2.0=1" ("": '
+                                   "uniform)")
+    sd35: bool = option(True, "SD3.5-M's blocks: dual attention in the first half, RMS qk-norm")
+    init: str = option("", "start phase B from this pipeline folder (VAE kept, phase A skipped)")
+    vae: str = option("", "take this pipeline folder's VAE (phase A skipped), train the rest anew")
     resume: bool = False
     threads: int = 2
-    report_to: str = "none"             # none | tensorboard | wandb | tensorboard,wandb (metrics.jsonl always)
+    report_to: str = option("none", "none | tensorboard | wandb | tensorboard,wandb (metrics.jsonl always)")
     wandb_project: str = "diffusion-opd"
 
 

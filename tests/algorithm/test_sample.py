@@ -114,6 +114,6 @@ def test_sample_cli_writes_grid(tiny_pipe_dir, tmp_path):
     from PIL import Image
     from sample import main
     out = tmp_path / "grid.png"
-    main(["--model", tiny_pipe_dir, "--prompt", "a red cat", "--prompt", "the dog", "--steps", "2",
+    main(["--model", tiny_pipe_dir, "--prompts", "a red cat", "the dog", "--num_steps", "2",
           "--out", str(out), "--scale", "2"])
     assert Image.open(out).size[0] > 32

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from plumbing.config import parse_config
+from plumbing.config import option, parse_config
 from plumbing.dist import Dist
 from plumbing.rundir import RunDir
 
@@ -41,21 +41,21 @@ def test_a_list_option_takes_spaces_or_commas_and_keeps_specs_and_prompts_whole(
 
 @dataclasses.dataclass
 class Derived(Cfg):
-    """A config with commented fields, one inherited."""
-    noise: float = 0.7       # a in Eq. 5, 100% of it
-    detach: bool = False     # ablation: sg(v_u);
-                             # default: attached
-    plain: int = 1
+    """A config whose fields carry their help, one inherited."""
+    noise: float = option(0.7, "a in Eq. 5, 100% of it")
+    detach: bool = option(False, "ablation: sg(v_u); default: attached")
+    plain: int = 1              # a comment is no help text: --help reads the field, not the source
     ints: list[int] = dataclasses.field(default_factory=list)
 
 
-def test_help_shows_each_fields_comment_with_its_default(capsys):
+def test_help_shows_each_fields_help_with_its_default(capsys):
     with pytest.raises(SystemExit):
         parse_config(Derived, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "a in Eq. 5, 100% of it (default 0.7)" in text
     assert "ablation: sg(v_u); default: attached (default False)" in text
     assert "--plain PLAIN default 1" in text and "--steps STEPS default 3" in text
+    assert "no help text" not in text
 
 
 def test_teacher_rl_help_says_the_detached_cfg_branch_is_an_ablation(capsys):

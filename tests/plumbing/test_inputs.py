@@ -135,7 +135,7 @@ GRPO_CASES = {
     "negative KL weight": (["--kl_beta", "-1"], "--kl_beta must be >= 0"),
     "missing init adapter": (["--init_lora", "/nonexistent/lora"], "has no adapter_config.json"),
     "cuda without a GPU": (["--device", "cuda"], "no CUDA device"),
-    "zero steps": (["--steps", "0"], "--steps must be > 0"),
+    "zero steps": (["--num_steps", "0"], "--num_steps must be > 0"),
 }
 
 
@@ -154,7 +154,7 @@ SAMPLE_CASES = {
     "not a PNG": (["--out", "grid.jpg"], "ending in .png"),
     "odd resolution": (["--height", "33"], "not divisible"),
     "missing model": (["--model", "/nonexistent/model"], "does not exist"),
-    "zero steps": (["--steps", "0"], "--steps must be > 0"),
+    "zero steps": (["--num_steps", "0"], "--num_steps must be > 0"),
 }
 
 
@@ -162,5 +162,11 @@ SAMPLE_CASES = {
 def test_sample_bad_inputs(case, tiny_pipe_dir, tmp_path, no_model_load, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra, match = SAMPLE_CASES[case]
-    _one_line_error(lambda: sample.main(["--model", tiny_pipe_dir, "--prompt", "a cat", *extra]), match)
+    _one_line_error(lambda: sample.main(["--model", tiny_pipe_dir, "--prompts", "a cat", *extra]), match)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sample_without_a_prompt_says_how_to_give_one(tiny_pipe_dir, tmp_path, no_model_load, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(lambda: sample.main(["--model", tiny_pipe_dir]), "no prompt given: --prompts")
     assert not list(tmp_path.iterdir())
