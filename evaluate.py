@@ -148,7 +148,7 @@ def _export_geneval(folder: str, images: torch.Tensor, indices: list[int], metas
 
 def evaluate_student(trainer, tasks: list[Task], rewards: dict, dist, cfg, step: int, guidance: float,
                      per_task_keys: bool) -> tuple[dict, dict]:
-    """The EMA student of a training run (`trainer`: harness.StudentTrainer) on every task, with the
+    """The EMA student of a training run (`trainer`: student.StudentTrainer) on every task, with the
     protocol above at `guidance` (the CFG the model samples with), cfg.eval_prompts test prompts,
     cfg.eval_steps steps, the run's resolution (cfg.height x cfg.width) and cfg.eval_batch; a PNG grid per
     task in the run's samples/. Returns (metrics, images):

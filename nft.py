@@ -42,7 +42,7 @@ Departures from the reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.p
    prompt) at the guidance the model samples with, --guidance (1.0): a teacher is judged as the
    student will query it (the study evaluates every model at the CFG it samples with).
 5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
-   `max_skipped_steps` in a row (harness.StudentTrainer.update).
+   `max_skipped_steps` in a row (student.StudentTrainer.update).
 
 Run:
     python nft.py --model models/toy-sd3 --task geneval --out runs/nft-geneval     # CPU, the embedded base
@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, step_seed, update_or_stop
+from student import Phases, step_seed, update_or_stop
 from sample import Trajectory, rollout, trained_steps
 from stage1 import Stage1Config
 from plumbing.config import option, parse_config, require, require_positive
@@ -177,9 +177,8 @@ def main(argv=None):
 
         # ---- reward, gathered over ranks; advantages and optimality probabilities
         with phase("reward"):
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg,
-                                                               dist)
-            r_all = optimality(adv_all[mine], cfg.adv_clip)
+            scored = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg, dist)
+            r_all = optimality(scored.advantages[mine], cfg.adv_clip)
 
         # ---- loss at K forward-process points per image
         with phase("train"):
@@ -219,13 +218,9 @@ def main(argv=None):
             update_old(old, trainer.params, decay)
 
         # ---- log, evaluate the EMA weights, checkpoint
-        metrics = {"step": step, "reward_mean": all_scores.mean().item(),
-                   "reward_std": all_scores.std().item(), "zero_std_groups": zero_std, "grad_norm": grad_norm,
-                   "skipped_nonfinite": int(skipped_any), "old_decay": decay,
-                   **trainer.mean_over_ranks(stats),
-                   **stage1.gathered_means(info, "reward/", dist),
-                   **{f"sec/{k}": v for k, v in phase.sec.items()}}
-        stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)
+        own = {"grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any), "old_decay": decay,
+               **trainer.mean_over_ranks(stats)}
+        stage1.finish_step(cfg, step, s, scored, own, phase, saved, bar)
     trainer.finish()
     dist.close()
 

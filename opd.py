@@ -38,7 +38,7 @@ Departures from the reference code (DiffusionOPD release)
    needed), not the release's fp16 mixed precision. `python -m bench.opd_round` measures it and the
    other speed levers; plumbing/memory.py plans the chunks, checkpointing and placement that fit the GPU.
 4. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
-   `max_skipped_steps` in a row (harness.StudentTrainer.update); the release steps regardless.
+   `max_skipped_steps` in a row (student.StudentTrainer.update); the release steps regardless.
 5. A task with fewer teachers than another has just its own: the release pads every task's teacher
    slots to the same count with zero means, which pulls the student toward a zero mean there.
 
@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from data import check_prompts, load_prompts
 from evaluate import evaluate_student
-from harness import (Phases, StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base,
+from student import (Phases, StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base,
                      no_phase, peak_memory, step_seed, update_or_stop)
 from model import LORA_TARGETS, FlowModel, TextEmbeds
 from rewards import check_spec, make_reward, reward_bytes
@@ -81,7 +81,7 @@ from plumbing.stops import fail, one_line_stops
 class OPDConfig(StudentConfig):
     """DiffusionOPD: distil several task teachers into one student on its own rollouts.
     Fields shared with the Stage-1 scripts (LoRA, AdamW, EMA, evaluation, checkpoints) are in
-    harness.StudentConfig."""
+    student.StudentConfig."""
     teachers: list[str] = field(default_factory=lambda: sorted(map(str, Path("ckpts").glob("*"))))
     teacher_task: list[str] = option(factory=list, help="i-th entry names teacher i's task")
     teacher_dataset: list[str] = option(factory=list, help="task=DIR overrides")
@@ -152,19 +152,19 @@ def teacher_means(teacher, model: FlowModel, prompts, embeds: TextEmbeds, x, t, 
 
 
 # ---------------------------------------------------------------------- one task batch
-def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, steps: list[int],
+def batch_gradient(cfg: OPDConfig, model: FlowModel, teachers, prompts, seeds, trained: list[int],
                    scale: float, phase=no_phase):
     """One task batch of Algorithm 1: roll out the student, get its supervisors' targets at its states, and
     add to .grad the gradient of `scale` x the batch's loss at the release's scale (module docstring), the
     loss the weighted sum over `teachers` [(weight, teacher)] (`supervisors`: the task's one or several
-    teachers, weight 1). Returns the true loss per sample, summed over the trained steps `steps` and the
-    weighted teachers (B,)."""
+    teachers, weight 1). Returns the true loss per sample, summed over the trained sampling steps `trained`
+    and the weighted teachers (B,)."""
     with phase("rollout"):
         embeds = model.encode_prompts(prompts)
         traj = rollout(model, embeds, seeds, cfg.num_steps, cfg.guidance, cfg.noise_level,
                        cfg.height or None, cfg.width or None, adapter="student", decode=False)
     with phase("teacher"):
-        B, K, js = len(seeds), len(steps), torch.tensor(steps)
+        B, K, js = len(seeds), len(trained), torch.tensor(trained)
         # rows ordered (step k, sample b): x (K*B, C, h, w), the student's own states
         x = traj.latents[:, js].transpose(0, 1).flatten(0, 1).to(model.device)
         x_next = traj.latents[:, js + 1].transpose(0, 1).flatten(0, 1).to(model.device)
@@ -235,10 +235,10 @@ def opd_round(cfg: OPDConfig, model, routes, trainer, step: int, dist: Dist, pro
     the gradient of their loss against task m's teachers only, accumulated; then ONE optimizer step,
     so every rollout of the round came from the current weights. `gradient` may stand in for
     batch_gradient (the study's SFT baseline). Returns the round's metrics."""
-    metrics, losses, steps = {"step": step}, [], trained_steps(cfg)
+    metrics, losses, trained = {"step": step}, [], trained_steps(cfg)
     for batch in round_batches(cfg, routes, step, dist, prompts_by_task):
         # the round's loss is the mean over its M task batches: each enters with 1 / M
-        loss = gradient(cfg, model, batch.teachers, batch.prompts, batch.seeds, steps, 1.0 / len(routes), phase)
+        loss = gradient(cfg, model, batch.teachers, batch.prompts, batch.seeds, trained, 1.0 / len(routes), phase)
         losses.append(loss)
         metrics[f"loss/{batch.task.name}"] = dist.all_gather(loss.to(dist.device)).mean().item()
     with phase("optimizer"):
@@ -338,7 +338,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
     try:
         model = load_base(cfg, dist)  # --dtype, the memory plan's placement
         # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy; its
-        # EMA is called once per task batch, as the release calls it (harness.EMA)
+        # EMA is called once per task batch, as the release calls it (student.EMA)
         n_tasks = len({s["task"].name for s in specs})
         trainer = StudentTrainer(model, cfg, dist, run, ema_calls=n_tasks,
                                  init_lora=fetch_teacher(cfg.init_lora) if cfg.init_lora else "")

@@ -4,7 +4,7 @@ and nft.py (DiffusionNFT) differ in their losses only; everything around the los
 - `Stage1Config`: the fields both read (task, prompt batch of P prompts x G images, sampling steps,
   CFG, advantage normalisation), with Flow-GRPO's and NVlabs' SD3.5-M values as defaults.
 - `start`: parse-time to first step: the checks of every input before any model loads (`validate`),
-  the model and the trainable student (harness.StudentTrainer).
+  the model and the trainable student (student.StudentTrainer).
 - One step's data: `step_prompts` (P prompts, each G times, seeded per global image), `update_layout`
   (which global images each rank holds, so that 1 and N ranks make the same updates), `score`
   (rewards gathered over ranks, then `group_advantages`).
@@ -15,7 +15,7 @@ Advantages (section 8a): A_i = (r_i - mean_group) / (std + 1e-4), clipped to +-a
 the image's group (`per_group_std`, GRPO-Guard) or over the whole batch (Flow-GRPO's global_std, NFT).
 
 Departures: each script's docstring lists its own; the ones made here are teacher_rl.py's 3-4
-(rank layout, groups) and harness.py's 2 (seeds).
+(rank layout, groups) and student.py's 2 (seeds).
 
 Run: a library; `python teacher_rl.py --help`, `python nft.py --help`.
 """
@@ -30,7 +30,7 @@ import torch
 
 from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
-from harness import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
+from student import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
                      step_seed)
 from model import LORA_TARGETS
 from rewards import check_spec, make_reward, reward_bytes
@@ -47,7 +47,7 @@ from plumbing.model_files import (SD35_MEDIUM, check_lora_folder, check_model_pa
 @dataclass
 class Stage1Config(StudentConfig):
     """Fields every Stage-1 script shares (teacher_rl.py, nft.py); LoRA, AdamW, EMA, evaluation and
-    checkpoints are in harness.StudentConfig. Defaults: Flow-GRPO's and NVlabs' SD3.5-M recipes."""
+    checkpoints are in student.StudentConfig. Defaults: Flow-GRPO's and NVlabs' SD3.5-M recipes."""
     model: str = option(SD35_MEDIUM, "base pipeline folder or hub id")
     task: str = option("geneval", "task name; its prompts: --dataset, else dataset/<task>")
     dataset: str = option("", "Flow-GRPO prompt folder (train.txt, test.txt, metadata)")
@@ -164,7 +164,7 @@ class Started:
 def start(cfg, argv, script: str, recipe: str, checks, own_recipe=None, ema_calls: int = 1):
     """Parse-time to first step of a Stage-1 script: devices, the checks, the model and its trainable
     student (fresh LoRA or --init_lora; its EMA called `ema_calls` times per optimizer step, the
-    reference's pattern: harness.EMA). Returns a Started, or None after printing the resolved config
+    reference's pattern: student.EMA). Returns a Started, or None after printing the resolved config
     with --dry_run (nothing loaded, nothing written)."""
     try:
         dist = Dist(cfg.device, plan_only=cfg.dry_run, timeout_s=cfg.collective_timeout_s)
@@ -194,14 +194,22 @@ def step_prompts(cfg, step: int, mine: list[int], train_prompts, train_metas):
             [step_seed(cfg.seed, step, i) for i in mine])
 
 
-def score(reward_fn, images, prompts, metas, order, cfg, dist):
-    """Rewards of this rank's images, gathered into global image order; group advantages.
-    Returns (all rewards (batch,), advantages (batch,), fraction of all-equal groups, reward info)."""
+@dataclass
+class Scored:
+    """A step's rewards over all ranks (`score`)."""
+    scores: torch.Tensor        # (batch,) every image's reward, in global image order
+    advantages: torch.Tensor    # (batch,) group advantages
+    zero_std: float             # the fraction of groups whose rewards are all equal
+    info: dict                  # this rank's per-image terms of the reward
+
+
+def score(reward_fn, images, prompts, metas, order, cfg, dist) -> Scored:
+    """Rewards of this rank's images, gathered into global image order; group advantages."""
     scores, info = reward_fn(images, prompts, metas)
     all_scores = torch.empty(cfg.batch)
     all_scores[order] = dist.all_gather(scores.to(dist.device)).cpu()
     adv_all, zero_std = group_advantages(all_scores, cfg.group_size, cfg.per_group_std, cfg.adv_clip)
-    return all_scores, adv_all, zero_std, info
+    return Scored(all_scores, adv_all, zero_std, info)
 
 
 def gathered_means(values: dict, prefix: str, dist) -> dict:
@@ -209,13 +217,19 @@ def gathered_means(values: dict, prefix: str, dist) -> dict:
     return {f"{prefix}{k}": dist.all_gather(v.to(dist.device)).mean().item() for k, v in values.items()}
 
 
-def finish_step(cfg, step: int, metrics: dict, trainer, task, reward_fn, dist, saved: dict, bar) -> None:
-    """The end of a Stage-1 step: evaluate the EMA weights on the task's test prompts (evaluate.py, at
-    the guidance the model samples with) every eval_every steps and at the end, log, checkpoint."""
+def finish_step(cfg, step: int, s: Started, scored: Scored, own: dict, phase, saved: dict, bar) -> None:
+    """The end of a Stage-1 step: its metrics (the rewards, their terms and the seconds per phase every
+    Stage-1 script logs, with the algorithm's `own`), the EMA weights evaluated on the task's test prompts
+    (evaluate.py, at the guidance the model samples with) every eval_every steps and at the end, the log
+    line, the checkpoint."""
+    trainer, dist = s.trainer, s.dist
+    metrics = {"step": step, "reward_mean": scored.scores.mean().item(), "reward_std": scored.scores.std().item(),
+               "zero_std_groups": scored.zero_std, **own, **gathered_means(scored.info, "reward/", dist),
+               **{f"sec/{k}": v for k, v in phase.sec.items()}}
     last, images = step + 1 == cfg.steps, {}
     metrics["images"] = (step + 1) * cfg.batch  # training images so far (the x axis of study.plots' curves)
     if (step + 1) % cfg.eval_every == 0 or last:
-        evaluated, images = evaluate_student(trainer, [task], {task.name: reward_fn}, dist, cfg, step,
+        evaluated, images = evaluate_student(trainer, [s.task], {s.task.name: s.reward_fn}, dist, cfg, step,
                                              cfg.guidance, per_task_keys=False)
         metrics.update(evaluated)
     metrics.update(peak_memory(dist.device))

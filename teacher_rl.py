@@ -54,7 +54,7 @@ Departures from Flow-GRPO
    Flow-GRPO's PerPromptStatTracker groups by prompt text over the whole epoch; here a group is the
    G images of one sampled prompt.
 5. A step with a non-finite loss or gradient is skipped, logged, and stops the run after
-   `max_skipped_steps` in a row (harness.StudentTrainer.update).
+   `max_skipped_steps` in a row (student.StudentTrainer.update).
 6. GRPO-Guard's bias term b_j is computed per sample, as the paper's formula writes it (section 8b).
    The public GRPO-Guard script (train_sd3_GRPO_Guard.py, read at zhtmike/flow_grpo 2e2f712) takes
    `.mean(dim=())` of a per-sample tensor, which averages over the whole micro-batch: one b for all
@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from harness import Phases, update_or_stop
+from student import Phases, update_or_stop
 from model import FlowModel
 from sample import Trajectory, gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from stage1 import Stage1Config
@@ -105,7 +105,7 @@ class TeacherConfig(Stage1Config):
 # Flow-GRPO calls its EMA once per training micro-batch (scripts/train_sd3.py at ac4c86e, line 954), with the
 # optimizer-step count: its SD3.5-M configs (config/grpo.py) train 48 x 24 images per step on 8 GPUs in
 # micro-batches of 9, two optimizer steps per step, so 1152 / (8 x 9 x 2) = 8 calls per optimizer step
-# (harness.EMA). A constant here, so that 1 and N ranks (and any --train_batch) make the same EMA.
+# (student.EMA). A constant here, so that 1 and N ranks (and any --train_batch) make the same EMA.
 FLOW_GRPO_EMA_CALLS = 8
 
 # GRPO-Guard's own values (its config/grpo_guard.py, *_rationorm), a recipe file that --ratio_norm applies to
@@ -244,9 +244,8 @@ def main(argv=None):
 
         # ---- reward, gathered over ranks; advantages within each group
         with phase("reward"):
-            all_scores, adv_all, zero_std, info = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg,
-                                                               dist)
-            adv = adv_all[mine]
+            scored = stage1.score(reward_fn, traj.images, prompts, metas, order, cfg, dist)
+            adv = scored.advantages[mine]
 
         # ---- loss: the GRPO loss of the kept images at each trained step j (the mean recomputed with grad)
         with phase("train"):
@@ -254,7 +253,7 @@ def main(argv=None):
             runs = []  # the stats of each update that ran
             skipped_any, grad_norm, n_kept_all = False, 0.0, 0
             for u in range(cfg.updates_per_rollout):
-                rows, n_kept = kept_rows(adv_all, u, per_update, mine)
+                rows, n_kept = kept_rows(scored.advantages, u, per_update, mine)
                 n_kept_all += n_kept
                 if n_kept == 0:  # every advantage of this update is 0: nothing to learn, no optimizer step
                     continue
@@ -269,13 +268,9 @@ def main(argv=None):
             stats["ratio_dev"] = runs[0]["ratio_dev"] if runs else 0.0
 
         # ---- log, evaluate the EMA weights with the ODE, checkpoint
-        metrics = {"step": step, "reward_mean": all_scores.mean().item(),
-                   "reward_std": all_scores.std().item(), "zero_std_groups": zero_std,
-                   "kept_fraction": n_kept_all / cfg.batch, "grad_norm": grad_norm,
-                   "skipped_nonfinite": int(skipped_any), **trainer.mean_over_ranks(stats),
-                   **stage1.gathered_means(info, "reward/", dist),
-                   **{f"sec/{k}": v for k, v in phase.sec.items()}}
-        stage1.finish_step(cfg, step, metrics, trainer, task, reward_fn, dist, saved, bar)
+        own = {"kept_fraction": n_kept_all / cfg.batch, "grad_norm": grad_norm, "skipped_nonfinite": int(skipped_any),
+               **trainer.mean_over_ranks(stats)}
+        stage1.finish_step(cfg, step, s, scored, own, phase, saved, bar)
     trainer.finish()
     dist.close()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from data import Task, load_task
-from harness import check_same_base
+from student import check_same_base
 from model import FlowModel
 from plumbing.jsonfiles import read_json
 from plumbing.model_files import check_lora_folder, check_model_path

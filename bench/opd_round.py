@@ -67,7 +67,7 @@ import torch
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from harness import Phases, StudentTrainer
+from student import Phases, StudentTrainer
 from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout, trained_steps
 from teachers import by_task, load_teachers, resolve_teachers

@@ -3,7 +3,7 @@ field's own help text: `option(default, "help")`), and the recipe in force: the 
 values a base model folder carries in its recipe.json for its own scale (each with its reason, printed and
 saved).
 
-Run: a library (harness.py, the training scripts and the study tools read their config through it).
+Run: a library (student.py, the training scripts and the study tools read their config through it).
 """
 from __future__ import annotations
 

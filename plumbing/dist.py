@@ -2,7 +2,7 @@
 of 1), gloo on CPU and NCCL on CUDA, a collective timeout that names the rank that stopped answering,
 first-use downloads once per node, and printing on the main rank only.
 
-Run: a library (harness.py and every script that runs on several ranks).
+Run: a library (student.py and every script that runs on several ranks).
 """
 from __future__ import annotations
 

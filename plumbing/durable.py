@@ -1,6 +1,6 @@
 """Files that survive a kill at any instant: a checkpoint folder sealed by a manifest (the size and SHA-256
 of every file, written last), a file replaced atomically, a folder published by renames. Departure 4 of
-harness.py rests on these; plumbing/rundir.py writes its checkpoints with them.
+student.py rests on these; plumbing/rundir.py writes its checkpoints with them.
 
 Run: a library.
 """

@@ -12,7 +12,7 @@
   is gives a complete model page; `pipe.load_lora_weights(folder)` ignores the README.
 - `push_to_hub` uploads a checkpoint folder's public files (`--push_to_hub OWNER/NAME`).
 
-Run: a library, used by harness.py; and, to (re)write the model card of a saved adapter folder from
+Run: a library, used by student.py; and, to (re)write the model card of a saved adapter folder from
 the files saved with it (config.json, run_config.json, metrics.jsonl):
     python -m plumbing.reporting --card ckpts/toy-geneval
 """

@@ -1,9 +1,9 @@
 """A run's folder on disk: the resolved config, one JSONL metrics line per step, checkpoints that survive
 a kill at any instant (files written to a temporary folder, a manifest of sizes and SHA-256 written
 last, then one rename), exact resume from the newest intact checkpoint, and the lock that keeps two
-processes out of one folder. Departures 4 and 6 of harness.py are implemented here.
+processes out of one folder. Departures 4 and 6 of student.py are implemented here.
 
-Run: a library (harness.StudentTrainer and the training scripts).
+Run: a library (student.StudentTrainer and the training scripts).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ notice), a full disk during a save, and a rank that stopped answering end the ru
 says what was kept and the command that resumes; bad input ends it with one line naming the problem
 (`fail`), and a run folder the process created for nothing is removed either way.
 
-Used by every script's main() (`@one_line_stops`) and by the trained student (harness.StudentTrainer
+Used by every script's main() (`@one_line_stops`) and by the trained student (student.StudentTrainer
 reads the SIGTERM flag at the end of each step and raises `Terminated`).
 
 Run: a library.

@@ -29,7 +29,7 @@ import torch
 
 from data import load_task, task_dataset
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
-from harness import check_same_base
+from student import check_same_base
 from model import FlowModel
 from rewards import make_reward
 from study.table import resolve_adapter

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from harness import check_same_base
+from student import check_same_base
 from plumbing.config import config_dict, option, parse_config
 from plumbing.jsonfiles import read_json
 

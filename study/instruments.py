@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from harness import StudentTrainer, load_base, no_phase
+from student import StudentTrainer, load_base, no_phase
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid, trained_steps
 from teachers import by_task, load_teachers
@@ -50,7 +50,7 @@ from plumbing.dist import Dist, print_main
 from plumbing.stops import fail, one_line_stops
 
 # prime offsets of a sample's seed: the SFT noise and the variance rollouts draw from other streams than
-# the rollouts of training (whose seeds are harness.step_seed(seed, round, index) for rounds < 10**6)
+# the rollouts of training (whose seeds are student.step_seed(seed, round, index) for rounds < 10**6)
 SFT_NOISE_STREAM = 104729
 SFT_DROPOUT_STREAM = 130363
 VARIANCE_ROUNDS = 10**6
@@ -68,7 +68,7 @@ class InstrumentsConfig(opd.OPDConfig):
     variance_rollouts: int = option(0, "> 0: measure both estimators' gradient variance, then exit")
 
 
-def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[int], scale: float,
+def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, trained: list[int], scale: float,
                  phase=no_phase):
     """opd.batch_gradient's stand-in for the SFT baseline (module docstring), for a batch supervised by one
     teacher (`teachers`: [(weight, teacher)], opd.supervisors; the weight scales the loss). Returns the loss
@@ -92,12 +92,12 @@ def sft_gradient(cfg, model: FlowModel, teachers, prompts, seeds, steps: list[in
                 embeds = TextEmbeds(torch.where(drop.view(-1, 1, 1), empty.seq, embeds.seq),
                                     torch.where(drop.view(-1, 1), empty.pooled, embeds.pooled))
         grid = time_grid(model.pipe.scheduler, cfg.num_steps)
-        B, K, d = len(seeds), len(steps), x0[0].numel()
+        B, K, d = len(seeds), len(trained), x0[0].numel()
         eps = torch.stack([torch.randn((K, *x0.shape[1:]),
                                        generator=torch.Generator().manual_seed(int(s) + SFT_NOISE_STREAM))
                            for s in seeds]).to(model.device)     # (B, K, C, h, w)
         per_step = []
-        for k, j in enumerate(steps):
+        for k, j in enumerate(trained):
             t = grid[j].to(model.device).expand(B)
             tt = t.view(-1, 1, 1, 1)
             # x_t = (1 - t) x0 + t eps;  target v = eps - x0

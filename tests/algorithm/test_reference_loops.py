@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import nft
 import opd
 import teacher_rl
-from harness import StudentTrainer, no_phase
+from student import StudentTrainer, no_phase
 from helpers import f32_atol
 from sample import rollout
 from teachers import by_task, load_teachers, resolve_teachers

@@ -1,5 +1,5 @@
 """Runs that survive a kill at any instant of a checkpoint save, damaged checkpoints refused with one
-line, and non-finite losses that never reach the weights (rundir.RunDir, harness.StudentTrainer)."""
+line, and non-finite losses that never reach the weights (rundir.RunDir, student.StudentTrainer)."""
 import json
 import os
 import shutil
@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-import harness
+import student
 import opd
 import teacher_rl
 from plumbing import dist
@@ -135,7 +135,7 @@ def test_update_skips_a_non_finite_gradient_without_touching_weights_moments_or_
     import dataclasses
     cfg = dataclasses.replace(opd.OPDConfig(), lora_rank=4, lora_alpha=8, ema_every=1, max_skipped_steps=3,
                               out=str(tmp_path / "r"))
-    trainer = harness.StudentTrainer(tiny_model, cfg, dist.Dist("cpu"), None)
+    trainer = student.StudentTrainer(tiny_model, cfg, dist.Dist("cpu"), None)
     for p in trainer.params:
         p.grad = torch.ones_like(p)
     trainer.update(0, torch.ones(2))  # one good step: moments and EMA exist
@@ -154,7 +154,7 @@ def test_update_skips_a_non_finite_gradient_without_touching_weights_moments_or_
     assert all(torch.equal(trainer.opt.state[trainer.params[0]][k], v) for k, v in before[2].items())
     assert all(p.grad is None for p in trainer.params)
     trainer.params[0].grad = torch.full_like(trainer.params[0], float("nan"))
-    with pytest.raises(harness.NonFiniteError, match="consecutive"):
+    with pytest.raises(student.NonFiniteError, match="consecutive"):
         trainer.update(3, torch.ones(2))
 
 

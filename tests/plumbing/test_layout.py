@@ -73,7 +73,7 @@ def _graphs():
 def test_no_import_cycle_between_modules_or_folders():
     graph, folders = _graphs()
     assert "toy.world" in graph["toy.pretrain"] and "opd" in graph["study.instruments"]  # the walk sees imports
-    assert "plumbing.rundir" in graph["harness"] and "plumbing.model_files" in graph["model"]
+    assert "plumbing.rundir" in graph["student"] and "plumbing.model_files" in graph["model"]
     assert "rewards.clip" in graph["rewards.geneval"] and "rewards" in graph["stage1"]
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
     assert _cycle(folders) is None, f"folder import cycle: {' -> '.join(_cycle(folders))}"

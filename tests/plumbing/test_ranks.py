@@ -1,5 +1,5 @@
 """1 rank = 2 ranks: every script's updates, metrics and evaluation are the same on 2 gloo ranks as on
-one process with the same global batch (harness departure 2; teacher_rl.py departure 3). All 2-rank
+one process with the same global batch (student.py departure 2; teacher_rl.py departure 3). All 2-rank
 runs share one torchrun launch (tests/plumbing/ranks_runner.py), so the suite pays one start-up for them.
 
 Tolerances. The two runs compute the same float32 quantities with other batch shapes, so their

@@ -1,8 +1,7 @@
-"""The training-run harness shared by teacher_rl.py, nft.py, opd.py and toy/pretrain.py.
-
-What ties plumbing/ (the config, the distributed helper, the run folder, the one-line stops) into
-training: the trained student (a LoRA or full weights, AdamW, the EMA of paper section 7, the update
-that never lets a non-finite loss or gradient reach the weights) and the phases timed per step.
+"""The trained student that teacher_rl.py, nft.py and opd.py share (paper section 7): its config fields,
+its weights (a LoRA or the full transformer), AdamW, the references' EMA, the update that never lets a
+non-finite loss or gradient reach the weights, its checkpoints through the run folder (plumbing/rundir.py),
+and the phases of a step timed.
 
 Departures from the reference code
 1. Gradients of the trainable weights are averaged across ranks with one all-reduce after the
