@@ -106,3 +106,11 @@ def test_the_core_names_no_toy():
     bad = [line for f in CORE for line in _mentions_outside_docstrings(ROOT / f, "toy")]
     assert not bad, "the core names the toy world outside docstrings:\n" + "\n".join(bad)
     assert _mentions_outside_docstrings(ROOT / "toy" / "world.py", "toy")  # the check finds what is there
+
+
+def test_each_file_reads_in_one_sitting():
+    """A top-level file (the paper's concepts) of at most ~450 lines, a plumbing module of at most ~350."""
+    long = {p.name: n for p in ROOT.glob("*.py") if (n := len(p.read_text().splitlines())) > 460}
+    long |= {f"plumbing/{p.name}": n for p in (ROOT / "plumbing").glob("*.py")
+             if (n := len(p.read_text().splitlines())) > 360}
+    assert not long, f"split these by concept: {long}"
