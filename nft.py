@@ -60,9 +60,9 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from student import Phases, step_seed, update_or_stop
 from sample import Trajectory, rollout, trained_steps
 from stage1 import Stage1Config
+from student import Phases, step_seed, update_or_stop
 from plumbing.config import option, parse_config, require, require_positive
 from plumbing.stops import one_line_stops
 

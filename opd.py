@@ -60,11 +60,11 @@ from tqdm import tqdm
 
 from data import check_prompts, load_prompts
 from evaluate import evaluate_student
-from student import (Phases, StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base,
-                     no_phase, peak_memory, step_seed, update_or_stop)
 from model import LORA_TARGETS, FlowModel, TextEmbeds
 from rewards import check_spec, make_reward, reward_bytes
 from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
+from student import (Phases, StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base,
+                     no_phase, peak_memory, step_seed, update_or_stop)
 from teachers import by_task, fetch_teacher, load_teachers, resolve_teachers, routing_table
 from plumbing.config import (apply_recipe, config_dict, describe_recipe, given_keys, option, parse_config, require,
                              require_positive)

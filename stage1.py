@@ -30,11 +30,11 @@ import torch
 
 from data import check_prompts, load_prompts, load_task
 from evaluate import evaluate_student
-from student import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
-                     step_seed)
 from model import LORA_TARGETS
 from rewards import check_spec, make_reward, reward_bytes
 from sample import trained_steps
+from student import (StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base, peak_memory,
+                     step_seed)
 from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, option, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.memory import plan_run

@@ -80,10 +80,10 @@ from tqdm import tqdm
 
 import stage1
 from data import load_prompts
-from student import Phases, update_or_stop
 from model import FlowModel
 from sample import Trajectory, gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
 from stage1 import Stage1Config
+from student import Phases, update_or_stop
 from plumbing.config import option, parse_config, require, require_positive
 from plumbing.stops import one_line_stops
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from data import Task, load_task
-from student import check_same_base
 from model import FlowModel
+from student import check_same_base
 from plumbing.jsonfiles import read_json
 from plumbing.model_files import check_lora_folder, check_model_path
 

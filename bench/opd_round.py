@@ -67,9 +67,9 @@ import torch
 import opd
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
-from student import Phases, StudentTrainer
 from model import LORA_TARGETS, STUDENT, FlowModel
 from sample import rollout, trained_steps
+from student import Phases, StudentTrainer
 from teachers import by_task, load_teachers, resolve_teachers
 from toy.pipeline import TinySD3Config, build_tiny_pipeline
 from plumbing.config import apply_recipe, given_keys, option, parse_config

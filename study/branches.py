@@ -29,9 +29,9 @@ import torch
 
 from data import load_task, task_dataset
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_task, interval
-from student import check_same_base
 from model import FlowModel
 from rewards import make_reward
+from student import check_same_base
 from study.table import resolve_adapter
 from plumbing.config import base_recipe, option, parse_config
 from plumbing.dist import Dist

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 import opd
 from data import load_prompts
-from student import StudentTrainer, load_base, no_phase
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid, trained_steps
+from student import StudentTrainer, load_base, no_phase
 from teachers import by_task, load_teachers
 from plumbing.config import option, parse_config
 from plumbing.dist import Dist, print_main

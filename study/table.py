@@ -42,9 +42,9 @@ from pathlib import Path
 
 from data import Task, check_prompts, load_prompts, load_task, task_dataset
 from evaluate import EVAL_GUIDANCE, EVAL_STEPS, eval_images, evaluate_tasks, interval
-from student import check_same_base
 from model import LORA_TARGETS, FlowModel
 from rewards import check_spec, make_reward, reward_bytes
+from student import check_same_base
 from plumbing.config import apply_recipe, config_dict, describe_recipe, given_keys, option, parse_config, recipe_of
 from plumbing.dist import Dist, print_main
 from plumbing.durable import sha256

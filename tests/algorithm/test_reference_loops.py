@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 import nft
 import opd
 import teacher_rl
-from student import StudentTrainer, no_phase
 from helpers import f32_atol
 from sample import rollout
+from student import StudentTrainer, no_phase
 from teachers import by_task, load_teachers, resolve_teachers
 from test_nft import _nft_args
 from test_opd import _args as opd_args

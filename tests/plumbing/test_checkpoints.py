@@ -9,8 +9,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-import student
 import opd
+import student
 import teacher_rl
 from plumbing import dist
 from plumbing import rundir
