@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rewards.rules import check_geneval_metadata
+from rewards import PROMPT_RULES, parse_spec
+from rewards.rules import check_geneval_metadata, quoted_target
 from plumbing.jsonfiles import read_json, read_jsonl
 from plumbing.model_files import portable_path, repo_path
 
@@ -87,7 +88,6 @@ def read_text_lines(path: Path) -> list[str]:
 def check_prompts(task: Task) -> None:
     """What the task's reward reads of a prompt is there, in every train and test prompt (file and line
     named): the OCR reward's target, the first double-quoted span."""
-    from rewards import PROMPT_RULES, parse_spec
     rules = [PROMPT_RULES[name] for name in parse_spec(task.reward) if name in PROMPT_RULES]
     for split in ("train", "test") if rules else ():
         path = Path(repo_path(task.dataset)) / f"{split}.txt"
@@ -190,7 +190,6 @@ def fetch_flowgrpo(out: str, base_url: str = "", ref: str = FLOWGRPO_REF, verify
     Returns the folders written."""
     import os
     import shutil
-    from rewards.rules import quoted_target
     base = base_url or FLOWGRPO_URL.format(repo=FLOWGRPO_REPO, ref=ref)
     base = base if base.endswith("/") else base + "/"
     written = []

@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-from plumbing.config import option
-from plumbing.model_files import SD35_MEDIUM
+from model import FlowModel
+from plumbing.config import option, parse_config
+from plumbing.model_files import (DTYPES, SD35_MEDIUM, check_lora_folder, check_model_path, check_model_resolution,
+                                  resolve_dtype)
 
 
 # ---------------------------------------------------------------------- time grid
@@ -244,10 +246,6 @@ class SampleConfig:
 
 
 def main(argv=None):
-    from model import FlowModel
-    from plumbing.config import parse_config
-    from plumbing.model_files import (DTYPES, check_lora_folder, check_model_path, check_model_resolution,
-                                      resolve_dtype)
     args = parse_config(SampleConfig, argv)
     try:  # every input checked before the model loads
         if not args.prompts:

@@ -37,10 +37,11 @@ import torch
 import torch.distributed as tdist
 
 from evaluate import EVAL_STEPS
+from model import STUDENT, FlowModel
 from plumbing.config import _with_flags, option, require, require_positive
 from plumbing.dist import Dist, print_main
 from plumbing.jsonfiles import read_json
-from plumbing.model_files import DTYPES
+from plumbing.model_files import DTYPES, base_weights_differ, weights_digest
 from plumbing.reporting import parse_report_to, push_to_hub
 from plumbing.rundir import RunDir
 from plumbing.stops import Terminated, fail, sigterm_received
@@ -191,7 +192,6 @@ def check_student_config(cfg) -> None:
 def load_base(cfg, dist: Dist):
     """The run's base model as the memory plan placed it: read in --dtype (resolved), the text encoders
     offloaded when planned, gradient checkpointing on when planned; the first download once per node."""
-    from model import FlowModel
     with dist.local_first():
         model = FlowModel.load(cfg.model, device=dist.device, dtype=DTYPES[cfg.dtype])
     size = model.default_resolution()
@@ -219,7 +219,6 @@ class StudentTrainer:
             params = model.enable_full_finetune()
         elif init_lora:
             check_same_base(init_lora, model)
-            from model import STUDENT
             model.load_lora(init_lora, STUDENT, trainable=True)
             params = model.trainable_parameters()
         else:
@@ -341,7 +340,6 @@ def check_same_base(adapter_dir: str, model) -> None:
     """An adapter this project saved records its base (the digest of every component's stored weights, and
     the transformer's fingerprint); refuse it on another base. `model`: a loaded FlowModel, or the path of
     a base not yet loaded (then only the stored weights are compared, when both are here)."""
-    from plumbing.model_files import base_weights_differ, weights_digest
     cfg_file = Path(adapter_dir) / "run_config.json"
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} does not exist")

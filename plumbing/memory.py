@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from plumbing.footprint import GiB, Footprint, footprint, text_length
-from plumbing.model_files import DTYPES
+from plumbing.model_files import DTYPES, resolution_rule
 
 CUDA_RESERVED = int(1.5 * GiB)   # CUDA context (~0.5 GiB), cuBLAS/cuDNN and NCCL workspaces
 MARGIN = 0.05                    # allocator fragmentation, reward and text-encoder activations
@@ -237,7 +237,6 @@ def plan_run(script: str, cfg, dist, fixed: set[str], reward_bytes: int, *, trai
     budget = budget or float("inf")
     height, width, model = cfg.height, cfg.width, model or cfg.model
     try:
-        from plumbing.model_files import resolution_rule
         rule = resolution_rule(model)
         if rule is None:
             raise FileNotFoundError(f"the configs of {model} are not found")

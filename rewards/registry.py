@@ -55,7 +55,7 @@ import threading
 import torch
 from PIL import Image
 
-from plumbing.model_files import hub_offline
+from plumbing.model_files import check_hub_repo, hub_offline
 
 REWARDS = {}        # name -> factory(device, dtype, **options) -> fn(images, prompts, metadata)
 CHECKS = {}         # name -> fn(**options) -> lines: what the reward needs, checked without loading it
@@ -283,7 +283,6 @@ def hub_status(ref: str, what: str, filename: str = "config.json") -> str:
     """Where the model `ref` (a folder or a hub id) comes from, checked without loading it."""
     if os.path.isdir(ref):
         return f"{what} {ref}: a local folder"
-    from plumbing.model_files import check_hub_repo
     check_hub_repo(ref, what, filename)
     return f"{what} {ref}: in the hub cache or fetchable"
 

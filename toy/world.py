@@ -92,7 +92,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import write_prompt_set
+from data import load_prompts, write_prompt_set
 from rewards import REWARDS, register
 from rewards.rules import COLORS as GENEVAL_COLORS, GENEVAL_TAGS, RELATIONS, geneval_score, ocr_score, quoted_target
 
@@ -621,7 +621,6 @@ def write_datasets(root=DATA, seed=0):
 
 def held_out_prompts(root=DATA):
     """Test prompts that no training prompt repeats: never shown in pretraining."""
-    from data import load_prompts
     held = set()
     for task in TASKS:
         test, train = (set(load_prompts(f"{root}/{task}", split)[0]) for split in ("test", "train"))
