@@ -10,7 +10,6 @@ stands in). A command that stops parsing or running fails here; so does the page
 import http.server
 import json
 import re
-import shlex
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import nft
 import opd
 import rewards
 import teacher_rl
+from bench.sd35_plans import flowgrpo_files, page_commands
 from study import table as table_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,35 +33,6 @@ STAGE1 = ["--steps", "1", "--batch", "4", "--group_size", "2", "--rollout_batch"
 OPD = ["--steps", "1", "--prompts_per_batch", "2", "--num_steps", "2", "--eval_prompts", "2", "--eval_steps", "2",
        "--height", "0", "--width", "0", "--lora_rank", "4", "--lora_alpha", "8"]
 TABLE = ["--prompts", "2", "--steps", "2", "--batch", "2", "--grid_prompts", "1", "--height", "0", "--width", "0"]
-
-
-def page_commands() -> list[list[str]]:
-    """Every command of the page's bash blocks, as argument lists (continuations joined)."""
-    text = (ROOT / "docs" / "sd35.md").read_text()
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if line:
-                out.append(shlex.split(line))
-    return out
-
-
-def _flowgrpo_files() -> dict[str, dict[str, str]]:
-    """Synthetic files in Flow-GRPO's dataset/ layout (classes the tiny detector knows)."""
-    genevals = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-                {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
-                 "prompt": "a photo of two dogs"},
-                {"tag": "colors", "include": [{"class": "computer mouse", "count": 1, "color": "red"}],
-                 "prompt": "a photo of a red computer mouse"},
-                {"tag": "position", "include": [{"class": "person", "count": 1},
-                                                {"class": "cat", "count": 1, "position": ["left of", 0]}],
-                 "prompt": "a photo of a cat left of a person"}]
-    jsonl = "".join(json.dumps(m) + "\n" for m in genevals)
-    ocr = 'a sign that says "Open"\na poster with the text "Sale 2024"\nthe word "hello" on a wall\n'
-    pick = "a cat on a sofa, digital art\na misty forest at dawn\nportrait of an old sailor\n"
-    return {"geneval": {"train_metadata.jsonl": jsonl, "test_metadata.jsonl": jsonl},
-            "ocr": {"train.txt": ocr, "test.txt": ocr}, "pickscore": {"train.txt": pick, "test.txt": pick}}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +49,7 @@ def stand_in(tmp_path_factory):
     clip, pick = save_tiny_clip(root / "clip", seed=0), save_tiny_clip(root / "pick", seed=1)
     clip_processor().save_pretrained(root / "pick_processor")
     torch.save(aesthetic_state(8, seed=3), root / "mlp.pth")  # the tiny CLIP's projection has 8 dims
-    files = _flowgrpo_files()
+    files = flowgrpo_files()
     served = root / "served" / "dataset"
     for folder, named in files.items():
         (served / folder).mkdir(parents=True)
