@@ -15,10 +15,9 @@ Run (CPU, seconds):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from data import Task, load_prompts, load_task
+from data import Task, load_prompts, load_task, write_prompt_set
 from rewards import parse_spec
 from plumbing.jsonfiles import read_json
 from plumbing.model_files import repo_path
@@ -26,7 +25,7 @@ from plumbing.model_files import repo_path
 
 def write_mixed_dataset(tasks: list[Task], folder: Path) -> Task:
     """The joint baseline's prompt set of `tasks` in `folder` (module docstring); returns it as a task."""
-    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
     for split in ("train", "test"):
         lists = [load_prompts(t.dataset, split) for t in tasks]
         lines = []
@@ -36,8 +35,7 @@ def write_mixed_dataset(tasks: list[Task], folder: Path) -> Task:
                     j = i % len(prompts)
                     lines.append({**metas[j], "prompt": prompts[j], "task": task.name,
                                   "rewards": sorted(parse_spec(task.reward))})
-        (folder / f"{split}.txt").write_text("".join(m["prompt"] + "\n" for m in lines))
-        (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        splits[split] = lines
     modules = []
     for task in tasks:
         own = Path(repo_path(task.dataset)) / "task.json"
@@ -45,7 +43,7 @@ def write_mixed_dataset(tasks: list[Task], folder: Path) -> Task:
         modules += [m for m in ([module] if isinstance(module, str) else module) if m not in modules]
     spec = {"reward": ",".join(t.reward for t in tasks), "guidance": tasks[0].guidance, "eval_key": "",
             **({"reward_module": modules} if modules else {})}
-    (folder / "task.json").write_text(json.dumps(spec))
+    write_prompt_set(folder, splits["train"], splits["test"], spec)
     return load_task("mixed", str(folder))
 
 
