@@ -22,10 +22,8 @@ Eq. 12's factor 1/2 there, as the release does. So lr and grad_clip mean what th
 `--estimator ppo` trains with the PPO-style estimator of the same objective (Eqs. 16-23): the loss
 rho_j KL_j with rho_j = pi_theta(x_{j+1}|x_j) / pi_old(x_{j+1}|x_j), whose on-policy gradient is
 grad KL_j + KL_j grad log pi_theta(x_{j+1}|x_j): the same expectation plus a zero-mean noise term.
-Teachers (local folders, hub ids, the release's and Flow-GRPO's adapters): teachers.py. The study's
-instruments (the SFT baseline, the held-out distance, the gradient variance): study/instruments.py.
-The defaults are the paper's recipe (section 7); a base folder's recipe.json (the embedded base's
-holds its CPU-scale values) changes a few, printed at start and saved in config.json.
+Teachers: teachers.py; the run's input checks: opd_inputs.py; the study's instruments (SFT baseline,
+held-out distance, gradient variance): study/instruments.py. Defaults: the paper's recipe (section 7).
 
 Departures from the reference code (DiffusionOPD release)
 1. The SDE KL divides by the exact transition variance sbar_j^2 = s_j^2 (-Delta_j) of Eq. 10; the
@@ -50,7 +48,6 @@ Run:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,21 +55,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import check_prompts, load_prompts
+import opd_inputs
 from evaluate import evaluate_student
-from model import LORA_TARGETS, FlowModel, TextEmbeds
-from rewards import check_spec, make_reward, reward_bytes
+from model import FlowModel, TextEmbeds
 from sample import gaussian_kl, gaussian_logprob, rollout, trained_steps, transition_mean
-from student import (Phases, StudentConfig, StudentTrainer, check_same_base, check_student_config, load_base,
-                     no_phase, peak_memory, step_seed, update_or_stop)
-from teachers import by_task, fetch_teacher, load_teachers, resolve_teachers, routing_table
-from plumbing.config import (apply_recipe, config_dict, describe_recipe, given_keys, option, parse_config, require,
-                             require_positive)
-from plumbing.dist import Dist, print_main
-from plumbing.memory import plan_run
-from plumbing.model_files import (check_lora_folder, check_model_path, check_model_resolution, portable_path,
-                                  resolve_dtype)
-from plumbing.rundir import RunDir
+from student import (Phases, StudentConfig, StudentTrainer, load_base, no_phase, peak_memory, step_seed,
+                     update_or_stop)
+from teachers import by_task, fetch_teacher, load_teachers
+from plumbing.config import option, parse_config
+from plumbing.dist import Dist
 from plumbing.stops import fail, one_line_stops
 
 
@@ -221,10 +212,9 @@ def round_batches(cfg: OPDConfig, routes, step: int, dist: Dist, prompts_by_task
     for m, teachers in enumerate(routes):
         task = teachers[0].task
         prompts = prompts_by_task[task.name]
-        rng = np.random.default_rng([cfg.seed, step, m])
-        n = cfg.prompts_per_batch
-        idx = rng.choice(len(prompts), n, replace=len(prompts) < n)[mine]
-        first = m * cfg.prompts_per_batch  # global index of the batch's first sample
+        n = cfg.prompts_per_batch  # drawn by its own generator of (seed, round, task)
+        idx = np.random.default_rng([cfg.seed, step, m]).choice(len(prompts), n, replace=len(prompts) < n)[mine]
+        first = m * n  # global index of the batch's first sample
         yield Batch(task, supervisors(routes, m), [prompts[i] for i in idx],
                     [step_seed(cfg.seed, step, first + i) for i in range(mine.start, mine.stop)])
 
@@ -248,93 +238,16 @@ def opd_round(cfg: OPDConfig, model, routes, trainer, step: int, dist: Dist, pro
     return metrics
 
 
-# ---------------------------------------------------------------------- the run's inputs
-@dataclass
-class Inputs:
-    """A distillation run's checked inputs (check_inputs)."""
-    specs: list                 # the teachers' specs (teachers.resolve_teachers)
-    prompts_by_task: dict       # task name -> its training prompts
-    rewards: dict               # task name -> its reward (evaluation only); {} with --dry_run
-    run: RunDir
-
-
-def check_inputs(cfg: OPDConfig, dist: Dist, argv: list[str] | None = (), script: str = "opd.py") -> Inputs:
-    """Every input of a distillation run (opd.py's OPDConfig) checked, with a one-line error, before any
-    model loads and before anything is written: the teachers (resolve_teachers), the recipe (applied to
-    cfg), every field, the base, the memory plan (applied to cfg: plumbing.memory.plan_run), the prompt sets
-    and the run folder. The rewards are built on the host when the plan offloads them (they only
-    evaluate)."""
-    try:
-        with dist.local_first():  # a hub teacher downloads once per node
-            base, specs = resolve_teachers(cfg)
-        # paths inside the repository stored relative to it, as datasets and bases are: the same run by any path
-        cfg.model = portable_path(cfg.model or base)
-        cfg.teachers = [portable_path(t) for t in cfg.teachers]
-        cfg.init_lora = portable_path(cfg.init_lora) if cfg.init_lora else ""
-        given = given_keys(type(cfg), argv)
-        changed = apply_recipe(cfg, given, cfg.model, "opd")
-        cfg.dtype = resolve_dtype(cfg.dtype, dist.device, cfg.full_finetune)
-        check_student_config(cfg)
-        require_positive(cfg, "prompts_per_batch", "num_steps")
-        require(cfg.noise_level >= 0, f"--noise_level must be >= 0, got {cfg.noise_level}")
-        require(0 < cfg.timestep_fraction <= 1,
-                f"--timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
-        require(cfg.teacher_chunk >= 0 and cfg.train_chunk >= 0, "--teacher_chunk/--train_chunk must be >= 0")
-        require(cfg.teacher_dtype in ("float32", "model"),
-                f"--teacher_dtype must be float32 or model, got {cfg.teacher_dtype!r}")
-        require(cfg.estimator in ("closed_form", "ppo"),
-                f"--estimator must be closed_form or ppo, got {cfg.estimator!r}")
-        require(not (cfg.estimator == "ppo" and cfg.noise_level <= 0),
-                "the PPO-style estimator needs a log-density: use --noise_level > 0 (e.g. 0.7)")
-        bad = [j for j in cfg.train_steps if not 0 <= j < cfg.num_steps]
-        require(not bad, f"--train_steps {bad} outside 0..{cfg.num_steps - 1}")
-        dist.split(cfg.prompts_per_batch, "prompts_per_batch (every task gets this many prompts per round)",
-                   "--prompts_per_batch")
-        check_model_path(cfg.model)
-        if cfg.init_lora:
-            with dist.local_first():
-                check_lora_folder(fetch_teacher(cfg.init_lora))  # the base is checked when it loads
-        check_model_resolution(cfg.model, cfg.height, cfg.width)
-        teacher_size = 0.5 if cfg.teacher_dtype == "model" and cfg.dtype == "bfloat16" else 1.0
-        plan = plan_run("opd", cfg, dist, given | set(changed), reward_bytes([s["task"].reward for s in specs]),
-                        trained=len(trained_steps(cfg)), lora_targets=LORA_TARGETS,
-                        adapters=teacher_size * sum(s["kind"] == "lora" for s in specs))
-        prompts_by_task = {s["task"].name: load_prompts(s["task"].dataset, "train")[0] for s in specs}
-        for s in specs:
-            load_prompts(s["task"].dataset, "test")
-            check_prompts(s["task"])  # what its reward reads of every prompt (OCR: its quoted target)
-        run = RunDir(cfg.out, cfg, dist, script, argv)
-        adapters = [s["path"] for s in specs if s["kind"] == "lora"]
-        adapters += [fetch_teacher(cfg.init_lora)] if cfg.init_lora else []
-        for adapter in adapters + ([str(run.resume_from)] if run.resume_from else []):
-            check_same_base(adapter, cfg.model)  # its recorded base against this base's stored weights
-        needs = [line for s in specs for line in check_spec(s["task"].reward, build=True)] if cfg.dry_run else []
-        device = "cpu" if cfg.offload_rewards else dist.device
-        with dist.local_first():  # first-use downloads of the reward models, once per node
-            rewards = {} if cfg.dry_run else {s["task"].name: make_reward(s["task"].reward, device=device)
-                                              for s in specs}
-        print_main(dist, *filter(None, [plan, describe_recipe(cfg, changed, given), routing_table(specs)]), *needs)
-        return Inputs(specs, prompts_by_task, rewards, run)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        fail(e)
-
-
 # ---------------------------------------------------------------------- main
 def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, script="opd.py"):
     """The run: load, then rounds of Algorithm 1 with evaluation and checkpoints. `gradient` and
     `after_round(step, last, metrics, model, teachers, trainer, dist)` (adds metrics) are the
     study's hooks (study/instruments.py). With --dry_run: the resolved config printed, nothing loaded
     or written."""
-    try:
-        dist = Dist(cfg.device, plan_only=cfg.dry_run, timeout_s=cfg.collective_timeout_s)
-    except ValueError as e:
-        fail(e)
-    inputs = check_inputs(cfg, dist, argv, script)
-    specs, prompts_by_task, rewards, run = inputs.specs, inputs.prompts_by_task, inputs.rewards, inputs.run
-    if cfg.dry_run:
-        print_main(dist, "dry run: every input checked; the resolved config:",
-                   json.dumps(config_dict(cfg), indent=2))
-        return None
+    inputs = opd_inputs.start(cfg, argv, script)  # the ranks and every input, before any model loads
+    if inputs is None:  # --dry_run
+        return
+    dist, specs, prompts_by_task, run = inputs.dist, inputs.specs, inputs.prompts_by_task, inputs.run
     try:
         model = load_base(cfg, dist)  # --dtype, the memory plan's placement
         # the student before the teachers: full fine-tuning moves base and teachers to a frozen copy; its
@@ -362,7 +275,7 @@ def train(cfg: OPDConfig, argv=None, gradient=batch_gradient, after_round=None, 
         metrics["images"] = (step + 1) * cfg.prompts_per_batch * len(routes)  # student rollouts so far
         # ---- evaluate the EMA student on every task with the 40-step ODE
         if (step + 1) % cfg.eval_every == 0 or last:
-            evaluated, images = evaluate_student(trainer, tasks, rewards, dist, cfg, step,
+            evaluated, images = evaluate_student(trainer, tasks, inputs.rewards, dist, cfg, step,
                                                  cfg.guidance, per_task_keys=True)
             metrics.update(evaluated)
         metrics.update(peak_memory(dist.device))

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 import opd
+import opd_inputs
 from data import load_prompts, load_task
 from evaluate import EVAL_GUIDANCE, evaluate_task
 from model import LORA_TARGETS, STUDENT, FlowModel
@@ -339,7 +340,7 @@ def build(cfg: BenchConfig, dist: Dist) -> Setup:
         rewards = {}
     else:
         checked = dataclasses.replace(cfg, out=f"{tmp.name}/run")  # opd.py's checks; its run dir is never written
-        inputs = opd.check_inputs(checked, dist)
+        inputs = opd_inputs.check_inputs(checked, dist)
         specs, prompts_by_task, rewards = inputs.specs, inputs.prompts_by_task, inputs.rewards
         model = FlowModel.load(checked.model, device=dist.device, dtype=weights_dtype(cfg.dtype, dist))
     trainer = StudentTrainer(model, cfg, dist, None)

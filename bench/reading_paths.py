@@ -13,7 +13,7 @@ calls into libraries, attribute calls whose method name two project classes shar
 
 Run:
     python -m bench.reading_paths                      # this checkout, every project function
-    python -m bench.reading_paths --skip plumbing rewards opd.check_inputs stage1.validate   # the algorithm's path
+    python -m bench.reading_paths --skip plumbing rewards opd_inputs stage1.validate   # the algorithm's path
     python -m bench.reading_paths --root /tmp/old      # another checkout (e.g. a `git worktree` of an older commit)
 """
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help="the checkout to read")
     ap.add_argument("--skip", nargs="*", default=[], help="modules or functions (prefixes of module.function) not "
-                                                        "entered, e.g. plumbing or opd.check_inputs: a call into "
+                                                        "entered, e.g. plumbing or stage1.validate: a call into "
                                                         "them counts as the caller's line only")
     ap.add_argument("--list", action="store_true", help="also list each path's functions and their lines")
     args = ap.parse_args(argv)

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import opd
+import opd_inputs
 from data import load_prompts
 from model import FlowModel, TextEmbeds
 from sample import rollout, time_grid, trained_steps
@@ -159,7 +160,7 @@ def gradient_variance(cfg, argv=None) -> dict:
         fail(e)
     with tempfile.TemporaryDirectory() as scratch:  # check_inputs checks a run folder; none is written
         out, cfg.out = cfg.out, f"{scratch}/run"
-        inputs = opd.check_inputs(cfg, dist, argv, "study/instruments.py")
+        inputs = opd_inputs.check_inputs(cfg, dist, argv, "study/instruments.py")
         cfg.out = out
     model = load_base(cfg, dist)
     trainer = StudentTrainer(model, cfg, dist, None)

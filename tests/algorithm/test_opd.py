@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import opd
+import opd_inputs
 from teachers import by_task, load_teachers, resolve_teachers
 from helpers import f32_atol
 from sample import sde_step
@@ -178,5 +179,5 @@ def test_bad_inputs(tiny_pipe_dir, teachers, tmp_path):
     two_ranks.world = 2
     cfg = opd.parse_config(opd.OPDConfig, _args(teachers, tmp_path / "x", "--prompts_per_batch", "3"))
     with pytest.raises(SystemExit, match="does not divide over 2 ranks"):
-        opd.check_inputs(cfg, two_ranks)
+        opd_inputs.check_inputs(cfg, two_ranks)
     assert not (tmp_path / "x").exists()
