@@ -188,3 +188,20 @@ def test_the_random_sd35m_folder_has_the_published_widths_and_loads_like_sd35m(t
     assert model.max_sequence_length == 128 and embeds.seq.shape == (1, 77 + 128, 4096)
     images = rollout(model, embeds, [0], 2, 4.5, 0.0, 64, 64).images
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_reading_paths_count_each_function_once_up_to_the_stop(tmp_path):
+    """bench/reading_paths.py on a two-file tree whose counts are known by hand: main up to its call of the
+    stop (3 lines), helper.a (3) and helper.a2 once though called twice (2); helper.b comes after the stop."""
+    from bench import reading_paths
+    (tmp_path / "opd.py").write_text("import helper\n\n\ndef main():\n    helper.a()\n    opd_round()\n"
+                                     "    helper.b()\n\n\ndef opd_round():\n    pass\n")
+    (tmp_path / "helper.py").write_text("def a():\n    a2()\n    a2()\n\n\ndef a2():\n    return 1\n\n\n"
+                                        "def b():\n    return 2\n")
+    code = reading_paths.Code(tmp_path)
+    path = reading_paths.walk(code, "opd:main", "opd:opd_round")
+    assert (path["lines"], path["functions"], path["files"], path["moves"]) == (8, 3, ["opd.py", "helper.py"], 1)
+    skipped = reading_paths.walk(code, "opd:main", "opd:opd_round", ("helper",))
+    assert (skipped["lines"], skipped["functions"]) == (3, 1)
+    whole = reading_paths.walk(code, "opd:main", "")
+    assert whole["lines"] == 4 + 3 + 2 + 2 + 2  # main whole, a, a2, opd_round, b
