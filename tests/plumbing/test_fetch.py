@@ -12,9 +12,9 @@ import torch
 
 import data
 import rewards
+from bench.sd35_plans import flowgrpo_files
 from rewards import clip, preference
 from test_rewards import aesthetic_state
-from test_sd35_commands import _flowgrpo_files
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def server(tmp_path):
 
 
 def _serve_flowgrpo(root: Path, monkeypatch) -> dict:
-    files = _flowgrpo_files()
+    files = flowgrpo_files()
     for folder, named in files.items():
         (root / "dataset" / folder).mkdir(parents=True)
         for name, text in named.items():
