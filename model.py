@@ -37,8 +37,8 @@ import torch
 
 from plumbing.model_files import (DIFFUSERS_WEIGHTS, MAX_SEQUENCE_LENGTH, PEFT_WEIGHTS, TEXT_ENCODERS,
                                    check_lora_fits, check_lora_folder, check_model_path, check_resolution,
-                                   hub_offline, portable_path, repo_path, stored_fingerprint, weights_digest,
-                                   weights_fingerprint)
+                                   hub_offline, portable_path, repo_path, sort_safetensors_metadata,
+                                   stored_fingerprint, weights_digest, weights_fingerprint)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -431,6 +431,7 @@ class FlowModel:
                 out,
                 transformer_lora_layers={k.removeprefix("base_model.model."): v for k, v in state.items()},
                 transformer_lora_adapter_metadata=cfg.to_dict(), weight_name=DIFFUSERS_WEIGHTS)
+            sort_safetensors_metadata(out / DIFFUSERS_WEIGHTS)  # the same bytes in every process
         record = {"base_fingerprint": self.fingerprint(), "max_sequence_length": self.max_sequence_length}
         if self.base_weights:
             record["base_weights"] = self.base_weights

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -203,6 +204,22 @@ def check_lora_fits(folder: str, state: dict, modules: dict, base: str) -> None:
         if want != got:
             raise ValueError(f"LoRA {folder!r}: {key} has size {got} where this base model has {want}: "
                              "the adapter was trained on another base model")
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place. safetensors writes its
+    metadata map in hash order, which changes from process to process, so two saves of equal tensors and
+    equal metadata (diffusers' LoRA file: "format" and "lora_adapter_metadata") could differ in bytes. The
+    header keeps its length (padded with spaces, as safetensors pads it); the tensors are not touched."""
+    data = Path(path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= n, f"{path}: the re-serialised header is longer than the original"
+    Path(path).write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
 
 
 # ---------------------------------------------------------------------- precision

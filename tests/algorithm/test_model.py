@@ -181,3 +181,38 @@ def test_adapter_for_another_base_is_rejected(tiny_model, tmp_path):
 def test_bad_resolution(tiny_model):
     with pytest.raises(ValueError, match="not divisible"):
         tiny_model.latent_shape(30, 32)
+
+
+def test_a_safetensors_header_is_rewritten_with_its_metadata_sorted_and_nothing_else(tmp_path):
+    """Two files of the same tensors whose metadata keys were written in opposite orders (as safetensors
+    writes its metadata map in hash order) are byte-identical after sort_safetensors_metadata, and load as
+    before; a file without metadata is left alone."""
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from plumbing.model_files import sort_safetensors_metadata
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt", "lora_adapter_metadata": '{"r": 4}'})
+    data = (tmp_path / "x.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    files = []
+    for order in (["format", "lora_adapter_metadata"], ["lora_adapter_metadata", "format"]):
+        header["__metadata__"] = {k: header["__metadata__"][k] for k in order}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        path = tmp_path / f"{order[0]}.safetensors"
+        path.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
+        files.append(path)
+    assert files[0].read_bytes() != files[1].read_bytes()
+    for path in files:
+        sort_safetensors_metadata(path)
+    assert files[0].read_bytes() == files[1].read_bytes() and len(files[0].read_bytes()) == len(data)
+    with safe_open(files[1], "pt") as f:
+        assert f.metadata() == {"format": "pt", "lora_adapter_metadata": '{"r": 4}'}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    save_file(tensors, tmp_path / "plain.safetensors")
+    before = (tmp_path / "plain.safetensors").read_bytes()
+    sort_safetensors_metadata(tmp_path / "plain.safetensors")
+    assert (tmp_path / "plain.safetensors").read_bytes() == before
